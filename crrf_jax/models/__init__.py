@@ -1,0 +1,1 @@
+"""Flax NNX models: the FLUX-style transformer, the VAEs and the cloud-probability CNN."""

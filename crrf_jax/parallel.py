@@ -1,0 +1,122 @@
+"""Device mesh, logical axis rules and shardings: the one place that maps model axes to devices.
+
+Every parameter is created with logical axis names (`with_axes`). `LOGICAL_AXIS_RULES` maps each logical
+name to a mesh axis of the ('data', 'fsdp', 'tensor') mesh. A rule whose mesh axis does not divide the
+dimension falls back to replication for that dimension, so odd sizes (13 bands, 3 RoPE ids) never fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axis (or tuple of mesh axes, or None for replicated).
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),  # the transformer's hidden size
+    ("mlp", "tensor"),  # MLP hidden units
+    ("heads", "tensor"),  # attention projections (heads x head_dim, fused qkv)
+    ("in_features", None),  # small input projections (latent tokens, time embeddings)
+    ("norm", None),  # norm scales and biases
+    ("layers", None),  # the stacked (scanned) layer axis
+    ("conv_in", None),  # convolution input channels
+    ("conv_out", "fsdp"),  # convolution output channels
+    ("kernel_h", None),
+    ("kernel_w", None),
+)
+
+
+def with_axes(init, *names: str | None):
+    """Wraps an initializer so its parameter carries logical axis `names` (one per dimension)."""
+    return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
+
+
+def make_mesh(shape: dict[str, int] | Sequence[int] | None = None, devices=None) -> Mesh:
+    """Builds the ('data', 'fsdp', 'tensor') mesh. A size of -1 takes the remaining devices.
+
+    `shape` is a mapping with some of the axis names, or a sequence of three sizes; missing axes get 1,
+    and with nothing given all devices go to 'data'.
+    """
+    devices = jax.devices() if devices is None else devices
+    n = len(devices)
+    if shape is None:
+        sizes = {"data": -1}
+    elif isinstance(shape, dict) or hasattr(shape, "items"):
+        sizes = dict(shape.items())
+    else:
+        sizes = dict(zip(MESH_AXES, shape, strict=True))
+    unknown = set(sizes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh axes must be among {MESH_AXES}, got {sorted(unknown)}")
+    dims = [int(sizes.get(a, 1)) for a in MESH_AXES]
+    if dims.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+    known = int(np.prod([d for d in dims if d != -1]))
+    if -1 in dims:
+        if n % known:
+            raise ValueError(f"{n} devices cannot be split into a mesh {sizes}")
+        dims[dims.index(-1)] = n // known
+    if int(np.prod(dims)) != n:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, dims))} needs {int(np.prod(dims))} devices, have {n}")
+    # Auto axes: XLA's sharding propagation (GSPMD) places intermediates; we pin inputs and outputs.
+    return jax.make_mesh(tuple(dims), MESH_AXES, devices=devices, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(
+    names: Sequence[str | None] | None,
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules=LOGICAL_AXIS_RULES,
+) -> PartitionSpec:
+    """Maps logical axis names of an array of `shape` to a PartitionSpec on `mesh`.
+
+    A mesh axis is used at most once per array, and only where its size divides the dimension.
+    """
+    if not names:
+        return PartitionSpec()
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(names, shape, strict=True):
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if not axes or dim % size:
+            spec.append(None)
+            continue
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def _names(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+    meta = variable.get_metadata()
+    return meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding")
+
+
+def state_shardings(state: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+    """A tree of NamedShardings for an NNX state (abstract or concrete), from each Variable's axis names."""
+
+    def one(v):
+        if isinstance(v, nnx.Variable):
+            return v.replace(NamedSharding(mesh, logical_to_spec(_names(v), np.shape(v.get_value()), mesh, rules)))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Sharding of a batch array: the leading axis over ('data', 'fsdp'), the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
