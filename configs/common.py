@@ -34,7 +34,9 @@ def flux_config(variant: str) -> ml_collections.ConfigDict:
     hidden, heads, depth, single, axes_dim = sizes[variant]
     return ml_collections.ConfigDict(
         dict(
-            in_channels=Z_CHANNELS * PATCH * PATCH,
+            # Image-stream tokens: 16 latent channels x 2x2 patch, plus the cloud-probability map pooled to the
+            # latent grid and patchified (4 channels; zeros on the noisy-target tokens).
+            in_channels=Z_CHANNELS * PATCH * PATCH + PATCH * PATCH,
             out_channels=Z_CHANNELS * PATCH * PATCH,
             # y comes from the cloud-probability encoder; 768 keeps FLUX.1's vector_in importable.
             vec_in_dim=hidden if variant != "flux" else 768,
@@ -56,14 +58,14 @@ def flux_config(variant: str) -> ml_collections.ConfigDict:
 def autoencoder_config(variant: str, bands: int) -> ml_collections.ConfigDict:
     """An AutoEncoderParams for `bands` input channels (13 for Sentinel-2, 2 for Sentinel-1, 3 for RGB)."""
     sizes = {
-        #        ch  ch_mult        num_res_blocks
-        "tiny": (16, (1, 2, 2, 2), 1),
-        "base": (64, (1, 2, 4, 4), 2),
-        "large": (128, (1, 2, 4, 4), 2),
-        "flux": (128, (1, 2, 4, 4), 2),
+        #        ch  ch_mult        num_res_blocks norm_groups
+        "tiny": (16, (1, 2, 2, 2), 1, 8),
+        "base": (64, (1, 2, 4, 4), 2, 32),
+        "large": (128, (1, 2, 4, 4), 2, 32),
+        "flux": (128, (1, 2, 4, 4), 2, 32),
     }
     _check(variant)
-    ch, ch_mult, num_res_blocks = sizes[variant]
+    ch, ch_mult, num_res_blocks, norm_groups = sizes[variant]
     return ml_collections.ConfigDict(
         dict(
             resolution=256,
@@ -73,6 +75,7 @@ def autoencoder_config(variant: str, bands: int) -> ml_collections.ConfigDict:
             ch_mult=ch_mult,
             num_res_blocks=num_res_blocks,
             z_channels=Z_CHANNELS,
+            norm_groups=norm_groups,  # GroupNorm groups (FLUX uses 32); not a BFL field
             scale_factor=1.0,  # measured on training data after the VAE stage (DESIGN section 4)
             shift_factor=0.0,
         )
