@@ -102,6 +102,98 @@ def model_config(variant: str, s2_bands: int = 13) -> ml_collections.ConfigDict:
     )
 
 
+def parse_bands(spec):
+    """A band spec from a config string: "" or None (all 13), "rgb", or comma-separated names/indices."""
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return None
+    if isinstance(spec, str):
+        if spec.strip().lower() == "rgb":
+            return "rgb"
+        return [int(b) if b.strip().isdigit() else b.strip() for b in spec.split(",")]
+    return spec
+
+
 def _check(variant: str) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"unknown model variant {variant!r}; choose one of {VARIANTS}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training defaults
+# --------------------------------------------------------------------------------------------------------------
+
+STAGES = ("vae_s2", "vae_s1", "latent_stats", "flow")
+
+
+def optim_config(*, steps: int, lr: float, batch_size: int, warmup_steps: int = 500) -> ml_collections.ConfigDict:
+    """One stage's optimisation: AdamW, warmup + cosine, clipping, accumulation, EMA, logging cadence."""
+    return ml_collections.ConfigDict(
+        dict(
+            steps=steps,
+            batch_size=batch_size,  # global batch, split over processes and the ('data', 'fsdp') mesh axes
+            lr=lr,
+            warmup_steps=warmup_steps,
+            min_lr_ratio=0.1,
+            weight_decay=0.01,
+            b1=0.9,
+            b2=0.99,
+            grad_clip=1.0,
+            grad_accum=1,
+            max_bad_steps=10,  # consecutive non-finite steps before the run stops
+            ema_decay=0.999,
+            log_every=50,
+            preview_every=1000,
+            checkpoint_every=1000,
+            keep_checkpoints=3,
+        )
+    )
+
+
+def base_config(variant: str = "base", s2_bands=None) -> ml_collections.ConfigDict:
+    """Everything but the data location; configs/sen12mscr.py and configs/demo.py start from this."""
+    from crrf_jax.data.sen12mscr import resolve_bands  # noqa: PLC0415 - keeps configs importable cheaply
+
+    bands = resolve_bands(parse_bands(s2_bands))
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.stage = ""  # "" runs every stage in STAGES order; or one of STAGES
+    c.model = model_config(variant, len(bands))
+    c.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU (parameters stay float32)
+    c.remat_policy = "none"  # transformer blocks: none | full | dots_saveable | nothing_saveable
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "geotiff"  # geotiff | tfds
+    c.data.root = ""  # SEN12MS-CR root (official layout); the TFDS manual_dir too
+    c.data.tfds_data_dir = ""  # where the ArrayRecord shards are (source=tfds)
+    c.data.protocol = "exact"  # exact | legacy (reproduces the published split leak; comparisons only)
+    c.data.bands = s2_bands if s2_bands is not None else ""  # "" = all 13; "rgb"; or "B02,B03,B04,B08"
+    c.data.crop_size = 256
+    c.data.worker_count = 2
+    c.data.on_error = "raise"  # raise | skip (bad samples are logged and counted)
+    c.data.compute_cloud_prob = True  # compute missing s2cloudless maps before training
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.distributed = False  # jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
+
+    c.vae_s2 = optim_config(steps=100_000, lr=1e-4, batch_size=16, warmup_steps=1000)
+    c.vae_s2.kl_weight = 1e-6
+    c.vae_s2.sam_weight = 0.1
+    c.vae_s1 = optim_config(steps=50_000, lr=1e-4, batch_size=16, warmup_steps=1000)
+    c.vae_s1.kl_weight = 1e-6
+    c.vae_s1.sam_weight = 0.0
+    c.latent_stats = ml_collections.ConfigDict(dict(batches=64, batch_size=16))
+    c.flow = optim_config(steps=200_000, lr=1e-4, batch_size=32, warmup_steps=2000)
+    c.flow.t_sampling = "logit_normal"  # logit_normal | uniform
+    c.flow.sar_dropout = 0.1
+    c.flow.cloudy_dropout = 0.1
+    c.flow.use_sar = True
+    c.flow.pixel_loss_weight = 0.0
+    c.flow.cache_latents = False  # encode the training set once and train on cached latents
+    c.flow.sample_steps = 8  # Euler steps for previews and evaluation
+    c.flow.guidance_scale = 1.0  # classifier-free guidance at sampling (1 = off)
+
+    c.eval = ml_collections.ConfigDict(
+        dict(split="test", batch_size=8, num_samples=1, cloud_threshold=0.5, max_images=0, write_geotiff=False)
+    )
+    c.peak_tflops = 0.0  # per device, for MFU; 0 = look up the device kind (unknown kinds report no MFU)
+    return c

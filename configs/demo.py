@@ -1,0 +1,33 @@
+"""The embedded default: a small synthetic SEN12MS-CR dataset and the tiny model, every stage, on a CPU.
+
+    python train.py --config=configs/demo.py --workdir=runs/demo
+
+writes synthetic scenes in the official layout into `<workdir>/data` (if none are there), computes their
+s2cloudless cloud probability, trains the S2 VAE, the S1 VAE, measures latent statistics, trains the flow
+model, evaluates it on the held-out (test-split) synthetic scenes against the cloudy input, exports a bundle and
+removes clouds from a larger demo scene. Minutes on a laptop CPU.
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+    del arg
+    c = common.base_config("tiny")
+    c.demo = True
+    c.data.root = ""  # "" = <workdir>/data, generated on first use
+    c.data.synthetic_scenes = 48
+    c.data.synthetic_size = 64
+    c.data.crop_size = 64
+    c.data.worker_count = 0
+    c.dtype = "float32"
+
+    for stage, steps, lr in (("vae_s2", 300, 2e-3), ("vae_s1", 150, 2e-3), ("flow", 600, 1e-3)):
+        s = c[stage]
+        s.steps, s.lr, s.batch_size, s.warmup_steps = steps, lr, 8, 20
+        s.ema_decay = 0.99
+        s.log_every, s.preview_every, s.checkpoint_every = 25, 200, 200
+    c.latent_stats.batches, c.latent_stats.batch_size = 8, 8
+    c.flow.sample_steps = 8
+    c.eval.batch_size = 8
+    return c

@@ -1,0 +1,86 @@
+"""Orbax checkpoints of one training stage: train state, data-iterator state, async saves, keep-N, resume.
+
+Layout: `<workdir>/<stage>/checkpoints/<step>/{state, data}`. Saves are asynchronous (the next steps run while
+the arrays are written) and atomic (Orbax writes into a temporary directory and renames it when complete), so an
+interrupted save never looks complete. On resume the newest checkpoint that restores is used; one that fails to
+restore (corrupt files) is skipped with a warning and the next older one is tried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class StageCheckpointer:
+    """An Orbax CheckpointManager for one stage's TrainState and (optionally) its grain iterator."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                enable_async_checkpointing=async_save,
+                create=True,
+            ),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
+        )
+
+    def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
+        """Starts an (async) save of `state` at `step`; returns whether a save was started."""
+        items = {"state": ocp.args.StandardSave(_savable(state))}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, abstract_state, data_iterator=None) -> tuple[Any, int] | None:
+        """Restores the newest restorable checkpoint into the shardings of `abstract_state`.
+
+        `abstract_state` is a TrainState of jax.ShapeDtypeStruct leaves carrying shardings (or concrete arrays,
+        whose shardings are used). The data iterator, when given, is restored in place. Returns (state, step),
+        or None when no checkpoint exists.
+        """
+        target = jax.tree.map(_abstract, _savable(abstract_state))
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            items = {"state": ocp.args.StandardRestore(target)}
+            if data_iterator is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
+                log.warning("checkpoint %s/%d could not be restored (%s: %s); trying an older one",
+                            self.directory, step, type(e).__name__, e)
+                continue
+            return abstract_state.replace(**restored["state"]), step
+        return None
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are complete."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _savable(state) -> dict[str, Any]:
+    """The array-valued fields of a TrainState (its graphdef is rebuilt from the config, not saved)."""
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "ema": state.ema,
+            "rest": state.rest}
+
+
+def _abstract(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))

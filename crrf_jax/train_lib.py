@@ -1,0 +1,336 @@
+"""Train state, optimizer, EMA and the pure train steps of the three stages (VAE S2, VAE S1, flow).
+
+A model is split once into `graphdef` (static structure) and its `nnx.State`; the train step is a pure
+function of `(TrainState, batch, rng)` that merges the graph inside, so it jits with explicit shardings and
+donated buffers (see `compile_step`). Frozen networks (the VAEs during the flow stage) travel as a separate
+argument and get no gradients.
+
+Batches hold the data contract of DESIGN section 3 (values in [0, 1]); models see `x * 2 - 1`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from crrf_jax import flow as rf  # noqa
+
+Batch = dict[str, jax.Array]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step changes. `params` are the trainable nnx.Param leaves; `ema` their moving average."""
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+    ema: nnx.State
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+    rest: nnx.State = struct.field(default=None)  # non-trainable variables (e.g. latent statistics)
+
+    def model(self, use_ema: bool = False) -> nnx.Module:
+        """The module with the current (or EMA) parameters."""
+        return nnx.merge(self.graphdef, self.ema if use_ema else self.params, self.rest)
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    """AdamW on a warmup + cosine schedule, gradient clipping, accumulation, and a non-finite guard.
+
+    cfg fields: lr, warmup_steps, steps, min_lr_ratio, weight_decay, b1, b2, grad_clip, grad_accum,
+    max_bad_steps. A step whose gradients are not finite is skipped by `optax.apply_if_finite`; after
+    `max_bad_steps` consecutive ones the host loop stops with a clear message (`check_finite`).
+    """
+    schedule = lr_schedule(cfg)
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+    )
+    if cfg.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
+    return optax.apply_if_finite(tx, max_consecutive_errors=cfg.max_bad_steps)
+
+
+def lr_schedule(cfg) -> optax.Schedule:
+    steps = max(int(cfg.steps), 1)
+    warmup = min(int(cfg.warmup_steps), steps - 1) if steps > 1 else 0
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.lr,
+        warmup_steps=warmup,
+        decay_steps=steps,
+        end_value=cfg.lr * cfg.min_lr_ratio,
+    )
+
+
+def create_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> TrainState:
+    """Splits `model` into graph, trainable params and the rest, and initialises optimizer and EMA."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        ema=jax.tree.map(jnp.copy, params),
+        graphdef=graphdef,
+        rest=rest,
+    )
+
+
+def bad_step_counts(opt_state) -> tuple[int, int]:
+    """(consecutive, total) non-finite steps recorded by the optimizer's `apply_if_finite` guard."""
+    return int(opt_state.notfinite_count), int(opt_state.total_notfinite)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def check_finite(opt_state, max_bad_steps: int) -> None:
+    """Raises after `max_bad_steps` consecutive skipped (non-finite) steps."""
+    consecutive, total = bad_step_counts(opt_state)
+    if consecutive >= max_bad_steps:
+        raise NonFiniteError(
+            f"{consecutive} consecutive steps had non-finite loss or gradients ({total} in all); stopping. "
+            "Lower the learning rate, enable gradient clipping, or check the data for NaN/Inf."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Generic step
+# --------------------------------------------------------------------------------------------------------------
+
+LossFn = Callable[[nnx.Module, Batch, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    rng: jax.Array,
+    frozen: Any,
+    *,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    ema_decay: float,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step: loss and gradients, update (skipped if non-finite), EMA. Pure."""
+
+    def objective(params):
+        model = nnx.merge(state.graphdef, params, state.rest)
+        return loss_fn(model, batch, rng, frozen)
+
+    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # EMA moves only on applied steps: a skipped (non-finite) step leaves params, and so the EMA, unchanged.
+    applied = jnp.asarray(opt_state.last_finite) & _accumulation_boundary(opt_state)
+    decay = jnp.where(applied, ema_decay, 1.0)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+
+def _accumulation_boundary(opt_state) -> jax.Array:
+    inner = opt_state.inner_state
+    if isinstance(inner, optax.MultiStepsState):
+        return inner.mini_step == 0  # just applied the accumulated update
+    return jnp.asarray(True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage losses
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class VaeLossConfig:
+    """VAE objective: L1 + kl_weight * KL + sam_weight * spectral angle (keeps band ratios, which L1 alone blurs)."""
+
+    key: str  # batch key of the images: "s2" or "s1"
+    kl_weight: float = 1e-6
+    sam_weight: float = 0.0
+
+
+def vae_loss(model, batch: Batch, rng: jax.Array, frozen, *, cfg: VaeLossConfig):
+    """Loss of an AutoEncoder on `batch[cfg.key]` (B, H, W, C) in [0, 1]."""
+    del frozen
+    x = batch[cfg.key] * 2.0 - 1.0
+    recon, posterior = model(x, rng)
+    recon = recon.astype(jnp.float32)
+    l1 = jnp.mean(jnp.abs(recon - x))
+    kl = jnp.mean(posterior.kl()) / x[0].size  # per pixel and band, so the weight does not depend on size
+    loss = l1 + cfg.kl_weight * kl
+    aux = {"l1": l1, "kl": kl}
+    if cfg.sam_weight:
+        sam = spectral_angle_loss(recon, x)
+        loss = loss + cfg.sam_weight * sam
+        aux["sam"] = sam
+    return loss, aux
+
+
+def spectral_angle_loss(pred: jax.Array, target: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Mean spectral angle (radians) between pixel vectors of (B, H, W, C) images (inputs in [-1, 1])."""
+    p, t = (pred + 1.0) * 0.5, (target + 1.0) * 0.5
+    cos = jnp.sum(p * t, -1) / (jnp.linalg.norm(p, axis=-1) * jnp.linalg.norm(t, axis=-1) + eps)
+    return jnp.mean(jnp.arccos(jnp.clip(cos, -1.0 + 1e-6, 1.0 - 1e-6)))
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowLossConfig:
+    t_sampling: str = "logit_normal"
+    sar_dropout: float = 0.1
+    cloudy_dropout: float = 0.1
+    use_sar: bool = True
+    pixel_loss_weight: float = 0.0  # > 0 adds the cloud-weighted L1 through the frozen S2 decoder
+
+
+@struct.dataclass
+class FrozenVaes:
+    """The frozen autoencoders of the flow stage (graph split from state so they pass through jit)."""
+
+    s2_graph: nnx.GraphDef = struct.field(pytree_node=False)
+    s2_state: nnx.State
+    s1_graph: nnx.GraphDef = struct.field(pytree_node=False)
+    s1_state: nnx.State
+
+    @classmethod
+    def of(cls, vae_s2, vae_s1) -> FrozenVaes:
+        g2, s2 = nnx.split(vae_s2)
+        g1, s1 = nnx.split(vae_s1)
+        return cls(g2, s2, g1, s1)
+
+    def s2(self):
+        return nnx.merge(self.s2_graph, self.s2_state)
+
+    def s1(self):
+        return nnx.merge(self.s1_graph, self.s1_state)
+
+
+def encode_batch(vaes: FrozenVaes, batch: Batch) -> dict[str, jax.Array]:
+    """Scaled latents (B, H/8, W/8, 16) of the target, the cloudy image and the SAR image (no gradients)."""
+    s2_vae, s1_vae = vaes.s2(), vaes.s1()
+    out = {
+        "x0": s2_vae.encode(batch["s2"] * 2.0 - 1.0),
+        "cloudy": s2_vae.encode(batch["s2_cloudy"] * 2.0 - 1.0),
+        "sar": s1_vae.encode(batch["s1"] * 2.0 - 1.0),
+    }
+    return jax.tree.map(lambda a: jax.lax.stop_gradient(a.astype(jnp.float32)), out)
+
+
+def flow_loss(model, batch: Batch, rng: jax.Array, vaes: FrozenVaes, *, cfg: FlowLossConfig):
+    """Rectified-flow loss of CloudRemovalFlux on one batch. Latents come from the frozen VAEs, or from the
+    batch itself when it carries cached latents ("x0", "cloudy", "sar")."""
+    lat = {k: batch[k] for k in ("x0", "cloudy", "sar")} if "x0" in batch else encode_batch(vaes, batch)
+    x0 = lat["x0"]
+    b = x0.shape[0]
+    r_t, r_eps, r_sar, r_cld = jax.random.split(rng, 4)
+    t = rf.sample_t(r_t, b, kind=cfg.t_sampling)
+    eps = jax.random.normal(r_eps, x0.shape, x0.dtype)
+    x_t = rf.interpolate(x0, eps, t)
+    drop_sar = jax.random.bernoulli(r_sar, cfg.sar_dropout, (b,))
+    drop_cloudy = jax.random.bernoulli(r_cld, cfg.cloudy_dropout, (b,))
+    v = model(
+        x_t,
+        t,
+        lat["cloudy"],
+        lat["sar"] if cfg.use_sar else None,
+        batch["cloud_prob"],
+        drop_sar=drop_sar,
+        drop_cloudy=drop_cloudy,
+    ).astype(jnp.float32)
+    loss = rf.flow_loss(v, rf.velocity_target(x0, eps))
+    aux = {"flow_mse": loss}
+    if cfg.pixel_loss_weight:
+        x0_hat = rf.x0_from_velocity(x_t, t, v)
+        pixels = (vaes.s2().decode(x0_hat).astype(jnp.float32) + 1.0) * 0.5
+        pix = rf.pixel_l1_loss(pixels, batch["s2"], batch["cloud_prob"])
+        loss = loss + cfg.pixel_loss_weight * pix
+        aux["pixel_l1"] = pix
+    return loss, aux
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Latent statistics
+# --------------------------------------------------------------------------------------------------------------
+
+
+class LatentMoments:
+    """Running mean and variance of unscaled latent values over batches (Chan's parallel update, float64)."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, z) -> None:
+        import numpy as np
+
+        z = np.asarray(z, np.float64).ravel()
+        n_b, mean_b = z.size, float(z.mean())
+        m2_b = float(((z - mean_b) ** 2).sum())
+        delta = mean_b - self.mean
+        n = self.n + n_b
+        self.mean += delta * n_b / n
+        self.m2 += m2_b + delta**2 * self.n * n_b / n
+        self.n = n
+
+    def scale_shift(self) -> tuple[float, float]:
+        """(scale_factor, shift_factor) that map latents to zero mean and unit variance."""
+        if self.n < 2:
+            raise ValueError("latent statistics need at least two latent values")
+        std = (self.m2 / (self.n - 1)) ** 0.5
+        return 1.0 / max(std, 1e-8), self.mean
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sharding and compilation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def train_state_shardings(state: TrainState, tx: optax.GradientTransformation, mesh) -> TrainState:
+    """NamedShardings for every leaf of `state` (concrete or abstract): params, EMA and the optimizer's
+    param-shaped moments follow the logical axis rules; counters are replicated."""
+    from crrf_jax import parallel
+
+    params = parallel.state_shardings(state.params, mesh)
+    opt = optax.tree_map_params(
+        tx, lambda _, s: s, state.opt_state, params, transform_non_params=lambda _: parallel.replicated(mesh)
+    )
+    return state.replace(
+        step=parallel.replicated(mesh),
+        params=params,
+        opt_state=opt,
+        ema=params,
+        rest=parallel.state_shardings(state.rest, mesh),
+    )
+
+
+def init_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh) -> TrainState:
+    """Creates the model and its train state directly in their shardings (no full copy on one device)."""
+
+    def init():
+        return create_train_state(model_fn(), tx)
+
+    shardings = train_state_shardings(jax.eval_shape(init), tx, mesh)
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def compile_step(step_fn, state_shardings: TrainState, batch_shardings, frozen_shardings, mesh):
+    """jit of `step_fn(state, batch, rng, frozen)` with explicit in/out shardings; the state is donated."""
+    from crrf_jax import parallel
+
+    rep = parallel.replicated(mesh)
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_shardings, rep, frozen_shardings),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=(0,),
+    )

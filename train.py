@@ -1,0 +1,514 @@
+"""Trains crrf-jax: the S2 and S1 autoencoders, their latent statistics, then the rectified-flow transformer.
+
+    python train.py --config=configs/demo.py --workdir=runs/demo                 # synthetic data, CPU, minutes
+    python train.py --config=configs/sen12mscr.py --config.data.root=DATA --workdir=runs/base
+    python train.py --config=configs/sen12mscr.py:variant=base,stage=flow --config.flow.lr=5e-5 ...
+
+Without a stage every stage runs in order; each resumes on its own from `<workdir>/<stage>/checkpoints`, and a
+finished stage leaves its EMA weights in `<workdir>/<stage>/final` for the next. SIGTERM (preemption) saves a
+checkpoint and exits 0. Logs: TensorBoard in `<workdir>/<stage>/tb`, a JSON-lines trace in
+`<workdir>/<stage>/metrics.jsonl`, preview PNGs in `<workdir>/<stage>/previews`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from configs import common
+from crrf_jax import checkpoint, inference, parallel, train_lib
+from crrf_jax import visualize as vis
+from crrf_jax.data import sen12mscr
+from crrf_jax.models import build
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config file (with :args).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
+
+log = logging.getLogger("crrf_jax.train")
+
+
+class Preempted(Exception):
+    """Raised after SIGTERM once the checkpoint is saved."""
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(config, workdir)
+    except Preempted:
+        log.info("preempted: checkpoint saved, exiting cleanly")
+        sys.exit(0)
+
+
+def run(config, workdir: str) -> None:
+    """The whole job (or the configured stage): demo data, stages, and the demo's evaluation tail."""
+    validate(config)
+    maybe_initialize_distributed(config)
+    mesh = parallel.make_mesh(config.mesh.to_dict())
+    log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
+    os.makedirs(workdir, exist_ok=True)
+    prepare_data(config, workdir)
+    stop = _install_sigterm_handler()
+    stages = [config.stage] if config.stage else list(common.STAGES)
+    for stage in stages:
+        if stage == "latent_stats":
+            measure_latent_stats(config, workdir, mesh)
+        else:
+            train_stage(config, workdir, stage, mesh, stop)
+    if config.get("demo") and not config.stage:
+        from crrf_jax import demo
+
+        demo.finish(config, workdir)
+
+
+def validate(config) -> None:
+    """Clear errors for config values that would otherwise fail deep inside."""
+    if config.stage and config.stage not in common.STAGES:
+        raise ValueError(f"config.stage={config.stage!r}: choose one of {common.STAGES} or '' for all")
+    if config.data.source not in ("geotiff", "tfds"):
+        raise ValueError(f"config.data.source={config.data.source!r}: choose 'geotiff' or 'tfds'")
+    if config.data.protocol not in ("exact", "legacy"):
+        raise ValueError(f"config.data.protocol={config.data.protocol!r}: choose 'exact' or 'legacy'")
+    if config.data.crop_size % 16:
+        raise ValueError(f"config.data.crop_size={config.data.crop_size} must be a multiple of 16")
+    build.compute_dtype(config.dtype)
+    if not config.get("demo") and not config.data.root and not config.data.tfds_data_dir:
+        raise ValueError("no data: set --config.data.root=/path/to/SEN12MSCR (the official layout)")
+
+
+def maybe_initialize_distributed(config) -> None:
+    if config.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+
+
+def prepare_data(config, workdir: str) -> None:
+    """Resolves the data root; the demo writes synthetic scenes; missing cloud probabilities are computed."""
+    from crrf_jax.data import cloudprob, synthetic
+
+    if config.get("demo") and not config.data.root:
+        config.data.root = os.path.join(workdir, "data")
+        if jax.process_index() == 0 and not _has_triplets(config.data.root):
+            log.info("writing %d synthetic scenes to %s", config.data.synthetic_scenes, config.data.root)
+            synthetic.write_synthetic_dataset(
+                config.data.root, n_scenes=config.data.synthetic_scenes, size=config.data.synthetic_size, seed=0
+            )
+    if config.data.source == "geotiff":
+        triplets = sen12mscr.find_triplets(config.data.root, "all", config.data.protocol)  # clear error if empty
+        if config.data.compute_cloud_prob and jax.process_index() == 0:
+            cloudprob.compute_cloud_probs(config.data.root, triplets, workers=max(1, config.data.worker_count))
+    _sync("data-ready")
+
+
+def _has_triplets(root: str) -> bool:
+    try:
+        return bool(sen12mscr.find_triplets(root, "all"))
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One stage
+# --------------------------------------------------------------------------------------------------------------
+
+
+def train_stage(config, workdir: str, stage: str, mesh, stop) -> None:
+    scfg = config[stage]
+    stage_dir = os.path.join(workdir, stage)
+    if os.path.exists(os.path.join(stage_dir, "final", "DONE")):
+        log.info("%s: already finished (%s/final)", stage, stage_dir)
+        return
+
+    # --- Input: a per-process grain iterator, turned into global arrays sharded over ('data', 'fsdp').
+    batch_size = _per_process_batch(scfg.batch_size, mesh)
+    data = make_input(config, "train", batch_size, seed=config.seed + _stage_index(stage))
+    batch_shardings = None  # built from the first batch's shapes
+
+    # --- Model and loss: a pure loss function of (model, batch, rng, frozen).
+    tx = train_lib.make_optimizer(scfg)
+    if stage in ("vae_s2", "vae_s1"):
+        model_fn = functools.partial(build.autoencoder, config.model, stage, config.dtype, config.seed)
+        loss_cfg = train_lib.VaeLossConfig("s2" if stage == "vae_s2" else "s1", scfg.kl_weight, scfg.sam_weight)
+        loss_fn = functools.partial(train_lib.vae_loss, cfg=loss_cfg)
+        frozen = None
+    else:
+        model_fn = functools.partial(
+            build.cloud_removal_flux, config.model, config.dtype, config.remat_policy, config.seed
+        )
+        loss_cfg = train_lib.FlowLossConfig(
+            scfg.t_sampling, scfg.sar_dropout, scfg.cloudy_dropout, scfg.use_sar, scfg.pixel_loss_weight
+        )
+        loss_fn = functools.partial(train_lib.flow_loss, cfg=loss_cfg)
+        frozen = load_frozen_vaes(config, workdir, mesh)
+
+    # --- Shard: the train state is created directly in its shardings.
+    state = train_lib.init_train_state(model_fn, tx, mesh)
+    state_shardings = train_lib.train_state_shardings(state, tx, mesh)
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen) if frozen is not None else None
+    log.info("%s: %s trainable parameters", stage, f"{_count(state.params):,}")
+
+    # --- Checkpoint: resume from the newest restorable checkpoint (model and data iterator).
+    ckpt = checkpoint.StageCheckpointer(os.path.join(stage_dir, "checkpoints"), keep=scfg.keep_checkpoints)
+    restored = ckpt.restore(state, data)
+    start = 0
+    if restored is not None:
+        state, start = restored
+        log.info("%s: resumed from step %d", stage, start)
+    trace = MetricsTrace(os.path.join(stage_dir, "metrics.jsonl"), start)
+
+    # --- Step: one jit with explicit shardings; the state buffers are donated.
+    step_fn = functools.partial(train_lib.train_step, loss_fn=loss_fn, tx=tx, ema_decay=scfg.ema_decay)
+    base_rng = jax.random.key(config.seed + 1000 * _stage_index(stage))
+    writer = _summary_writer(os.path.join(stage_dir, "tb"))
+    schedule = train_lib.lr_schedule(scfg)
+    preview_batch = None
+    compiled = None
+    flops = None
+    bar = _progress(stage, scfg.steps, start)
+    t_last, steps_since = time.perf_counter(), 0
+
+    # --- Loop.
+    for step in range(start, scfg.steps):
+        local = next(data)
+        if batch_shardings is None:
+            batch_shardings = {k: parallel.batch_sharding(mesh, np.ndim(v)) for k, v in _arrays(local).items()}
+        batch = _global_batch(local, batch_shardings)
+        if compiled is None:
+            jitted = train_lib.compile_step(step_fn, state_shardings, batch_shardings, frozen_shardings, mesh)
+            compiled = jitted.lower(state, batch, base_rng, frozen).compile()
+            flops = _flops(compiled)
+        if preview_batch is None:
+            preview_batch = batch
+        state, metrics = compiled(state, batch, jax.random.fold_in(base_rng, step), frozen)
+        steps_since += 1
+        done = step + 1
+        if done % scfg.log_every == 0 or done == scfg.steps:
+            metrics = jax.device_get(metrics)
+            train_lib.check_finite(state.opt_state, scfg.max_bad_steps)
+            dt = (time.perf_counter() - t_last) / steps_since
+            t_last, steps_since = time.perf_counter(), 0
+            metrics = {k: float(v) for k, v in metrics.items()}
+            metrics.update(lr=float(schedule(step)), step_time_s=dt, samples_per_s=scfg.batch_size / dt)
+            mfu = _mfu(flops, dt, config.peak_tflops)
+            if mfu is not None:
+                metrics["mfu"] = mfu
+            trace.write(done, metrics)
+            _write_scalars(writer, done, metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if scfg.preview_every and (done % scfg.preview_every == 0 or done == scfg.steps):
+            write_preview(config, stage, stage_dir, state, preview_batch, frozen, done, writer)
+        if done % scfg.checkpoint_every == 0 or done == scfg.steps:
+            ckpt.save(done, state, data, force=True)
+        bar.update(1)
+        if stop():
+            ckpt.save(done, state, data, force=True)
+            ckpt.close()
+            bar.close()
+            raise Preempted
+    bar.close()
+    ckpt.close()
+    save_final(stage_dir, state)
+    if writer is not None:
+        writer.close()
+
+
+def _stage_index(stage: str) -> int:
+    return common.STAGES.index(stage)
+
+
+def _per_process_batch(global_batch: int, mesh) -> int:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % shards or global_batch % jax.process_count():
+        raise ValueError(
+            f"batch_size {global_batch} must divide evenly over the {shards} data-parallel shards and "
+            f"{jax.process_count()} processes"
+        )
+    return global_batch // jax.process_count()
+
+
+def _arrays(batch: dict) -> dict[str, np.ndarray]:
+    """The numeric entries of a batch (ids and other strings stay on the host)."""
+    return {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype.kind in "fiub"}
+
+
+def _global_batch(local: dict, shardings: dict) -> dict[str, jax.Array]:
+    return {
+        k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in _arrays(local).items()
+    }
+
+
+def _count(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Input
+# --------------------------------------------------------------------------------------------------------------
+
+
+def make_input(config, split: str, batch_size: int, *, seed: int, train: bool = True):
+    """The grain iterator of `split` for this process (shuffled, augmented and repeated when `train`)."""
+    from crrf_jax.data import pipeline
+
+    d = config.data
+    return pipeline.make_dataset(
+        source=d.source,
+        root=d.root,
+        data_dir=d.tfds_data_dir or None,
+        split=split,
+        protocol=d.protocol,
+        bands=common.parse_bands(d.bands),
+        batch_size=batch_size,
+        crop_size=d.crop_size if train else None,
+        augment=train,
+        shuffle=train,
+        num_epochs=None if train else 1,
+        drop_remainder=train,
+        seed=seed,
+        worker_count=d.worker_count,
+        on_error=d.on_error,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage outputs: EMA weights for the next stage, latent statistics
+# --------------------------------------------------------------------------------------------------------------
+
+
+def save_final(stage_dir: str, state) -> None:
+    """Writes the EMA weights (and non-trainable state) the later stages and the export use."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(stage_dir, "final")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(path, "weights"), {"ema": state.ema, "rest": state.rest}, force=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(path, "DONE"), "w") as f:
+            f.write(f"{int(state.step)}\n")
+    _sync(f"final-{stage_dir}")
+
+
+def load_final(stage_dir: str, model):
+    """Loads a finished stage's EMA weights into `model` (built from the same config); returns the model."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    path = os.path.join(stage_dir, "final", "weights")
+    if not os.path.exists(os.path.join(stage_dir, "final", "DONE")):
+        raise FileNotFoundError(f"{stage_dir}: stage not finished (no final/DONE); train it first")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    target = {"ema": params, "rest": rest}
+    with ocp.StandardCheckpointer() as ckptr:
+        loaded = ckptr.restore(path, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target))
+    return nnx.merge(graphdef, loaded["ema"], loaded["rest"])
+
+
+def latent_stats_path(workdir: str) -> str:
+    return os.path.join(workdir, "latent_stats", "latent_stats.json")
+
+
+def measure_latent_stats(config, workdir: str, mesh) -> dict:
+    """Scale and shift of each VAE's latents measured on training data (DESIGN section 4)."""
+    path = latent_stats_path(workdir)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    vaes = {
+        stage: load_final(os.path.join(workdir, stage), build.autoencoder(config.model, stage, config.dtype))
+        for stage in ("vae_s2", "vae_s1")
+    }
+    cfg = config.latent_stats
+    data = make_input(config, "train", _per_process_batch(cfg.batch_size, mesh), seed=config.seed, train=True)
+    moments = {stage: train_lib.LatentMoments() for stage in vaes}
+
+    @jax.jit
+    def posterior_means(batch):
+        return {
+            "vae_s2": vaes["vae_s2"].encode_posterior(batch["s2"] * 2 - 1).mean,
+            "vae_s1": vaes["vae_s1"].encode_posterior(batch["s1"] * 2 - 1).mean,
+        }
+
+    for _ in _progress("latent_stats", cfg.batches, 0, iterate=True):
+        local = next(data)
+        means = posterior_means({k: jnp.asarray(local[k]) for k in ("s2", "s1")})
+        for stage, z in means.items():
+            moments[stage].update(z)
+    stats = {}
+    for stage, m in moments.items():
+        scale, shift = m.scale_shift()
+        stats[stage] = {"scale_factor": scale, "shift_factor": shift, "values": m.n}
+    log.info("latent statistics: %s", stats)
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(stats, f, indent=2)
+    _sync("latent-stats")
+    return stats
+
+
+def load_frozen_vaes(config, workdir: str, mesh) -> train_lib.FrozenVaes:
+    """The trained VAEs with measured latent statistics, replicated over the mesh."""
+    path = latent_stats_path(workdir)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: latent statistics missing; run the latent_stats stage first")
+    with open(path) as f:
+        stats = json.load(f)
+    vaes = []
+    for stage in ("vae_s2", "vae_s1"):
+        vae = load_final(os.path.join(workdir, stage), build.autoencoder(config.model, stage, config.dtype))
+        vae.set_latent_stats(stats[stage]["scale_factor"], stats[stage]["shift_factor"])
+        vaes.append(vae)
+    frozen = train_lib.FrozenVaes.of(*vaes)
+    return jax.device_put(frozen, parallel.replicated(mesh))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MetricsTrace:
+    """metrics.jsonl of one stage; on resume, entries past the restored step are dropped."""
+
+    def __init__(self, path: str, start_step: int):
+        self.path = path
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        kept = []
+        if os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def _summary_writer(path: str):
+    if jax.process_index() != 0:
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(path)
+
+
+def _write_scalars(writer, step: int, metrics: dict) -> None:
+    if writer is None:
+        return
+    for k, v in metrics.items():
+        writer.add_scalar(f"train/{k}", v, step)
+    writer.flush()
+
+
+def _progress(stage: str, total: int, initial: int, iterate: bool = False):
+    from tqdm.auto import tqdm
+
+    disable = jax.process_index() != 0
+    if iterate:
+        return tqdm(range(total), desc=stage, disable=disable, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=stage, disable=disable, dynamic_ncols=True, smoothing=0.1)
+
+
+def _flops(compiled) -> float | None:
+    """FLOPs of one compiled step as counted by XLA (None where the backend does not say)."""
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float(cost["flops"]) if cost and cost.get("flops") else None
+    except Exception:  # noqa: BLE001 - cost analysis is best effort
+        return None
+
+
+# Dense bf16 peak TFLOP/s per device by jax device_kind substring.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "v5p": 459.0, "v5 lite": 197.0,
+               "v5e": 197.0, "v4": 275.0, "v6": 918.0}
+
+
+def _mfu(flops: float | None, step_time: float, peak_tflops: float) -> float | None:
+    if not flops:
+        return None
+    peak = peak_tflops
+    if not peak:
+        kind = jax.devices()[0].device_kind
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k.lower() in kind.lower()), 0.0)
+    if not peak:
+        return None
+    return flops / step_time / (peak * 1e12 * jax.device_count())
+
+
+def write_preview(config, stage, stage_dir, state, batch, frozen, step, writer) -> None:
+    """A PNG grid (and TensorBoard image) of the first preview images: inputs, output and target."""
+    model = state.model(use_ema=True)
+    rgb = _rgb_indices(config)
+    n = min(4, batch["s2"].shape[0])
+    host = {k: np.asarray(jax.device_get(v))[:n] for k, v in batch.items()}
+    if stage == "flow":
+        pred, _ = inference.predict_batch(
+            model, frozen.s2(), frozen.s1(),
+            {k: jnp.asarray(v) for k, v in host.items()},
+            jax.random.key(step), steps=config.flow.sample_steps, guidance_scale=config.flow.guidance_scale,
+        )
+        pred = np.asarray(pred)
+        rows = [[vis.s2_rgb(host["s2_cloudy"][i], rgb), vis.sar_rgb(host["s1"][i]), vis.s2_rgb(pred[i], rgb),
+                 vis.s2_rgb(host["s2"][i], rgb)] for i in range(n)]
+        cols = ["cloudy", "SAR", "prediction", "target"]
+    else:
+        key = "s2" if stage == "vae_s2" else "s1"
+        recon = np.asarray(jax.jit(lambda x: model.decode(model.encode(x * 2 - 1)))(jnp.asarray(host[key])))
+        recon = np.clip((recon + 1) / 2, 0, 1)
+        show = (lambda x: vis.s2_rgb(x, rgb)) if key == "s2" else vis.sar_rgb
+        rows = [[show(host[key][i]), show(recon[i])] for i in range(n)]
+        cols = ["input", "reconstruction"]
+    image = vis.grid(rows, col_labels=cols)
+    if jax.process_index() == 0:
+        vis.save_png(image, os.path.join(stage_dir, "previews", f"{step:07d}.png"))
+        if writer is not None:
+            writer.add_image(f"{stage}/preview", image, step, dataformats="HWC")
+
+
+def _rgb_indices(config) -> tuple[int, int, int]:
+    bands = sen12mscr.resolve_bands(common.parse_bands(config.data.bands))
+    return tuple(bands.index(b) for b in sen12mscr.RGB) if all(b in bands for b in sen12mscr.RGB) else (0, 0, 0)
+
+
+def _install_sigterm_handler():
+    """SIGTERM sets a flag the loop checks after each step (save, then exit 0)."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        del signum, frame
+        flag["stop"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: flag["stop"]
+
+
+if __name__ == "__main__":
+    app.run(main)
