@@ -137,6 +137,7 @@ def optim_config(*, steps: int, lr: float, batch_size: int, warmup_steps: int = 
             weight_decay=0.01,
             b1=0.9,
             b2=0.99,
+            eps=1e-8,
             grad_clip=1.0,
             grad_accum=1,
             max_bad_steps=10,  # consecutive non-finite steps before the run stops

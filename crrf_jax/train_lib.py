@@ -48,14 +48,14 @@ class TrainState:
 def make_optimizer(cfg) -> optax.GradientTransformation:
     """AdamW on a warmup + cosine schedule, gradient clipping, accumulation, and a non-finite guard.
 
-    cfg fields: lr, warmup_steps, steps, min_lr_ratio, weight_decay, b1, b2, grad_clip, grad_accum,
+    cfg fields: lr, warmup_steps, steps, min_lr_ratio, weight_decay, b1, b2, eps, grad_clip, grad_accum,
     max_bad_steps. A step whose gradients are not finite is skipped by `optax.apply_if_finite`; after
     `max_bad_steps` consecutive ones the host loop stops with a clear message (`check_finite`).
     """
     schedule = lr_schedule(cfg)
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
-        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.get("eps", 1e-8), weight_decay=cfg.weight_decay),
     )
     if cfg.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
