@@ -27,7 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import common
-from crrf_jax import checkpoint, inference, parallel, train_lib
+from crrf_jax import checkpoint, export, inference, parallel, train_lib
 from crrf_jax import visualize as vis
 from crrf_jax.data import sen12mscr
 from crrf_jax.models import build
@@ -48,12 +48,26 @@ def main(argv) -> None:
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         run(config, workdir)
     except Preempted:
         log.info("preempted: checkpoint saved, exiting cleanly")
         sys.exit(0)
+
+
+def setup_logging() -> None:
+    """Our INFO messages on stderr; libraries (Orbax, grain, absl) only from WARNING up."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    ours = logging.getLogger("crrf_jax")
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
 
 
 def run(config, workdir: str) -> None:
@@ -64,6 +78,7 @@ def run(config, workdir: str) -> None:
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
     os.makedirs(workdir, exist_ok=True)
     prepare_data(config, workdir)
+    export.save_run_config(config, workdir)
     stop = _install_sigterm_handler()
     stages = [config.stage] if config.stage else list(common.STAGES)
     for stage in stages:
@@ -273,7 +288,7 @@ def make_input(config, split: str, batch_size: int, *, seed: int, train: bool = 
     from crrf_jax.data import pipeline
 
     d = config.data
-    return pipeline.make_dataset(
+    dataset = pipeline.make_dataset(
         source=d.source,
         root=d.root,
         data_dir=d.tfds_data_dir or None,
@@ -290,6 +305,7 @@ def make_input(config, split: str, batch_size: int, *, seed: int, train: bool = 
         worker_count=d.worker_count,
         on_error=d.on_error,
     )
+    return iter(dataset)
 
 
 # --------------------------------------------------------------------------------------------------------------
