@@ -1,0 +1,365 @@
+"""The FLUX transformer (BFL-compatible MM-DiT) and CloudRemovalFlux, which assembles its tokens.
+
+`Flux` has BFL's parameters and call semantics (black-forest-labs/flux `src/flux/model.py`); its double and
+single blocks are each one stacked module (leading 'layers' axis, built with nnx.vmap) run by nnx.scan, so
+compile time does not grow with depth. `CloudRemovalFlux` turns latents, SAR and the cloud-probability map
+into Flux's image and context streams (DESIGN section 4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange, reduce
+from flax import nnx
+
+from crrf_jax.models.cloud_cnn import CloudProbEncoder
+from crrf_jax.models.layers import (
+    DoubleStreamBlock,
+    DType,
+    EmbedND,
+    LastLayer,
+    MLPEmbedder,
+    SingleStreamBlock,
+    linear,
+    timestep_embedding,
+)
+from crrf_jax.parallel import with_axes
+
+# Rematerialisation (gradient checkpointing) of each block: name -> jax.checkpoint policy.
+REMAT_POLICIES = {
+    "full": None,  # save only the block's inputs, recompute everything
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+PATCH = 2  # 2x2 latent patches per token
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxConfig:
+    """BFL's FluxParams."""
+
+    in_channels: int
+    out_channels: int
+    vec_in_dim: int
+    context_in_dim: int
+    hidden_size: int
+    mlp_ratio: float
+    num_heads: int
+    depth: int
+    depth_single_blocks: int
+    axes_dim: tuple[int, ...]
+    theta: int
+    qkv_bias: bool
+    guidance_embed: bool
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        head_dim = self.hidden_size // self.num_heads
+        if sum(self.axes_dim) != head_dim:
+            raise ValueError(f"sum(axes_dim) = {sum(self.axes_dim)} must equal the head dim {head_dim}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FluxConfig:
+        """From a dict or ConfigDict (configs/common.py flux_config); missing or unknown keys are errors."""
+        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(d) != names:
+            raise ValueError(
+                f"flux config: missing {sorted(names - set(d))}, unknown {sorted(set(d) - names)}"
+            )
+        return cls(**d)
+
+    @classmethod
+    def flux1_dev(cls) -> FluxConfig:
+        """FLUX.1-dev (11,901,408,320 parameters)."""
+        return cls(
+            in_channels=64,
+            out_channels=64,
+            vec_in_dim=768,
+            context_in_dim=4096,
+            hidden_size=3072,
+            mlp_ratio=4.0,
+            num_heads=24,
+            depth=19,
+            depth_single_blocks=38,
+            axes_dim=(16, 56, 56),
+            theta=10_000,
+            qkv_bias=True,
+            guidance_embed=True,
+        )
+
+
+def _as_flux_config(config: FluxConfig | Mapping[str, Any]) -> FluxConfig:
+    return config if isinstance(config, FluxConfig) else FluxConfig.from_dict(config)
+
+
+def _stacked(make, n: int, rngs: nnx.Rngs):
+    """n copies of the module `make(rngs)` stacked on a leading 'layers' axis (None when n == 0)."""
+    if n == 0:
+        return None
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs):
+        return make(rngs)
+
+    return create(rngs)
+
+
+def _scan(step, blocks, carry, *broadcast):
+    """carry = step(block, *carry, *broadcast) for each block of the stacked `blocks`."""
+    if blocks is None:
+        return carry
+
+    @nnx.scan(
+        in_axes=(nnx.Carry, 0) + (None,) * len(broadcast),
+        out_axes=nnx.Carry,
+        transform_metadata={nnx.PARTITION_NAME: "layers"},
+    )
+    def run(carry, block, *broadcast):
+        return step(block, *carry, *broadcast)
+
+    return run(carry, blocks, *broadcast)
+
+
+class Flux(nnx.Module):
+    """The FLUX MM-DiT: `depth` double-stream blocks, then `depth_single_blocks` single-stream blocks.
+
+    Args:
+        config: FluxConfig (or a mapping of its fields).
+        dtype: compute dtype of the matmuls (params stay float32).
+        remat_policy: "none" or a key of REMAT_POLICIES; each block is rematerialised with that policy.
+        zero_init: adaLN-Zero initialisation (zero modulation and final layer, DiT) for training from scratch;
+            the output is then exactly zero until trained.
+    """
+
+    def __init__(
+        self,
+        config: FluxConfig | Mapping[str, Any],
+        *,
+        dtype: DType = jnp.float32,
+        remat_policy: str = "none",
+        zero_init: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ):
+        config = _as_flux_config(config)
+        if remat_policy != "none" and remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"unknown remat_policy {remat_policy!r}; choose 'none' or one of {list(REMAT_POLICIES)}"
+            )
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        self.config = config
+        self.dtype = dtype
+        self.remat_policy = remat_policy
+        h = config.hidden_size
+        self.pe_embedder = EmbedND(config.axes_dim, config.theta)
+        self.img_in = linear(config.in_channels, h, ("in_features", "embed"), dtype=dtype, rngs=rngs)
+        self.time_in = MLPEmbedder(256, h, dtype=dtype, rngs=rngs)
+        self.vector_in = MLPEmbedder(config.vec_in_dim, h, dtype=dtype, rngs=rngs)
+        self.guidance_in = MLPEmbedder(256, h, dtype=dtype, rngs=rngs) if config.guidance_embed else None
+        self.txt_in = linear(config.context_in_dim, h, ("in_features", "embed"), dtype=dtype, rngs=rngs)
+        self.double_blocks = _stacked(
+            lambda r: DoubleStreamBlock(
+                h,
+                config.num_heads,
+                config.mlp_ratio,
+                config.qkv_bias,
+                dtype=dtype,
+                zero_init=zero_init,
+                rngs=r,
+            ),
+            config.depth,
+            rngs,
+        )
+        self.single_blocks = _stacked(
+            lambda r: SingleStreamBlock(
+                h, config.num_heads, config.mlp_ratio, dtype=dtype, zero_init=zero_init, rngs=r
+            ),
+            config.depth_single_blocks,
+            rngs,
+        )
+        self.final_layer = LastLayer(h, 1, config.out_channels, dtype=dtype, zero_init=zero_init, rngs=rngs)
+
+    def _remat(self, step):
+        if self.remat_policy == "none":
+            return step
+        return nnx.remat(step, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+
+    def __call__(
+        self,
+        img: jax.Array,
+        img_ids: jax.Array,
+        txt: jax.Array,
+        txt_ids: jax.Array,
+        timesteps: jax.Array,
+        y: jax.Array,
+        guidance: jax.Array | None = None,
+    ) -> jax.Array:
+        """img (B, N, in_channels), img_ids (B, N, 3), txt (B, M, context_in_dim), txt_ids (B, M, 3),
+        timesteps (B,) in [0, 1] (t = 1 is noise), y (B, vec_in_dim), guidance (B,) (a CFG scale, needed when
+        guidance_embed) -> (B, N, out_channels) float32."""
+        cfg = self.config
+        if img.ndim != 3 or txt.ndim != 3:
+            raise ValueError(f"img and txt must be (B, L, C), got {img.shape} and {txt.shape}")
+        if img.shape[-1] != cfg.in_channels or txt.shape[-1] != cfg.context_in_dim:
+            raise ValueError(
+                f"img has {img.shape[-1]} channels (expected {cfg.in_channels}), txt {txt.shape[-1]} "
+                f"(expected {cfg.context_in_dim})"
+            )
+        img = self.img_in(img)
+        vec = self.time_in(timestep_embedding(timesteps, 256))
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise ValueError("this Flux has guidance_embed=True: pass guidance (B,)")
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256))
+        vec = vec + self.vector_in(y)
+        txt = self.txt_in(txt)
+        pe = self.pe_embedder(jnp.concatenate([txt_ids, img_ids], axis=1))
+
+        double_step = self._remat(lambda block, img, txt, vec, pe: block(img, txt, vec, pe))
+        img, txt = _scan(double_step, self.double_blocks, (img, txt), vec, pe)
+
+        single_step = self._remat(lambda block, x, vec, pe: (block(x, vec, pe),))
+        (x,) = _scan(single_step, self.single_blocks, (jnp.concatenate([txt, img], axis=1),), vec, pe)
+        img = x[:, txt.shape[1] :]
+        return self.final_layer(img, vec).astype(jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CloudRemovalFlux
+# ------------------------------------------------------------------------------------------------------------
+
+
+def patchify(x: jax.Array) -> jax.Array:
+    """(B, h, w, C) -> (B, h/2 * w/2, C*4) tokens, channel order (c ph pw) as BFL."""
+    return rearrange(x, "b (h ph) (w pw) c -> b (h w) (c ph pw)", ph=PATCH, pw=PATCH)
+
+
+def unpatchify(tokens: jax.Array, h: int, w: int) -> jax.Array:
+    """(B, h/2 * w/2, C*4) -> (B, h, w, C); inverse of `patchify`."""
+    return rearrange(tokens, "b (h w) (c ph pw) -> b (h ph) (w pw) c", h=h // PATCH, ph=PATCH, pw=PATCH)
+
+
+def position_ids(batch: int, h: int, w: int, stream: int) -> jax.Array:
+    """RoPE ids (B, h/2 * w/2, 3) float32 of a token grid: (stream, row, col)."""
+    rows, cols = jnp.meshgrid(jnp.arange(h // PATCH), jnp.arange(w // PATCH), indexing="ij")
+    ids = jnp.stack([jnp.full_like(rows, stream), rows, cols], axis=-1).reshape(-1, 3)
+    return jnp.broadcast_to(ids.astype(jnp.float32), (batch, *ids.shape))
+
+
+class CloudRemovalFlux(nnx.Module):
+    """Velocity model for cloud removal: Flux over [noisy target ; cloudy] tokens, SAR tokens as context.
+
+    Args:
+        flux_config: FluxConfig or mapping (configs/common.py flux_config): in_channels = 4*z + 4 (latent
+            patch + pooled cloud probability), out_channels = 4*z, context_in_dim = 4*z.
+        cloud_cnn_config: mapping with `channels` and `out_dim` (= vec_in_dim), as configs/common.py
+            cloud_cnn_config.
+        dtype, remat_policy, zero_init: as for Flux.
+    """
+
+    def __init__(
+        self,
+        flux_config: FluxConfig | Mapping[str, Any],
+        cloud_cnn_config: Mapping[str, Any],
+        *,
+        dtype: DType = jnp.float32,
+        remat_policy: str = "none",
+        zero_init: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ):
+        cfg = _as_flux_config(flux_config)
+        cnn = dict(cloud_cnn_config.to_dict() if hasattr(cloud_cnn_config, "to_dict") else cloud_cnn_config)
+        token_dim = cfg.out_channels
+        if token_dim % (PATCH * PATCH):
+            raise ValueError(f"out_channels {token_dim} is not a 2x2 patch of latent channels")
+        if cfg.in_channels != token_dim + PATCH * PATCH:
+            raise ValueError(
+                f"in_channels must be out_channels + 4 (cloud probability), got {cfg.in_channels}"
+            )
+        if cfg.context_in_dim != token_dim:
+            raise ValueError(f"context_in_dim must equal out_channels {token_dim} (SAR latent tokens)")
+        if cnn.get("out_dim") != cfg.vec_in_dim:
+            raise ValueError(f"cloud_cnn out_dim {cnn.get('out_dim')} must equal vec_in_dim {cfg.vec_in_dim}")
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        self.z_channels = token_dim // (PATCH * PATCH)
+        self.flux = Flux(cfg, dtype=dtype, remat_policy=remat_policy, zero_init=zero_init, rngs=rngs)
+        self.cloud_encoder = CloudProbEncoder(tuple(cnn["channels"]), cnn["out_dim"], dtype=dtype, rngs=rngs)
+        null_init = with_axes(nnx.initializers.normal(0.02), "in_features")
+        self.null_sar = nnx.Param(null_init(rngs.params(), (cfg.context_in_dim,), jnp.float32))
+        self.null_cloudy = nnx.Param(null_init(rngs.params(), (token_dim,), jnp.float32))
+
+    def __call__(
+        self,
+        x_t: jax.Array,
+        t: jax.Array,
+        cloudy_latent: jax.Array,
+        sar_latent: jax.Array | None,
+        cloud_prob: jax.Array,
+        guidance: jax.Array | None = None,
+        *,
+        drop_sar: jax.Array | None = None,
+        drop_cloudy: jax.Array | None = None,
+    ) -> jax.Array:
+        """Predicted velocity (B, h, w, z) float32.
+
+        x_t, cloudy_latent, sar_latent: (B, h, w, z) latents (h, w even); sar_latent None means SAR absent
+        (the null SAR token everywhere, as in training with SAR dropped). t: (B,) in [0, 1], t = 1 is noise.
+        cloud_prob: (B, H, W, 1) in [0, 1] at pixel resolution (H a multiple of h, 8h for our VAEs).
+        guidance: (B,) only when the Flux config has guidance_embed. drop_sar, drop_cloudy: (B,) bool; True
+        replaces that sample's SAR / cloudy tokens with the learned null token (condition dropout for CFG).
+        """
+        b, h, w, z = x_t.shape
+        if z != self.z_channels or h % PATCH or w % PATCH:
+            raise ValueError(f"x_t must be (B, h, w, {self.z_channels}) with even h, w; got {x_t.shape}")
+        if cloudy_latent.shape != x_t.shape:
+            raise ValueError(f"cloudy_latent {cloudy_latent.shape} must match x_t {x_t.shape}")
+        if sar_latent is not None and sar_latent.shape != x_t.shape:
+            raise ValueError(f"sar_latent {sar_latent.shape} must match x_t {x_t.shape}")
+        hp, wp = cloud_prob.shape[1:3] if cloud_prob.ndim == 4 else (0, 0)
+        if cloud_prob.shape[-1] != 1 or hp < h or hp % h or wp % w or hp // h != wp // w:
+            raise ValueError(f"cloud_prob must be (B, k*{h}, k*{w}, 1), got {cloud_prob.shape}")
+
+        cp = cloud_prob.astype(jnp.float32)
+        cp_tokens = patchify(reduce(cp, "b (h fh) (w fw) c -> b h w c", "mean", fh=hp // h, fw=wp // w))
+        noisy = patchify(x_t.astype(jnp.float32))
+        cloudy = _replace(patchify(cloudy_latent.astype(jnp.float32)), drop_cloudy, self.null_cloudy[...])
+        img = jnp.concatenate(
+            [
+                jnp.concatenate([noisy, jnp.zeros_like(cp_tokens)], axis=-1),
+                jnp.concatenate([cloudy, cp_tokens], axis=-1),
+            ],
+            axis=1,
+        )
+        img_ids = jnp.concatenate([position_ids(b, h, w, 0), position_ids(b, h, w, 1)], axis=1)
+
+        n = noisy.shape[1]
+        if sar_latent is None:
+            txt = jnp.broadcast_to(self.null_sar[...], (b, n, self.null_sar.shape[0]))
+        else:
+            txt = _replace(patchify(sar_latent.astype(jnp.float32)), drop_sar, self.null_sar[...])
+        txt_ids = position_ids(b, h, w, 2)
+
+        y = self.cloud_encoder(cp)
+        out = self.flux(img, img_ids, txt, txt_ids, t, y, guidance)
+        return unpatchify(out[:, :n], h, w)
+
+
+def _replace(tokens: jax.Array, drop: jax.Array | None, null: jax.Array) -> jax.Array:
+    """tokens (B, L, C) with the samples where drop (B,) is True replaced by the null token (C,)."""
+    if drop is None:
+        return tokens
+    drop = jnp.asarray(drop, bool)
+    if drop.shape != tokens.shape[:1]:
+        raise ValueError(f"drop mask must be (B,) = {tokens.shape[:1]}, got {drop.shape}")
+    return jnp.where(drop[:, None, None], null.astype(tokens.dtype), tokens)
