@@ -35,8 +35,12 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if bool(_WORKDIR.value) == bool(_BUNDLE.value):
         raise app.UsageError("give exactly one of --workdir or --bundle")
+    from absl import logging as absl_logging
+
     from crrf_jax import evaluation, export
     from crrf_jax.inference import CloudRemover
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax's per-array INFO lines
 
     if _WORKDIR.value:
         remover = CloudRemover.from_workdir(_WORKDIR.value)

@@ -1,0 +1,461 @@
+"""Self-contained inference bundles: a trained workdir -> a directory that loads without the training config.
+
+    python -m crrf_jax.export --workdir=runs/base --out=bundles/base [--overwrite] [--config=configs/x.py]
+
+A bundle directory holds
+
+    config.json               model sizes (flux, vae_s2, vae_s1, cloud_cnn), S2 bands, compute dtype, sampling
+                              and tiling defaults, weight file names
+    vae_s2.safetensors        EMA weights of the Sentinel-2 autoencoder (flat "a/b/c" keys, float32)
+    vae_s1.safetensors        EMA weights of the Sentinel-1 autoencoder
+    transformer.safetensors   EMA weights of the rectified-flow transformer (CloudRemovalFlux without its
+                              cloud-probability encoder)
+    cloud_cnn.safetensors     EMA weights of the cloud-probability encoder ("cloud_encoder/..." keys)
+    latent_stats.json         latent scale and shift of each autoencoder, measured on training data
+    README.txt                what the files are and how to use them
+
+Keys are the NNX state paths of the modules built by crrf_jax.models.build, joined with "/". No pickle.
+The workdir side reads what train.py writes: `<workdir>/config.json` (`save_run_config`), the EMA weights of
+each stage in `<workdir>/<stage>/final/weights` (Orbax, {"ema": params, "rest": rest}) and
+`<workdir>/latent_stats/latent_stats.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "crrf-jax-bundle"
+FORMAT_VERSION = 1
+NETWORKS = ("vae_s2", "vae_s1", "flow")
+WEIGHT_FILES = {
+    "vae_s2": "vae_s2.safetensors",
+    "vae_s1": "vae_s1.safetensors",
+    "transformer": "transformer.safetensors",
+    "cloud_cnn": "cloud_cnn.safetensors",
+}
+CLOUD_CNN_PREFIX = "cloud_encoder/"
+CONFIG_FILE = "config.json"
+LATENT_STATS_FILE = "latent_stats.json"
+RUN_CONFIG_FILE = "config.json"  # in the workdir
+
+
+class BundleError(FileNotFoundError):
+    """A bundle or workdir is missing a file or holds an unusable one; the message names the file."""
+
+
+@dataclasses.dataclass
+class ModelParts:
+    """Everything needed to rebuild the networks, independent of where it was read from.
+
+    config: the bundle config (see `bundle_config`); states: network name ("vae_s2", "vae_s1", "flow") ->
+    flat {"a/b/c": np.ndarray} of the module's full NNX state; latent_stats: "vae_s2"/"vae_s1" ->
+    {"scale_factor": float, "shift_factor": float}; source: where they came from (for error messages).
+    """
+
+    config: dict[str, Any]
+    states: dict[str, dict[str, np.ndarray]]
+    latent_stats: dict[str, dict[str, float]]
+    source: str
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Run config (written by train.py)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def save_run_config(config, workdir: str | os.PathLike) -> Path:
+    """Writes the training config as `<workdir>/config.json` (process 0 only); returns the path."""
+    import jax
+
+    path = Path(workdir) / RUN_CONFIG_FILE
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(config.to_json_best_effort(indent=2) + "\n")
+        os.replace(tmp, path)
+    return path
+
+
+def load_run_config(workdir: str | os.PathLike):
+    """The training config saved by `save_run_config`, as an ml_collections.ConfigDict."""
+    import ml_collections
+
+    path = Path(workdir) / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise BundleError(
+            f"{path}: training config missing (train.py writes it at start). For an older run pass the "
+            "config: `python -m crrf_jax.export --config=configs/<the one you trained with>.py ...`"
+        )
+    return ml_collections.ConfigDict(_read_json(path))
+
+
+def bundle_config(run_config) -> dict[str, Any]:
+    """The part of a training config that inference needs (the bundle's config.json)."""
+    from crrf_jax.data import sen12mscr
+
+    bands = sen12mscr.resolve_bands(_band_spec(run_config.data.get("bands")))
+    model = run_config.model.to_dict()
+    tile = int(run_config.data.crop_size)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": _plain(model),
+        "bands": {"indices": list(bands), "names": [sen12mscr.S2_BANDS[i] for i in bands]},
+        "dtype": str(run_config.dtype),
+        "trained_with_sar": bool(run_config.flow.use_sar),
+        "sampling": {
+            "steps": int(run_config.flow.sample_steps),
+            "guidance_scale": float(run_config.flow.guidance_scale),
+        },
+        "tiling": {"tile_size": tile, "overlap": max(tile // 8, 8)},
+        "weights": dict(WEIGHT_FILES),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reading a workdir
+# ------------------------------------------------------------------------------------------------------------
+
+
+def read_workdir(workdir: str | os.PathLike, config=None) -> ModelParts:
+    """The EMA weights and latent statistics of a finished training run (all four stages done).
+
+    config: the training config; default `<workdir>/config.json`. Raises BundleError naming the missing file.
+    """
+    workdir = Path(workdir).resolve()  # Orbax wants absolute paths
+    if not workdir.is_dir():
+        raise BundleError(f"{workdir}: workdir does not exist")
+    run_config = load_run_config(workdir) if config is None else config
+    cfg = bundle_config(run_config)
+    stats = _read_latent_stats(workdir / "latent_stats" / "latent_stats.json")
+    states = {}
+    for name in NETWORKS:
+        states[name] = _restore_stage(workdir / name, abstract_network(cfg, name))
+    for name in ("vae_s2", "vae_s1"):  # the stage saved its VAE before the statistics were measured
+        for key, value in stats[name].items():
+            states[name][key] = np.asarray(value, np.float32)
+    return ModelParts(cfg, states, stats, str(workdir))
+
+
+def abstract_network(cfg: dict[str, Any], name: str, dtype: str | None = None):
+    """The module `name` of a bundle config with abstract (shape-only) state, built without initialising."""
+    import ml_collections
+    from flax import nnx
+
+    from crrf_jax.models import build
+
+    model_cfg = ml_collections.ConfigDict(cfg["model"])
+    dtype = dtype or cfg["dtype"]
+    if name == "flow":
+        return nnx.eval_shape(lambda: build.cloud_removal_flux(model_cfg, dtype))
+    return nnx.eval_shape(lambda: build.autoencoder(model_cfg, name, dtype))
+
+
+def _restore_stage(stage_dir: Path, abstract_model) -> dict[str, np.ndarray]:
+    """A finished stage's EMA weights and non-trainable state as flat host arrays."""
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    done, weights = stage_dir / "final" / "DONE", stage_dir / "final" / "weights"
+    if not done.is_file():
+        raise BundleError(f"{done}: stage {stage_dir.name} not finished (no final/DONE); train it first")
+    if not weights.is_dir():
+        raise BundleError(f"{weights}: EMA weights of stage {stage_dir.name} missing")
+    _, params, rest = nnx.split(abstract_model, nnx.Param, ...)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {"ema": params, "rest": rest})
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            loaded = ckptr.restore(weights, target)
+    except Exception as e:  # noqa: BLE001 - any failure means the files do not hold this model
+        raise BundleError(
+            f"{weights}: cannot restore the {stage_dir.name} weights ({type(e).__name__}: {e})"
+        ) from e
+    flat = flatten_state(loaded["ema"])
+    flat.update(flatten_state(loaded["rest"]))
+    return flat
+
+
+def _read_latent_stats(path: Path) -> dict[str, dict[str, float]]:
+    if not path.is_file():
+        raise BundleError(f"{path}: latent statistics missing; run the latent_stats stage first")
+    raw = _read_json(path)
+    out = {}
+    for name in ("vae_s2", "vae_s1"):
+        try:
+            out[name] = {k: float(raw[name][k]) for k in ("scale_factor", "shift_factor")}
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{path}: no {name}.scale_factor / shift_factor ({e!r})") from e
+        if out[name]["scale_factor"] == 0 or not all(np.isfinite(list(out[name].values()))):
+            raise BundleError(f"{path}: unusable {name} statistics {out[name]}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Flat states
+# ------------------------------------------------------------------------------------------------------------
+
+
+def flatten_state(state) -> dict[str, np.ndarray]:
+    """An NNX state -> {"a/b/0/c": host array}."""
+    from flax import nnx
+
+    return {"/".join(map(str, path)): np.asarray(v) for path, v in _walk(nnx.to_pure_dict(state))}
+
+
+def fill_state(abstract_model, flat: dict[str, np.ndarray], source: str):
+    """`abstract_model` (from `abstract_network`) with every state leaf taken from `flat`.
+
+    Raises BundleError naming `source` when keys are missing or unexpected, or a shape or dtype differs.
+    """
+    from flax import nnx
+
+    graphdef, state = nnx.split(abstract_model)
+    pure = nnx.to_pure_dict(state)
+    expected = {"/".join(map(str, path)): (path, v) for path, v in _walk(pure)}
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    if missing or unexpected:
+        raise BundleError(
+            f"{source}: weights do not match the model config: missing {_few(missing)}, unexpected "
+            f"{_few(unexpected)}"
+        )
+    for key, (path, abstract) in expected.items():
+        value = np.asarray(flat[key])
+        if abstract.shape == () and value.shape == (1,):  # safetensors stores scalars as (1,)
+            value = value.reshape(())
+        if tuple(value.shape) != tuple(abstract.shape):
+            raise BundleError(f"{source}: {key} has shape {value.shape}, the model expects {abstract.shape}")
+        _set(pure, path, np.asarray(value, dtype=abstract.dtype))
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def _walk(tree, prefix=()) -> Iterator[tuple[tuple, Any]]:
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _walk(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for k in path[:-1]:
+        tree = tree[k]
+    tree[path[-1]] = value
+
+
+def _few(keys: Sequence[str], n: int = 5) -> str:
+    if not keys:
+        return "none"
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Writing and reading a bundle
+# ------------------------------------------------------------------------------------------------------------
+
+
+def write_bundle(parts: ModelParts, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Writes `parts` as a bundle directory (into `<out>.partial`, renamed when complete); returns `out`."""
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: already exists; pass overwrite=True (--overwrite) to replace it")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    flow = parts.states["flow"]
+    files = {
+        "vae_s2": parts.states["vae_s2"],
+        "vae_s1": parts.states["vae_s1"],
+        "transformer": {k: v for k, v in flow.items() if not k.startswith(CLOUD_CNN_PREFIX)},
+        "cloud_cnn": {k: v for k, v in flow.items() if k.startswith(CLOUD_CNN_PREFIX)},
+    }
+    for name, tensors in files.items():
+        tensors = {k: np.ascontiguousarray(_storable(v)) for k, v in tensors.items()}
+        save_file(tensors, str(tmp / WEIGHT_FILES[name]), metadata={"format": FORMAT, "network": name})
+        os.chmod(tmp / WEIGHT_FILES[name], 0o644)  # safetensors creates files readable by the owner only
+    config = dict(parts.config, exported=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / LATENT_STATS_FILE).write_text(json.dumps(parts.latent_stats, indent=2) + "\n")
+    (tmp / "README.txt").write_text(_readme(parts.config))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def read_bundle(path: str | os.PathLike) -> ModelParts:
+    """The contents of a bundle directory; BundleError naming the file when one is missing or wrong."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: bundle directory does not exist")
+    cfg_path = path / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise BundleError(f"{cfg_path}: bundle config missing (not a bundle written by crrf_jax.export?)")
+    cfg = _read_json(cfg_path)
+    if cfg.get("format") != FORMAT:
+        raise BundleError(f"{cfg_path}: not a {FORMAT} config (format={cfg.get('format')!r})")
+    if int(cfg.get("format_version", 0)) > FORMAT_VERSION:
+        raise BundleError(
+            f"{cfg_path}: bundle format {cfg['format_version']} is newer than this crrf_jax "
+            f"({FORMAT_VERSION})"
+        )
+    for key in ("model", "bands", "dtype", "sampling", "tiling"):
+        if key not in cfg:
+            raise BundleError(f"{cfg_path}: key {key!r} missing")
+    tensors = {}
+    for name, filename in cfg.get("weights", WEIGHT_FILES).items():
+        file = path / filename
+        if not file.is_file():
+            raise BundleError(f"{file}: weights of {name} missing; the bundle is incomplete")
+        try:
+            tensors[name] = load_file(str(file))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise BundleError(f"{file}: unreadable safetensors file ({e})") from e
+    states = {
+        "vae_s2": tensors["vae_s2"],
+        "vae_s1": tensors["vae_s1"],
+        "flow": {**tensors["transformer"], **tensors["cloud_cnn"]},
+    }
+    stats = _read_latent_stats(path / LATENT_STATS_FILE)
+    return ModelParts(cfg, states, stats, str(path))
+
+
+def _storable(x: np.ndarray) -> np.ndarray:
+    """safetensors.numpy stores standard NumPy dtypes: other floats (bfloat16) go to float32."""
+    x = np.asarray(x)
+    if x.dtype.kind == "V" or (x.dtype.kind == "f" and x.dtype not in (np.float16, np.float32, np.float64)):
+        return x.astype(np.float32)
+    return x
+
+
+def _readme(cfg: dict[str, Any]) -> str:
+    model = cfg["model"]
+    return f"""crrf-jax inference bundle (format {FORMAT} v{FORMAT_VERSION})
+
+Cloud removal for Sentinel-2 with a rectified-flow transformer in VAE latent space.
+Model variant: {model.get('variant', '?')}; Sentinel-2 bands: {', '.join(cfg['bands']['names'])};
+compute dtype: {cfg['dtype']}; trained with SAR: {cfg['trained_with_sar']}.
+Sampling defaults: {cfg['sampling']['steps']} Euler steps, guidance scale {cfg['sampling']['guidance_scale']}.
+Tiling defaults: {cfg['tiling']['tile_size']}-pixel tiles, {cfg['tiling']['overlap']}-pixel overlap.
+
+Files
+  config.json              model sizes, bands, dtype, sampling and tiling defaults
+  vae_s2.safetensors       Sentinel-2 autoencoder (EMA weights)
+  vae_s1.safetensors       Sentinel-1 autoencoder (EMA weights)
+  transformer.safetensors  rectified-flow transformer (EMA weights)
+  cloud_cnn.safetensors    cloud-probability encoder (EMA weights)
+  latent_stats.json        latent scale/shift of each autoencoder
+
+Use
+  python -m crrf_jax.predict --bundle=THIS_DIR --s2=cloudy.tif [--s1=sar.tif] --out=clear.tif
+
+  from crrf_jax.export import load_bundle
+  remover = load_bundle("THIS_DIR")
+  clear, std = remover.remove_clouds(s2_cloudy, s1)   # HxWxC reflectance in [0, 1], HxWx2 SAR in [0, 1]
+
+Inputs: Sentinel-2 L1C (13 bands, SEN12MS-CR order, DN / 10000), Sentinel-1 VV/VH in dB (clipped to
+[-25, 0] and mapped to [0, 1]); without SAR the model runs in its degraded SAR-absent mode.
+"""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Entry points
+# ------------------------------------------------------------------------------------------------------------
+
+
+def export_bundle(
+    workdir: str | os.PathLike, out: str | os.PathLike, config=None, *, overwrite: bool = False
+) -> Path:
+    """Reads a finished training run and writes its bundle; returns the bundle path."""
+    if Path(out).exists() and not overwrite:  # before the (slow) read
+        raise FileExistsError(f"{out}: already exists; pass overwrite=True (--overwrite) to replace it")
+    return write_bundle(read_workdir(workdir, config), out, overwrite=overwrite)
+
+
+def load_bundle(path: str | os.PathLike, *, mesh=None, dtype: str | None = None):
+    """A CloudRemover from a bundle directory, weights replicated over `mesh` (default: all devices)."""
+    from crrf_jax.inference import CloudRemover
+
+    return CloudRemover.from_bundle(path, mesh=mesh, dtype=dtype)
+
+
+def load_config_file(spec: str):
+    """`path/to/config.py[:arg]` -> its get_config(arg) (the big_vision config-string convention)."""
+    file, _, arg = spec.partition(":")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file}: config file does not exist")
+    module_spec = importlib.util.spec_from_file_location("_crrf_export_config", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{path}: unreadable JSON ({e})") from e
+
+
+def _band_spec(spec):
+    """A config's band spec ("" for all 13, "rgb", "B02,B03" or "3,2,1", or a list) for resolve_bands."""
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return None
+    if isinstance(spec, str) and spec.strip().lower() not in ("rgb", "all"):
+        return [int(b) if b.strip().isdigit() else b.strip() for b in spec.split(",") if b.strip()]
+    return spec
+
+
+def _plain(x):
+    """JSON-ready copy: tuples become lists, NumPy scalars Python numbers."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m crrf_jax.export",
+        description="Export a finished training run (workdir) to a self-contained inference bundle.",
+    )
+    parser.add_argument("--workdir", required=True, help="the training run's --workdir")
+    parser.add_argument("--out", required=True, help="bundle directory to write")
+    parser.add_argument("--config", default=None,
+                        help="training config file[:arg] (default: <workdir>/config.json from train.py)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config_file(args.config) if args.config else None
+        out = export_bundle(args.workdir, args.out, config, overwrite=args.overwrite)
+    except (BundleError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote bundle {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Bundle export: workdir -> bundle -> CloudRemover gives the workdir's predictions, on 1 and 8 devices.
+
+The fake workdir is what train.py leaves behind: `save_run_config`, each stage's EMA weights written by
+train.save_final itself, and latent statistics. Weights are random (the tiny variant, drawn with NumPy: eager
+initialisation of the networks takes far longer on CPU than the test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crrf_jax import export
+from crrf_jax.inference import CloudRemover
+
+ROOT = Path(__file__).resolve().parents[1]
+LATENT_STATS = {
+    "vae_s2": {"scale_factor": 0.8, "shift_factor": 0.05, "values": 1000},
+    "vae_s1": {"scale_factor": 1.3, "shift_factor": -0.1, "values": 1000},
+}
+# Shared by the inference and prediction tests: one tile shape and sampling setting compile once per session.
+TILE, OVERLAP, STEPS = 64, 16, 2
+
+_CACHE: dict[str, Path] = {}
+
+
+def random_state(abstract_model, seed: int) -> dict[str, np.ndarray]:
+    """Random weights of sensible scale for each state leaf of `abstract_model` (export.abstract_network)."""
+    from flax import nnx
+
+    rng = np.random.default_rng(seed)
+    _, state = nnx.split(abstract_model)
+    out = {}
+    for path, leaf in export._walk(nnx.to_pure_dict(state)):
+        name, shape = str(path[-1]), tuple(leaf.shape)
+        if name == "scale_factor":
+            value = np.ones(shape)
+        elif name == "shift_factor":
+            value = np.zeros(shape)
+        elif name == "kernel":  # fan-in scaling; stacked (layers, in, out) kernels count `in` only
+            fan_in = shape[-2] if len(shape) == 3 else int(np.prod(shape[:-1]))
+            value = rng.standard_normal(shape) / np.sqrt(fan_in)
+        elif name == "scale":
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
+        else:
+            value = 0.05 * rng.standard_normal(shape)
+        out["/".join(map(str, path))] = value.astype(leaf.dtype)
+    return out
+
+
+def make_fake_workdir(workdir: Path, seed: int = 0) -> Path:
+    """A finished tiny training run (configs/demo.py) with random weights, as train.py writes it."""
+    import optax
+
+    import train
+    from configs import demo
+    from crrf_jax import train_lib
+
+    config = demo.get_config()
+    export.save_run_config(config, workdir)
+    cfg = export.bundle_config(config)
+    for i, stage in enumerate(export.NETWORKS):
+        abstract = export.abstract_network(cfg, stage)
+        model = export.fill_state(abstract, random_state(abstract, seed + i), "random weights")
+        train.save_final(str(workdir / stage), train_lib.create_train_state(model, optax.sgd(0.0)))
+    (workdir / "latent_stats").mkdir(parents=True, exist_ok=True)
+    (workdir / "latent_stats" / "latent_stats.json").write_text(json.dumps(LATENT_STATS))
+    return workdir
+
+
+def fake_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(workdir, bundle) made once per session."""
+    if "workdir" not in _CACHE:
+        root = tmp_path_factory.mktemp("fake_run")
+        _CACHE["workdir"] = make_fake_workdir(root / "workdir")
+        _CACHE["bundle"] = export.export_bundle(_CACHE["workdir"], root / "bundle")
+    return _CACHE["workdir"], _CACHE["bundle"]
+
+
+def random_scene(height: int = 100, width: int = 120, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "s2_cloudy": rng.uniform(0.0, 0.6, (height, width, 13)).astype(np.float32),
+        "s1": rng.uniform(0.0, 1.0, (height, width, 2)).astype(np.float32),
+        "cloud_prob": rng.uniform(0.0, 1.0, (height, width, 1)).astype(np.float32),
+    }
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return fake_run(tmp_path_factory)
+
+
+def _predict(remover: CloudRemover, scene: dict, **kw) -> tuple[np.ndarray, np.ndarray]:
+    return remover.remove_clouds(scene["s2_cloudy"], scene["s1"], scene["cloud_prob"], steps=STEPS,
+                                 tile_size=TILE, overlap=OVERLAP, **kw)
+
+
+def test_bundle_contents(run):
+    _, bundle = run
+    names = sorted(p.name for p in bundle.iterdir())
+    assert names == sorted(["README.txt", "config.json", "latent_stats.json", *export.WEIGHT_FILES.values()])
+    cfg = json.loads((bundle / "config.json").read_text())
+    assert cfg["model"]["variant"] == "tiny" and cfg["model"]["flux"]["hidden_size"] == 64
+    assert cfg["bands"]["names"][8] == "B8A" and len(cfg["bands"]["indices"]) == 13
+    assert cfg["sampling"] == {"steps": 8, "guidance_scale": 1.0}
+    assert cfg["tiling"]["tile_size"] == 64
+    stats = json.loads((bundle / "latent_stats.json").read_text())
+    assert stats["vae_s1"] == {"scale_factor": 1.3, "shift_factor": -0.1}
+    from safetensors.numpy import load_file
+
+    cnn = load_file(str(bundle / "cloud_cnn.safetensors"))
+    transformer = load_file(str(bundle / "transformer.safetensors"))
+    assert cnn and all(k.startswith("cloud_encoder/") for k in cnn)
+    assert not any(k.startswith("cloud_encoder/") for k in transformer) and "null_sar" in transformer
+    vae_s1 = load_file(str(bundle / "vae_s1.safetensors"))  # the measured statistics, not the stage's 1 / 0
+    assert float(vae_s1["scale_factor"].item()) == pytest.approx(1.3)
+    assert "--bundle" in (bundle / "README.txt").read_text()
+
+
+def test_bundle_matches_workdir(run):
+    workdir, bundle = run
+    from_workdir, from_bundle = CloudRemover.from_workdir(workdir), CloudRemover.from_bundle(bundle)
+    for name in ("vae_s2", "vae_s1"):
+        vae = getattr(from_bundle.nets, "s2_state" if name == "vae_s2" else "s1_state")
+        assert float(vae["scale_factor"][...]) == pytest.approx(LATENT_STATS[name]["scale_factor"])
+    scene = random_scene()
+    clear_w, std_w = _predict(from_workdir, scene, num_samples=2, seed=3)
+    clear_b, std_b = _predict(from_bundle, scene, num_samples=2, seed=3)
+    np.testing.assert_array_equal(clear_w, clear_b)
+    np.testing.assert_array_equal(std_w, std_b)
+    assert clear_w.shape == (100, 120, 13) and std_w.min() >= 0 and std_w.max() > 0
+    other, _ = _predict(from_bundle, scene, num_samples=2, seed=4)
+    assert np.abs(other - clear_b).max() > 1e-3  # the seed matters: the comparison above is not vacuous
+
+
+def test_eight_devices_match_one(run, tmp_path):
+    """The bundle on 8 simulated devices (tiles sharded over 'data') gives the 1-device result."""
+    _, bundle = run
+    scene = random_scene(150, 170)  # 3 x 4 tiles: one full batch of 8 and one padded batch
+    np.savez(tmp_path / "scene.npz", **scene)
+    one, one_std = _predict(CloudRemover.from_bundle(bundle), scene, num_samples=2, batch_size=8)
+    script = textwrap.dedent(f"""
+        import jax, numpy as np
+        from crrf_jax.export import load_bundle
+        assert jax.device_count() == 8, jax.devices()
+        remover = load_bundle({str(bundle)!r})
+        assert remover.num_devices == 8
+        leaf = jax.tree.leaves(remover.nets)[0]
+        assert len(leaf.sharding.device_set) == 8 and leaf.sharding.is_fully_replicated
+        s = dict(np.load({str(tmp_path / "scene.npz")!r}))
+        clear, std = remover.remove_clouds(s["s2_cloudy"], s["s1"], s["cloud_prob"], steps={STEPS},
+                                           num_samples=2, tile_size={TILE}, overlap={OVERLAP}, batch_size=8)
+        np.savez({str(tmp_path / "eight.npz")!r}, clear=clear, std=std)
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    eight = np.load(tmp_path / "eight.npz")
+    np.testing.assert_allclose(eight["clear"], one, atol=2e-5)
+    np.testing.assert_allclose(eight["std"], one_std, atol=2e-5)
+
+
+def test_run_config_round_trip(tmp_path):
+    from configs import demo
+
+    config = demo.get_config()
+    export.save_run_config(config, tmp_path)
+    loaded = export.load_run_config(tmp_path)
+    assert export.bundle_config(loaded) == export.bundle_config(config)
+
+
+def test_missing_files_are_named(run, tmp_path):
+    workdir, bundle = run
+    broken = tmp_path / "bundle"
+    shutil.copytree(bundle, broken)
+    (broken / "cloud_cnn.safetensors").unlink()
+    with pytest.raises(export.BundleError, match="cloud_cnn.safetensors"):
+        export.read_bundle(broken)
+    (broken / "config.json").unlink()
+    with pytest.raises(export.BundleError, match=r"config.json: bundle config missing"):
+        export.load_bundle(broken)
+    with pytest.raises(export.BundleError, match="does not exist"):
+        export.read_bundle(tmp_path / "nowhere")
+
+    stale = tmp_path / "workdir"
+    shutil.copytree(workdir, stale)
+    (stale / "flow" / "final" / "DONE").unlink()
+    with pytest.raises(export.BundleError, match=r"flow/final/DONE: stage flow not finished"):
+        export.read_workdir(stale)
+    (stale / "latent_stats" / "latent_stats.json").unlink()
+    with pytest.raises(export.BundleError, match="latent_stats.json: latent statistics missing"):
+        export.read_workdir(stale)
+    (stale / "config.json").unlink()
+    with pytest.raises(export.BundleError, match="config.json: training config missing"):
+        export.export_bundle(stale, tmp_path / "out")
+
+
+def test_weights_of_another_model_are_refused(run, tmp_path):
+    _, bundle = run
+    other = tmp_path / "bundle"
+    shutil.copytree(bundle, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["model"]["cloud_cnn"]["channels"] = [8, 16, 32]
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(export.BundleError, match=r"flow\).*missing cloud_encoder/convs/2/bias"):
+        CloudRemover.from_bundle(other)
+
+
+def test_cli(run, tmp_path, capsys, monkeypatch):
+    workdir, _ = run
+    out = tmp_path / "cli_bundle"
+    monkeypatch.chdir(workdir.parent)  # relative paths work (Orbax itself wants absolute ones)
+    assert export.main([f"--workdir={workdir.name}", f"--out={out}"]) == 0
+    assert (out / "transformer.safetensors").is_file() and not (tmp_path / "cli_bundle.partial").exists()
+    assert export.main([f"--workdir={workdir}", f"--out={out}"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert export.main([f"--workdir={tmp_path / 'nowhere'}", f"--out={tmp_path / 'b2'}"]) == 1
+    assert "workdir does not exist" in capsys.readouterr().err
+
+
+def test_config_file_spec():
+    config = export.load_config_file(f"{ROOT / 'configs' / 'demo.py'}")
+    assert export.bundle_config(config)["model"]["variant"] == "tiny"
+    with pytest.raises(FileNotFoundError, match="nope.py: config file does not exist"):
+        export.load_config_file("nope.py:base")

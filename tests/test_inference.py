@@ -1,0 +1,231 @@
+"""Tiling, blending and CloudRemover on arrays.
+
+Blending is checked with deterministic fake predictors (a random-weight model's output is noise, so seams
+could not be told from it): an identity predictor must give the input back exactly (every pixel's weights
+normalise), and tiles of different constant values must blend into a continuous image. The sampler is pinned
+against crrf_jax.flow's Euler sampler with classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_export import OVERLAP, STEPS, TILE, fake_run, random_scene
+
+from crrf_jax import flow as rf
+from crrf_jax import inference
+from crrf_jax.inference import CloudRemover, TileLayout, blend_tiles
+
+
+@pytest.fixture(scope="module")
+def remover(tmp_path_factory) -> CloudRemover:
+    _, bundle = fake_run(tmp_path_factory)
+    return CloudRemover.from_bundle(bundle)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tiling with fake predictors
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length,tile,overlap", [(500, 64, 16), (700, 64, 16), (256, 256, 32), (40, 64, 16),
+                                                 (1000, 256, 32), (65, 64, 0)])
+def test_tile_starts_cover_with_overlap(length, tile, overlap):
+    starts = inference.tile_starts(length, tile, overlap)
+    assert starts[0] == 0 and starts[-1] + tile == max(length, tile)
+    gaps = np.diff(starts)
+    assert np.all(gaps > 0) and np.all(tile - gaps >= overlap)  # consecutive tiles overlap by >= overlap
+    if len(starts) > 1:  # and no more tiles than needed
+        assert len(starts) - 1 < (max(length, tile) - tile) / (tile - overlap) + 1
+
+
+def _run(layout: TileLayout, scene: dict, predict, batch_size: int = 7):
+    """blend_tiles over an in-memory scene; returns (mean, std, events)."""
+    padded = {k: inference.pad_to(v, layout.padded_height, layout.padded_width) for k, v in scene.items()}
+    c = scene["s2_cloudy"].shape[-1]
+    mean = np.full((layout.height, layout.width, c), np.nan, np.float32)
+    std = np.full_like(mean, np.nan)
+    events = []
+
+    def read(y0, y1):
+        events.append(("read", y0, y1))
+        return {k: v[y0:y1] for k, v in padded.items()}
+
+    def write(y0, y1, m, s):
+        events.append(("write", y0, y1))
+        mean[y0:y1], std[y0:y1] = m, s
+
+    blend_tiles(layout, read, predict, write, batch_size=batch_size)
+    return mean, std, events
+
+
+def _identity(tiles, ids):
+    return tiles["s2_cloudy"], 0.5 * tiles["s2_cloudy"]
+
+
+@pytest.mark.parametrize("height,width", [(500, 700), (100, 100), (40, 50), (64, 64)])
+def test_identity_predictor_gives_the_scene_back(height, width):
+    rng = np.random.default_rng(0)
+    scene = {"s2_cloudy": rng.uniform(0, 1, (height, width, 3)).astype(np.float32)}
+    layout = TileLayout(height, width, TILE, OVERLAP)
+    mean, std, events = _run(layout, scene, _identity)
+    np.testing.assert_allclose(mean, scene["s2_cloudy"], atol=1e-6)
+    np.testing.assert_allclose(std, 0.5 * scene["s2_cloudy"], atol=1e-6)
+    writes = [(y0, y1) for kind, y0, y1 in events if kind == "write"]
+    assert writes[0][0] == 0 and writes[-1][1] == height
+    assert all(a[1] == b[0] for a, b in zip(writes, writes[1:], strict=False))  # contiguous, in order
+    reads = [(y0, y1) for kind, y0, y1 in events if kind == "read"]
+    assert all(y1 - y0 == TILE for y0, y1 in reads) and len(reads) == len(layout.ys)
+
+
+def test_rows_are_written_while_reading_goes_on():
+    """Memory stays bounded: when row r of tiles is read, the rows above row r - 1 are already written."""
+    layout = TileLayout(500, 300, TILE, OVERLAP)  # 6 tiles a row, batches of 4: a batch spans <= 2 rows
+    _, _, events = _run(layout, {"s2_cloudy": np.zeros((500, 300, 1), np.float32)}, _identity, batch_size=4)
+    written = 0
+    for kind, y0, y1 in events:
+        if kind == "write":
+            written = y1
+        elif (r := layout.ys.index(y0)) >= 2:
+            assert written >= layout.ys[r - 1], (r, written)
+
+
+def _constant_tiles(layout: TileLayout, values: np.ndarray):
+    def predict(tiles, ids):
+        n = len(ids)
+        mean = np.broadcast_to(values[ids][:, None, None, None], (n, layout.tile, layout.tile, 1))
+        return mean.astype(np.float32), np.zeros_like(mean, np.float32)
+
+    return predict
+
+
+def _max_step(image: np.ndarray) -> float:
+    return max(np.abs(np.diff(image, axis=0)).max(), np.abs(np.diff(image, axis=1)).max())
+
+
+def test_seams_do_not_show_on_a_500x700_scene():
+    """Tiles of very different constant values blend into a smooth image: no pixel step is larger than the
+    raised-cosine ramp allows, and the steps at the tile edges are no larger than elsewhere."""
+    layout = TileLayout(500, 700, TILE, OVERLAP)
+    values = np.random.default_rng(1).uniform(0, 1, layout.num_tiles)
+    spread = values.max() - values.min()
+    scene = {"s2_cloudy": np.zeros((500, 700, 1), np.float32)}
+    mean, _, _ = _run(layout, scene, _constant_tiles(layout, values))
+    assert np.all(np.isfinite(mean))
+    ramp_slope = np.pi / (2 * OVERLAP)  # largest step of sin^2 over `overlap` pixels, per unit of value
+    assert _max_step(mean) <= 1.05 * ramp_slope * spread
+
+    # The mean step across every tile edge (where an unblended mosaic would jump) vs over the whole image.
+    edges = sorted({x + TILE for x in layout.xs[:-1]} | {x for x in layout.xs[1:]})
+    col_steps = np.abs(np.diff(mean[..., 0], axis=1))
+    at_edges = col_steps[:, [e - 1 for e in edges]].mean()
+    assert at_edges <= 1.5 * col_steps.mean() + 1e-6
+
+    # Control: abutting tiles without blending show the seams this test is looking for.
+    hard = TileLayout(500, 700, TILE, 0)
+    hard_values = np.random.default_rng(1).uniform(0, 1, hard.num_tiles)
+    hard_mean, _, _ = _run(hard, scene, _constant_tiles(hard, hard_values))
+    assert _max_step(hard_mean) > 3 * ramp_slope * spread
+
+
+def test_layout_checks():
+    with pytest.raises(ValueError, match="overlap 40 must be in"):
+        TileLayout(100, 100, 64, 40)
+    with pytest.raises(ValueError, match="empty"):
+        TileLayout(0, 100, 64, 16)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _remove(remover, scene, **kw):
+    kw = dict(steps=STEPS, num_samples=2, tile_size=TILE, overlap=OVERLAP) | kw
+    return remover.remove_clouds(scene["s2_cloudy"], scene.get("s1"), scene.get("cloud_prob"), **kw)
+
+
+@pytest.mark.parametrize("height,width", [(100, 100), (40, 50)])
+def test_any_scene_size(remover, height, width):
+    scene = random_scene(height, width)
+    clear, std = _remove(remover, scene)
+    assert clear.shape == std.shape == (height, width, 13) and clear.dtype == np.float32
+    assert np.all(np.isfinite(clear)) and clear.min() >= 0 and clear.max() <= 1
+    assert std.min() >= 0 and std.max() > 0
+    again, _ = _remove(remover, scene)
+    np.testing.assert_array_equal(clear, again)
+
+
+def test_cloud_probability_is_computed_when_absent(remover):
+    from crrf_jax.data import cloudprob
+
+    scene = random_scene(100, 100, seed=5)
+    given = dict(scene, cloud_prob=cloudprob.cloud_probability(scene["s2_cloudy"][None])[0])
+    computed, _ = _remove(remover, dict(scene, cloud_prob=None))
+    expected, _ = _remove(remover, given)
+    np.testing.assert_array_equal(computed, expected)
+
+
+def test_without_sar_warns_and_uses_the_sar_absent_mode(remover, caplog):
+    scene = random_scene(40, 50)
+    with caplog.at_level(logging.WARNING, logger="crrf_jax.inference"):
+        without, _ = _remove(remover, dict(scene, s1=None))
+    assert "degraded SAR-absent mode" in caplog.text
+    with_sar, _ = _remove(remover, scene)
+    assert np.all(np.isfinite(without)) and np.abs(without - with_sar).max() > 1e-3
+
+
+def test_predict_batch_matches_flow_euler_sampler_with_guidance(remover):
+    """predict_batch = decode(flow.euler_sample(v_cond, noise, schedule, s, v_uncond)) on per-patch noise."""
+    flow_model = nnx.merge(remover.nets.flow_graph, remover.nets.flow_state)
+    vae_s2 = nnx.merge(remover.nets.s2_graph, remover.nets.s2_state)
+    vae_s1 = nnx.merge(remover.nets.s1_graph, remover.nets.s1_state)
+    scene = random_scene(64, 64, seed=2)
+    batch = {k: jnp.asarray(np.stack([v, v[::-1]])) for k, v in scene.items()}
+    rng, scale = jax.random.key(7), 2.0
+    mean, std = inference.predict_batch(flow_model, vae_s2, vae_s1, batch, rng, steps=STEPS,
+                                        guidance_scale=scale, num_samples=1)
+
+    cloudy = vae_s2.encode(batch["s2_cloudy"] * 2 - 1)
+    sar = vae_s1.encode(batch["s1"] * 2 - 1)
+    keys = jax.random.split(rng, 2)
+    noise = jnp.stack([jax.random.normal(jax.random.fold_in(k, 0), cloudy.shape[1:]) for k in keys])
+    drop = jnp.ones((2,), bool)
+
+    # The model is rebuilt inside the velocity functions: its nnx.scan refuses Variables created outside
+    # the sampler's loop.
+    def model():
+        return nnx.merge(remover.nets.flow_graph, jax.tree.map(jnp.asarray, remover.nets.flow_state))
+
+    def v_cond(x, t):
+        return model()(x, t, cloudy, sar, batch["cloud_prob"])
+
+    def v_uncond(x, t):
+        return model()(x, t, cloudy, sar, batch["cloud_prob"], drop_sar=drop, drop_cloudy=drop)
+
+    schedule = rf.timesteps(STEPS, (64 // 16) ** 2)
+    x0 = rf.euler_sample(v_cond, noise, schedule, scale, v_uncond)
+    expected = jnp.clip((vae_s2.decode(x0) + 1) / 2, 0, 1)
+    np.testing.assert_allclose(np.asarray(mean), np.asarray(expected), atol=2e-5)
+    assert float(jnp.abs(std).max()) == 0.0  # one sample: no spread
+
+
+def test_bad_inputs_are_refused(remover):
+    scene = random_scene(64, 64)
+    with pytest.raises(ValueError, match="s2_cloudy has 5 bands; the model uses 13"):
+        _remove(remover, dict(scene, s2_cloudy=scene["s2_cloudy"][..., :5]))
+    with pytest.raises(ValueError, match="divide S2 DN by 10000"):
+        _remove(remover, dict(scene, s2_cloudy=scene["s2_cloudy"] * 10000))
+    with pytest.raises(ValueError, match=r"s1 must be \(64, 64, 2\)"):
+        _remove(remover, dict(scene, s1=scene["s1"][:32]))
+    with pytest.raises(ValueError, match=r"cloud_prob must be \(64, 64, 1\)"):
+        _remove(remover, dict(scene, cloud_prob=scene["cloud_prob"][:, :10]))
+    with pytest.raises(ValueError, match="tile size 40 must be a positive multiple of 16"):
+        _remove(remover, scene, tile_size=40)
+    with pytest.raises(ValueError, match="overlap 48 must be in"):
+        _remove(remover, scene, overlap=48)
