@@ -116,20 +116,25 @@ def _stacked(make, n: int, rngs: nnx.Rngs):
     return create(rngs)
 
 
-def _scan(step, blocks, carry, *broadcast):
-    """carry = step(block, *carry, *broadcast) for each block of the stacked `blocks`."""
+def _scan(step, blocks, carry, *broadcast, remat: bool = False, policy=None):
+    """carry = step(block, *carry, *broadcast) for each block of the stacked `blocks`.
+
+    A plain `jax.lax.scan` over the blocks' split state (the block is merged inside the body), so the model
+    also runs where its weights are closed over by an outer JAX loop (e.g. the Euler sampler's fori_loop).
+    With `remat`, each block is rematerialised in the backward pass under `policy` (a jax.checkpoint policy;
+    None saves only the block's inputs).
+    """
     if blocks is None:
         return carry
+    graphdef, state = nnx.split(blocks)
 
-    @nnx.scan(
-        in_axes=(nnx.Carry, 0) + (None,) * len(broadcast),
-        out_axes=nnx.Carry,
-        transform_metadata={nnx.PARTITION_NAME: "layers"},
-    )
-    def run(carry, block, *broadcast):
-        return step(block, *carry, *broadcast)
+    def body(carry, layer_state):
+        return step(nnx.merge(graphdef, layer_state), *carry, *broadcast), None
 
-    return run(carry, blocks, *broadcast)
+    if remat:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    carry, _ = jax.lax.scan(body, carry, state)
+    return carry
 
 
 class Flux(nnx.Module):
@@ -190,11 +195,6 @@ class Flux(nnx.Module):
         )
         self.final_layer = LastLayer(h, 1, config.out_channels, dtype=dtype, zero_init=zero_init, rngs=rngs)
 
-    def _remat(self, step):
-        if self.remat_policy == "none":
-            return step
-        return nnx.remat(step, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
-
     def __call__(
         self,
         img: jax.Array,
@@ -226,11 +226,11 @@ class Flux(nnx.Module):
         txt = self.txt_in(txt)
         pe = self.pe_embedder(jnp.concatenate([txt_ids, img_ids], axis=1))
 
-        double_step = self._remat(lambda block, img, txt, vec, pe: block(img, txt, vec, pe))
-        img, txt = _scan(double_step, self.double_blocks, (img, txt), vec, pe)
-
-        single_step = self._remat(lambda block, x, vec, pe: (block(x, vec, pe),))
-        (x,) = _scan(single_step, self.single_blocks, (jnp.concatenate([txt, img], axis=1),), vec, pe)
+        remat = {"remat": self.remat_policy != "none", "policy": REMAT_POLICIES.get(self.remat_policy)}
+        img, txt = _scan(lambda block, img, txt, vec, pe: block(img, txt, vec, pe),
+                         self.double_blocks, (img, txt), vec, pe, **remat)
+        (x,) = _scan(lambda block, x, vec, pe: (block(x, vec, pe),),
+                     self.single_blocks, (jnp.concatenate([txt, img], axis=1),), vec, pe, **remat)
         img = x[:, txt.shape[1] :]
         return self.final_layer(img, vec).astype(jnp.float32)
 
