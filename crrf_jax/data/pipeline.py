@@ -1,0 +1,630 @@
+"""Grain input pipelines over SEN12MS-CR: shuffle, augment, batch, shard per JAX process, checkpointable.
+
+Two sources give the same samples (DESIGN section 3; float32 in [0, 1], channels last):
+
+- `GeoTiffSource`: the raw layout, read with `read_triplet` plus the cached cloud probability;
+- `TfdsSource`: the ArrayRecord shards of `crrf_jax.data.tfds` through `tfds.data_source` (no TensorFlow).
+
+`make_dataset(...)` chains them into a grain pipeline and `iter(...)` of it is a `PipelineIterator`::
+
+    source -> this process's shard -> shuffle(seed) -> repeat(num_epochs) -> read (skip or raise)
+      -> random crop / flips / 90-degree rotations (same for every modality) -> batch -> worker processes
+
+The TFDS source keeps its compact stored dtypes (uint16 S2 DN, uint8 cloud probability) up to the batch,
+which converts them to float32 in one pass; with worker processes the compact batch crosses to the main
+process through shared memory and is converted there (half the bytes to move).
+
+Batches are dicts: s1 (B, H, W, 2), s2 and s2_cloudy (B, H, W, C), cloud_prob (B, H, W, 1), all float32;
+id (B,) str; mask (B,) bool, False on padding (evaluation only).
+
+Determinism. Shuffling and augmentation draw from the seed and the element's position, so a run is fully
+determined by (seed, process index and count, worker_count). The iterator's state (`get_state` /
+`set_state`, or Orbax through `grain.checkpoint.CheckpointSave` / `CheckpointRestore`) is small JSON; a
+restored iterator yields exactly the batches the uninterrupted one would. Restore with the same
+worker_count: with workers, each batch is assembled inside one worker, so batch composition depends on
+their number.
+
+Sharding. Process p of P (default `jax.process_index()`, `jax.process_count()`) takes elements p, p+P, ...
+For training (drop_remainder) every process gets floor(N / P) of them, so all step together. For evaluation
+(no drop_remainder) every process gets ceil(N / P) elements, short shards padded with masked zero samples,
+and the last batch is padded likewise: every element is seen exactly once with mask True.
+
+Bad samples. on_error="raise" stops with the `DataError` naming the file. on_error="skip" drops the sample,
+logs a warning naming it (in the main process) and counts it in `iterator.bad_samples` (a `BadSampleLog`;
+`iterator.bad_sample_count` survives checkpoints). A bad sample in a final partial batch that
+drop_remainder throws away is logged where it is read, but not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+from grain.python import SharedMemoryArray
+
+from crrf_jax.data import cloudprob, sen12mscr
+from crrf_jax.data.sen12mscr import BadSampleLog, DataError, Triplet
+
+logger = logging.getLogger(__name__)
+
+ARRAY_KEYS = ("s1", "s2", "s2_cloudy", "cloud_prob")
+_BAD = "_bad"  # key of a bad-sample marker: (id, path, reason)
+_SKIPPED = "_skipped"  # batch key carrying the markers met while assembling it
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+
+
+class GeoTiffSource:
+    """Random access to SEN12MS-CR triplets in the raw layout (grain RandomAccessDataSource protocol).
+
+    `source[i]` reads triplet i of `find_triplets(root, split, protocol)` and its cached cloud probability
+    (under `cloud_prob_dir`, default root) -> dict of s1, s2, s2_cloudy, cloud_prob float32 arrays and id.
+    Raises DataError naming the file on a bad or missing file.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        protocol: str = "exact",
+        bands: None | str | Sequence[int | str] = None,
+        cloud_prob_dir: str | os.PathLike | None = None,
+    ):
+        self.root = Path(root)
+        self.split, self.protocol = split, protocol
+        self.bands = sen12mscr.resolve_bands(bands)
+        self.cloud_prob_dir = Path(cloud_prob_dir) if cloud_prob_dir is not None else self.root
+        self.triplets: list[Triplet] = sen12mscr.find_triplets(self.root, split, protocol)
+
+    def __len__(self) -> int:
+        return len(self.triplets)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        triplet = self.triplets[index]
+        sample = sen12mscr.read_triplet(triplet, self.bands)
+        try:
+            cloud_prob = cloudprob.load_cloud_prob(self.cloud_prob_dir, triplet)
+        except FileNotFoundError as err:
+            raise DataError(cloudprob.cloud_prob_path(self.cloud_prob_dir, triplet), str(err)) from err
+        return {
+            "s1": sample["s1"],
+            "s2": sample["s2"],
+            "s2_cloudy": sample["s2_cloudy"],
+            "cloud_prob": cloud_prob,
+            "id": sample["id"],
+        }
+
+    def compute_missing_cloud_probs(self, indices: Sequence[int] | None = None, workers: int | None = None):
+        """Fills the cloud-probability cache for triplets `indices` (default all); returns the report."""
+        triplets = self.triplets if indices is None else [self.triplets[i] for i in indices]
+        return cloudprob.compute_cloud_probs(self.cloud_prob_dir, triplets, workers=workers, progress=False)
+
+    def __repr__(self) -> str:
+        return f"GeoTiffSource({self.root}, split={self.split}, protocol={self.protocol}, n={len(self)})"
+
+
+class TfdsSource:
+    """Random access to the `sen12mscr/<protocol>` ArrayRecord shards under data_dir (no TensorFlow).
+
+    `source[i]` -> the same dict as GeoTiffSource (decoded by `crrf_jax.data.tfds.decode_example`). With
+    decode=False the arrays keep their stored dtypes (s2 uint16 DN, cloud_prob uint8 x255, s1 float32): the
+    pipeline converts them while batching, in one pass. The TFDS reader is opened lazily in each process, so
+    the source pickles cheaply into grain workers.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        split: str = "train",
+        protocol: str = "exact",
+        bands: None | str | Sequence[int | str] = None,
+        decode: bool = True,
+    ):
+        self.data_dir, self.split, self.protocol = str(data_dir), split, protocol
+        self.bands = sen12mscr.resolve_bands(bands)
+        self.decode = decode
+        self._reader = None
+        self._length = len(self._open())
+
+    def _open(self):
+        # One thread imports TFDS and opens the reader while grain's reading threads wait: importing lazily
+        # from several threads at once deadlocks on TFDS's lazy-import locks.
+        with _TFDS_LOCK:
+            if self._reader is None:
+                tfds, builder = _tfds_modules()
+                name = builder.dataset_name(self.protocol)
+                try:
+                    self._reader = tfds.data_source(
+                        name, data_dir=self.data_dir, split=self.split, download=False
+                    )
+                except Exception as err:  # TFDS raises several types: name the folder in one error
+                    raise FileNotFoundError(
+                        f"{self.data_dir}: cannot open TFDS {name} split {self.split!r} ({err}); build it "
+                        f"with `python -m crrf_jax.data.tfds --manual_dir RAW --data_dir {self.data_dir} "
+                        f"--protocol {self.protocol}`"
+                    ) from err
+            return self._reader
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        stored = self._open()[index]
+        if self.decode:
+            return _tfds_modules()[1].decode_example(stored, self.bands)
+        sample = {key: stored[key] for key in ARRAY_KEYS}
+        if len(self.bands) != len(sen12mscr.S2_BANDS):
+            sample["s2"], sample["s2_cloudy"] = (
+                stored[k][..., list(self.bands)] for k in ("s2", "s2_cloudy")
+            )
+        sample["id"] = stored["id"].decode() if isinstance(stored["id"], bytes) else str(stored["id"])
+        return sample
+
+    def __getstate__(self):
+        return {**self.__dict__, "_reader": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()  # in a grain worker: while unpickling, before its reading threads start
+
+    def __repr__(self) -> str:
+        return f"TfdsSource({self.data_dir}, split={self.split}, protocol={self.protocol}, n={len(self)})"
+
+
+_TFDS_LOCK = threading.Lock()
+
+
+def _tfds_modules():
+    """(tensorflow_datasets, crrf_jax.data.tfds.sen12mscr_dataset_builder), imported on first use (~1 s)."""
+    import tensorflow_datasets
+
+    from crrf_jax.data.tfds import sen12mscr_dataset_builder
+
+    return tensorflow_datasets, sen12mscr_dataset_builder
+
+
+class _ShardReader:
+    """This process's shard of a source: element i reads source[indices[i]]; elements past the shard are
+    masked zero samples shaped like its first element (evaluation padding). Bad samples become markers with
+    on_error="skip" (a padding element whose template is bad is left out: it is no sample).
+    """
+
+    def __init__(self, source, indices: Sequence[int], length: int, on_error: str):
+        self.source, self.indices, self.length, self.on_error = source, list(indices), length, on_error
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        padding = index >= len(self.indices)
+        position = self.indices[0 if padding else index]
+        try:
+            sample = self.source[position]
+        except DataError as err:
+            if self.on_error == "raise":
+                raise
+            if padding:
+                return {_BAD: None}
+            sample_id = _sample_id(self.source, position)
+            logger.debug("bad sample %s: %s", sample_id, err)
+            return {_BAD: (sample_id, err.path, err.reason)}
+        sample = {**sample, "id": np.str_(sample["id"]), "mask": np.bool_(not padding)}
+        if padding:
+            sample = {k: (np.zeros_like(v) if k in ARRAY_KEYS else v) for k, v in sample.items()}
+            sample["id"] = np.str_("")
+        return sample
+
+
+def _sample_id(source, position: int) -> str:
+    triplets = getattr(source, "triplets", None)
+    return triplets[position].id if triplets is not None else f"{source!r}[{position}]"
+
+
+# ----------------------------------------------------------------------------------------------- augmentation
+
+
+class RandomCropFlipRotate(grain.transforms.RandomMap):
+    """Random crop to crop_size, then (augment) a random 90-degree rotation and horizontal flip.
+
+    The same window and transform apply to every array of the sample (s1, s2, s2_cloudy, cloud_prob), so the
+    modalities stay co-registered. Rotations by 90/270 degrees only for square images.
+    """
+
+    def __init__(self, crop_size: int | None, augment: bool):
+        self.crop_size, self.augment = crop_size, augment
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        if _BAD in element:
+            return element
+        arrays = {k: element[k] for k in ARRAY_KEYS}
+        height, width = arrays["s2"].shape[:2]
+        if self.crop_size is not None:
+            if self.crop_size > min(height, width):
+                raise ValueError(
+                    f"crop_size {self.crop_size} exceeds the {height}x{width} sample {element['id']}"
+                )
+            top = int(rng.integers(0, height - self.crop_size + 1))
+            left = int(rng.integers(0, width - self.crop_size + 1))
+            window = (slice(top, top + self.crop_size), slice(left, left + self.crop_size))
+            arrays = {k: v[window] for k, v in arrays.items()}
+            height = width = self.crop_size
+        if self.augment:
+            turns = int(rng.integers(0, 4)) if height == width else 2 * int(rng.integers(0, 2))
+            flip = bool(rng.integers(0, 2))
+            arrays = {k: apply_flip_rotate(v, turns, flip) for k, v in arrays.items()}
+        return {**element, **arrays}
+
+
+def apply_flip_rotate(image: np.ndarray, turns: int, flip: bool) -> np.ndarray:
+    """(H, W, C) image rotated by turns x 90 degrees counter-clockwise, then mirrored left-right if flip."""
+    out = np.rot90(image, turns, axes=(0, 1))
+    return out[:, ::-1] if flip else out
+
+
+# --------------------------------------------------------------------------------------------------- batching
+
+
+# Stored dtypes and the divisor that maps them to the data contract's [0, 1] float32.
+_STORED_SCALE = {np.dtype(np.uint16): np.float32(sen12mscr.S2_DN_MAX), np.dtype(np.uint8): np.float32(255.0)}
+
+
+def to_float32_into(out: np.ndarray, value: np.ndarray) -> None:
+    """Writes `value` into the float32 array `out` in one pass: uint16 S2 DN / 10000, uint8 cloud probability
+    / 255 (the stored forms of the TFDS shards; bit-identical to normalize_s2 and load_cloud_prob), float32
+    copied as is."""
+    scale = _STORED_SCALE.get(value.dtype)
+    if scale is None:
+        np.copyto(out, value, casting="same_kind")
+    else:
+        np.divide(value, scale, out=out)
+
+
+class _BatchSkippingBad(grain.IterDataset):
+    """Batches elements, leaving out bad-sample markers and listing them under `_skipped`.
+
+    to_float32: batches in the data contract's float32 (one pass from the stored dtypes); otherwise each array
+    keeps its stored dtype (compact: half the bytes for S2 DN) and the main process converts. With pad
+    (evaluation) a final partial batch is filled with masked zeros up to batch_size. Inside grain workers the
+    batch is written straight into shared memory (no copy on the way to the main process).
+    """
+
+    def __init__(
+        self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool, pad: bool, to_float32: bool
+    ):
+        super().__init__(parent)
+        self.batch_size, self.drop_remainder, self.pad = batch_size, drop_remainder, pad
+        self.to_float32 = to_float32
+        self.shared_memory = False
+
+    def enable_shared_memory_output(self) -> None:
+        self.shared_memory = True
+
+    def __iter__(self):
+        return _BatchSkippingBadIterator(self._parent.__iter__(), self)
+
+    def __str__(self) -> str:
+        return f"BatchSkippingBad(batch_size={self.batch_size}, drop_remainder={self.drop_remainder})"
+
+
+class _BatchSkippingBadIterator(grain.DatasetIterator):
+    def __init__(self, parent, options: _BatchSkippingBad):
+        super().__init__(parent)
+        self.batch_size, self.drop_remainder, self.pad = (
+            options.batch_size,
+            options.drop_remainder,
+            options.pad,
+        )
+        self.to_float32, self.shared_memory = options.to_float32, options.shared_memory
+        self._template: dict[str, tuple] | None = None  # shape and dtype of each array, for padding
+
+    def __next__(self) -> dict[str, Any]:
+        values, skipped = [], []
+        while len(values) < self.batch_size:
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                break
+            if _BAD in element:
+                if element[_BAD] is not None:  # None: a padding element that could not be made
+                    skipped.append(element[_BAD])
+            else:
+                values.append(element)
+        if len(values) < self.batch_size and (self.drop_remainder or not (values or skipped)):
+            for sample_id, path, reason in skipped:  # nobody downstream will see them: log here
+                logger.warning(
+                    "skipping bad sample %s: %s: %s (in a dropped final batch)", sample_id, path, reason
+                )
+            raise StopIteration
+        if values:
+            self._template = {k: (values[0][k].shape, values[0][k].dtype) for k in ARRAY_KEYS}
+        if len(values) < self.batch_size and self.pad:
+            if self._template is None:
+                raise DataError(skipped[0][1], "every sample of the evaluation pass is bad")
+            filler = {k: np.zeros(shape, dtype) for k, (shape, dtype) in self._template.items()}
+            filler.update(id=np.str_(""), mask=np.bool_(False))
+            values += [filler] * (self.batch_size - len(values))
+        batch = self._assemble(values) if values else {}
+        batch[_SKIPPED] = [list(entry) for entry in skipped]
+        return batch
+
+    def _assemble(self, values: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = {}
+        for key in ARRAY_KEYS:
+            shape = values[0][key].shape
+            dtype = np.float32 if self.to_float32 else values[0][key].dtype
+            if self.shared_memory:
+                out = SharedMemoryArray((len(values), *shape), dtype)
+            else:
+                out = np.empty((len(values), *shape), dtype)
+            for i, value in enumerate(values):
+                if value[key].shape != shape:
+                    raise ValueError(
+                        f"sample {value['id']}: {key} has shape {value[key].shape} but {values[0]['id']} has "
+                        f"{shape}; patches of different sizes need a crop_size"
+                    )
+                if self.to_float32:
+                    to_float32_into(out[i], value[key])
+                else:
+                    np.copyto(out[i], value[key], casting="no")
+            batch[key] = out
+        batch["id"] = np.array([str(v["id"]) for v in values])
+        batch["mask"] = np.array([bool(v["mask"]) for v in values])
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
+
+
+def _as_float32(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.float32:
+        return np.asarray(array)
+    out = np.empty(array.shape, np.float32)
+    to_float32_into(out, array)
+    return out
+
+
+class _CountBadSamples(grain.IterDataset):
+    """Outermost stage, in the main process: turns `_skipped` lists into log lines and a count, and converts
+    compact batches from the workers to float32."""
+
+    def __iter__(self) -> PipelineIterator:
+        return PipelineIterator(self._parent.__iter__())
+
+
+class PipelineIterator(grain.DatasetIterator):
+    """Iterator over batches; checkpointable with `get_state()` / `set_state()` (JSON-serialisable dicts).
+
+    `bad_samples`: a BadSampleLog of the samples skipped since this iterator was made;
+    `bad_sample_count`: all skipped so far, including before a restore.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self.bad_samples = BadSampleLog(logger)
+        self._skipped_before = 0
+
+    @property
+    def bad_sample_count(self) -> int:
+        return self._skipped_before + self.bad_samples.count
+
+    def __next__(self) -> dict[str, Any]:
+        batch = dict(next(self._parent))
+        for sample_id, path, reason in batch.pop(_SKIPPED, []):
+            self.bad_samples.record(str(sample_id), DataError(str(path), str(reason)))
+        if not batch:  # every element of the last batch was bad
+            raise StopIteration
+        return {k: _as_float32(v) if k in ARRAY_KEYS else np.asarray(v) for k, v in batch.items()}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"pipeline": self._parent.get_state(), "bad_sample_count": self.bad_sample_count}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["pipeline"])
+        self.bad_samples = BadSampleLog(logger)
+        self._skipped_before = int(state.get("bad_sample_count", 0))
+
+
+# ----------------------------------------------------------------------------------------------- the pipeline
+
+
+def open_source(
+    source: str,
+    *,
+    root: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    split: str = "train",
+    protocol: str = "exact",
+    bands: None | str | Sequence[int | str] = None,
+    cloud_prob_dir: str | os.PathLike | None = None,
+    decode: bool = True,
+):
+    """A GeoTiffSource ("geotiff", needs root) or TfdsSource ("tfds", needs data_dir; `decode` see there)."""
+    if source == "geotiff":
+        if root is None:
+            raise ValueError("source='geotiff' needs root (the SEN12MS-CR folder)")
+        return GeoTiffSource(root, split, protocol, bands, cloud_prob_dir)
+    if source == "tfds":
+        if data_dir is None:
+            raise ValueError(
+                "source='tfds' needs data_dir (where `python -m crrf_jax.data.tfds` wrote shards)"
+            )
+        return TfdsSource(data_dir, split, protocol, bands, decode=decode)
+    raise ValueError(f"source must be 'geotiff' or 'tfds', got {source!r}")
+
+
+def shard_indices(n: int, process_index: int, process_count: int, even: bool) -> tuple[list[int], int]:
+    """Indices of process_index's shard of n elements and the shard's (padded) length.
+
+    even: every process gets floor(n / P) elements (training). Otherwise ceil(n / P), padded (evaluation).
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if even:
+        per_process = n // process_count
+        return list(range(process_index, per_process * process_count, process_count)), per_process
+    indices = list(range(process_index, n, process_count))
+    return indices, -(-n // process_count)
+
+
+def make_dataset(
+    *,
+    source: str = "geotiff",
+    root: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    split: str = "train",
+    protocol: str = "exact",
+    bands: None | str | Sequence[int | str] = None,
+    batch_size: int = 8,
+    crop_size: int | None = None,
+    augment: bool = False,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    drop_remainder: bool | None = None,
+    worker_count: int = 0,
+    worker_buffer_size: int = 2,
+    read_threads: int = 2,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    on_error: str = "raise",
+    cloud_prob_dir: str | os.PathLike | None = None,
+    compute_cloud_prob: bool = False,
+) -> grain.IterDataset:
+    """The batched grain pipeline; `iter()` of it is a checkpointable PipelineIterator.
+
+    Args:
+      source: "geotiff" (raw layout under root) or "tfds" (ArrayRecord shards under data_dir).
+      split, protocol, bands: which samples and S2 bands (see `crrf_jax.data.sen12mscr`).
+      batch_size: per process.
+      crop_size: random square crop (None: full patches). augment: random flips and 90-degree rotations.
+      shuffle, seed: seeded global shuffle of this process's shard, reshuffled every epoch.
+      num_epochs: None repeats forever.
+      drop_remainder: default True when training (shuffle or repeating), False for an evaluation pass, which
+        then pads the last batch (mask False) and shards so that every process makes as many batches.
+      worker_count: grain worker processes (0: read in this process with read_threads threads).
+      process_index, process_count: this process's shard (default: jax.process_index() / process_count()).
+      on_error: "raise" (a DataError naming the file) or "skip" (logged and counted, see the module docs).
+      cloud_prob_dir: cloud-probability cache of the geotiff source (default root).
+      compute_cloud_prob: compute missing cache entries of this process's shard before starting (geotiff).
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if batch_size < 1 or (crop_size is not None and crop_size < 1) or worker_count < 0:
+        raise ValueError(f"bad batch_size {batch_size}, crop_size {crop_size} or worker_count {worker_count}")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if drop_remainder is None:
+        drop_remainder = shuffle or num_epochs is None
+    src = open_source(
+        source,
+        root=root,
+        data_dir=data_dir,
+        split=split,
+        protocol=protocol,
+        bands=bands,
+        cloud_prob_dir=cloud_prob_dir,
+        decode=False,
+    )
+    indices, length = shard_indices(len(src), process_index, process_count, even=drop_remainder)
+    if not indices:
+        raise ValueError(f"{src!r}: no element for process {process_index} of {process_count}")
+    if drop_remainder and num_epochs is not None and length * num_epochs < batch_size:
+        raise ValueError(
+            f"{src!r}: {length} samples x {num_epochs} epochs cannot fill a batch of {batch_size}"
+        )
+    if compute_cloud_prob and isinstance(src, GeoTiffSource):
+        src.compute_missing_cloud_probs(indices)
+
+    ds = grain.MapDataset.source(_ShardReader(src, indices, length, on_error))
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)
+    if crop_size is not None or augment:
+        ds = ds.random_map(RandomCropFlipRotate(crop_size, augment), seed=seed + 1)
+    read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, read_threads) * 2)
+    it_ds = ds.to_iter_dataset(read_options)
+    # With workers, batches cross processes in their compact stored dtypes and become float32 in this process
+    # (moving float32 through shared memory costs more than converting here).
+    it_ds = _BatchSkippingBad(
+        it_ds, batch_size, drop_remainder, pad=not drop_remainder, to_float32=worker_count == 0
+    )
+    if worker_count > 0:
+        _ensure_absl_flags_parsed()
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size)
+        )
+    return _CountBadSamples(it_ds)
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; outside absl.app nobody parsed them: take the defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_iterator(**kwargs: Any) -> PipelineIterator:
+    """`iter(make_dataset(**kwargs))`."""
+    return iter(make_dataset(**kwargs))
+
+
+def eval_dataset(**kwargs: Any) -> grain.IterDataset:
+    """make_dataset for one deterministic evaluation pass: no shuffle, no augmentation, full patches, padded
+    last batch (mask False), equal batch counts on every process."""
+    return make_dataset(
+        **{
+            **kwargs,
+            "shuffle": False,
+            "augment": False,
+            "crop_size": None,
+            "num_epochs": 1,
+            "drop_remainder": False,
+        }
+    )
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def save_iterator_state(iterator: grain.DatasetIterator, directory: str | os.PathLike) -> Path:
+    """Writes the iterator state as process_<i>-of-<n>.json under directory (the layout grain's Orbax
+    handler uses, so either can restore it); returns the file. For Orbax managers pass
+    `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)` instead."""
+    import jax
+
+    path = Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(iterator.get_state(), indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def restore_iterator_state(
+    iterator: grain.DatasetIterator, directory: str | os.PathLike
+) -> grain.DatasetIterator:
+    """Sets iterator to the state save_iterator_state wrote under directory; returns it."""
+    import jax
+
+    path = Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no data-iterator state for this process")
+    iterator.set_state(json.loads(path.read_text()))
+    return iterator
