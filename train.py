@@ -34,6 +34,7 @@ from crrf_jax.models import build
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config file (with :args).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the traceback of configuration and data errors.")
 
 log = logging.getLogger("crrf_jax.train")
 
@@ -54,6 +55,34 @@ def main(argv) -> None:
     except Preempted:
         log.info("preempted: checkpoint saved, exiting cleanly")
         sys.exit(0)
+    except (ValueError, FileNotFoundError, NotADirectoryError, train_lib.NonFiniteError) as err:
+        # Bad configuration or data: the message names the key or file; the traceback adds nothing for users.
+        if _TRACEBACK.value:
+            raise
+        sys.exit(f"error: {err}\n(rerun with --traceback for the full traceback)")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing that turns a --config.<key> naming no config field into a one-line error."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        sys.exit(f"FATAL flags parsing error: {err}\nPass --helpshort or --helpfull to see help on flags.")
+    except (AttributeError, KeyError) as err:  # ml_collections raises these for an unknown override key
+        message = err
+        while isinstance(message, BaseException) and message.args:
+            message = message.args[0]
+        message = str(message)
+        key = message.splitlines()[0].strip("'\"")
+        culprits = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")]
+        if not culprits:  # not an override's fault (e.g. a bug in the config file): the traceback helps
+            raise
+        hint = "".join(f"\n{line}" for line in message.splitlines()[1:])
+        sys.exit(f"error: {culprits[0]}: the config has no field {key!r}{hint}")
+
+
+def cli() -> None:
+    app.run(main, flags_parser=parse_flags)
 
 
 def setup_logging() -> None:
@@ -108,8 +137,23 @@ def validate(config) -> None:
 
 
 def maybe_initialize_distributed(config) -> None:
-    if config.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+    """jax.distributed.initialize() when config.distributed or JAX_COORDINATOR_ADDRESS is set.
+
+    The coordinator address, process count and process id come from JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID where set (GPU clusters, CPU tests); on TPU pods and SLURM JAX finds
+    them itself. CPU processes talk through gloo collectives.
+    """
+    if not (config.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        if os.environ.get(env):
+            try:
+                kwargs[key] = int(os.environ[env])
+            except ValueError:
+                raise ValueError(f"{env}={os.environ[env]!r} in the environment is not an integer") from None
+    jax.distributed.initialize(os.environ.get("JAX_COORDINATOR_ADDRESS") or None, **kwargs)
 
 
 def prepare_data(config, workdir: str) -> None:
@@ -213,7 +257,7 @@ def train_stage(config, workdir: str, stage: str, mesh, stop) -> None:
         if compiled is None:
             jitted = train_lib.compile_step(step_fn, state_shardings, batch_shardings, frozen_shardings, mesh)
             compiled = jitted.lower(state, batch, base_rng, frozen).compile()
-            flops = _flops(compiled)
+            flops = _step_flops(compiled, config, stage)
         if preview_batch is None:
             preview_batch = batch
         state, metrics = compiled(state, batch, jax.random.fold_in(base_rng, step), frozen)
@@ -234,11 +278,13 @@ def train_stage(config, workdir: str, stage: str, mesh, stop) -> None:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if scfg.preview_every and (done % scfg.preview_every == 0 or done == scfg.steps):
             write_preview(config, stage, stage_dir, state, preview_batch, frozen, done, writer)
-        if done % scfg.checkpoint_every == 0 or done == scfg.steps:
+        saved = done % scfg.checkpoint_every == 0 or done == scfg.steps
+        if saved:
             ckpt.save(done, state, data, force=True)
         bar.update(1)
         if stop():
-            ckpt.save(done, state, data, force=True)
+            if not saved:  # a step is saved once (Orbax refuses a second save of the same step)
+                ckpt.save(done, state, data, force=True)
             ckpt.close()
             bar.close()
             raise Preempted
@@ -452,8 +498,19 @@ def _progress(stage: str, total: int, initial: int, iterate: bool = False):
     return tqdm(total=total, initial=initial, desc=stage, disable=disable, dynamic_ncols=True, smoothing=0.1)
 
 
+def _step_flops(compiled, config, stage: str) -> float | None:
+    """FLOPs of one train step per device. XLA's count of the compiled (partitioned) step is per device, but
+    counts the body of a scanned loop once, so the flow stage (scanned transformer blocks) counts the
+    transformer analytically instead: model FLOPs, without the frozen VAE encoders."""
+    if stage != "flow":
+        return _flops(compiled)
+    n = (config.data.crop_size // 16) ** 2  # tokens per stream: latent = crop / 8, 2x2 patches
+    per_sample = train_lib.flux_train_flops(config.model.flux, n_img=2 * n, n_txt=n)
+    return per_sample * config.flow.batch_size / jax.device_count()
+
+
 def _flops(compiled) -> float | None:
-    """FLOPs of one compiled step as counted by XLA (None where the backend does not say)."""
+    """FLOPs of one compiled step per device as counted by XLA (None where the backend does not say)."""
     try:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
@@ -468,6 +525,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "v5p": 
 
 
 def _mfu(flops: float | None, step_time: float, peak_tflops: float) -> float | None:
+    """Model FLOPs utilisation from the FLOPs of one step per device and the peak of one device."""
     if not flops:
         return None
     peak = peak_tflops
@@ -476,7 +534,7 @@ def _mfu(flops: float | None, step_time: float, peak_tflops: float) -> float | N
         peak = next((v for k, v in PEAK_TFLOPS.items() if k.lower() in kind.lower()), 0.0)
     if not peak:
         return None
-    return flops / step_time / (peak * 1e12 * jax.device_count())
+    return flops / step_time / (peak * 1e12)
 
 
 def write_preview(config, stage, stage_dir, state, batch, frozen, step, writer) -> None:
@@ -527,4 +585,4 @@ def _install_sigterm_handler():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli()

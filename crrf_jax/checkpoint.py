@@ -33,9 +33,18 @@ class StageCheckpointer:
             ),
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
         )
+        self._unrestorable: set[int] = set()  # steps `restore` skipped; a new save of that step replaces them
 
     def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
-        """Starts an (async) save of `state` at `step`; returns whether a save was started."""
+        """Starts an (async) save of `state` at `step`; returns whether a save was started.
+
+        A checkpoint of the same step that `restore` found unusable is deleted first (Orbax refuses to save a
+        step that exists; a run resumed from an older checkpoint reaches that step again).
+        """
+        if int(step) in self._unrestorable:
+            log.warning("replacing the unrestorable checkpoint %s/%d", self.directory, step)
+            self.manager.delete(int(step))
+            self._unrestorable.discard(int(step))
         items = {"state": ocp.args.StandardSave(_savable(state))}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -49,9 +58,11 @@ class StageCheckpointer:
 
         `abstract_state` is a TrainState of jax.ShapeDtypeStruct leaves carrying shardings (or concrete arrays,
         whose shardings are used). The data iterator, when given, is restored in place. Returns (state, step),
-        or None when no checkpoint exists.
+        or None when no checkpoint exists or none restores (the iterator then keeps its initial state).
         """
         target = jax.tree.map(_abstract, _savable(abstract_state))
+        # A failed attempt may have restored the iterator already: start from scratch if every attempt fails.
+        initial = data_iterator.get_state() if data_iterator is not None else None
         for step in sorted(self.manager.all_steps(), reverse=True):
             items = {"state": ocp.args.StandardRestore(target)}
             if data_iterator is not None:
@@ -61,8 +72,11 @@ class StageCheckpointer:
             except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
                 log.warning("checkpoint %s/%d could not be restored (%s: %s); trying an older one",
                             self.directory, step, type(e).__name__, e)
+                self._unrestorable.add(step)
                 continue
             return abstract_state.replace(**restored["state"]), step
+        if initial is not None and self._unrestorable:
+            data_iterator.set_state(initial)
         return None
 
     def wait(self) -> None:

@@ -1,0 +1,344 @@
+"""Flow training step: step time, samples/s and MFU of our JAX step and of diffusers' FLUX in PyTorch.
+
+    python bench/train_step.py [--variants tiny,base] [--size 256] [--batch 0] [--steps 3] [--dtype auto]
+                               [--remat none] [--no-torch] [--peak-tflops 0] [--write]
+
+The step is the rectified-flow training step of the transformer on latents (no VAE): a 256x256 patch is a
+32x32 latent, i.e. 256 noisy-target tokens + 256 cloudy tokens in the image stream and 256 SAR tokens in the
+context stream (768 tokens). Both sides do the same work: interpolate x_t, run the transformer forward and
+backward, clip the gradient norm to 1, one AdamW update and one EMA update.
+
+- jax: `train_lib.train_step` with `train_lib.flow_loss` on cached latents, exactly as train.py runs it (jit,
+  explicit shardings over a ('data',) mesh of every device, donated state); it also runs the small
+  cloud-probability CNN and the token assembly of CloudRemovalFlux.
+- torch: `diffusers.FluxTransformer2DModel` of the same sizes (in/out channels, hidden size, heads, double and
+  single blocks, RoPE axes), a random pooled vector in place of the CNN; eager mode, attention through
+  PyTorch's scaled_dot_product_attention; float32 on CPU, bfloat16 autocast (float32 weights) on GPU.
+
+FLOPs are counted analytically for the transformer only (`train_lib.flux_train_flops`): every matmul of the
+forward pass (2 FLOPs per multiply-add) over its tokens, plus attention 4 * L^2 * hidden per block (QK^T and
+AV over the joint sequence L), and the training step as 3x the forward (the backward pass costs two forwards).
+In the usual shorthand: 6 * (matmul parameters x their tokens) + 12 * L^2 * hidden per block. XLA's own count
+of the compiled JAX step (cost analysis) is printed next to it: it counts the scanned blocks' body once, so it
+falls short by about the number of blocks.
+MFU = analytic FLOPs / step time / peak. Peak: the dense bf16 figure of the GPU/TPU kind; on CPU an estimate,
+cores x clock x 32 FP32 FLOP/cycle (two 256-bit FMA pipes), or --peak-tflops.
+
+`large` (1.25 B matmul parameters: about 25 GB of float32 weights, gradients, Adam moments and EMA) and `flux`
+need an accelerator (`--variants large` on one 80 GB GPU; `flux` needs FSDP, which this script does not set up).
+--batch 0 picks 1 sample per device on CPU and 16 on an accelerator; --dtype auto is float32 on CPU and
+bfloat16 on GPU/TPU. Runs unchanged on CPU, GPU and TPU (torch on CPU or CUDA). `--write` puts the results
+into the "Train step" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+
+from configs import common  # noqa: E402
+from crrf_jax import parallel, train_lib  # noqa: E402
+from crrf_jax.models import build  # noqa: E402
+from crrf_jax.models.flux import FluxConfig  # noqa: E402
+from train import PEAK_TFLOPS  # noqa: E402  (dense bf16 peak per device kind, as train.py's MFU)
+
+CPU_FLOP_PER_CYCLE = 32  # FP32: two 256-bit FMA pipes x 8 lanes x 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Analytic FLOPs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def matmul_params(cfg: FluxConfig) -> int:
+    """Parameters of the transformer's matmuls (weights only), for the 6 * params * tokens shorthand."""
+    h, m = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
+    double = 2 * (3 * h * h + h * h + 2 * h * m + 6 * h * h)
+    single = h * (3 * h + m) + (h + m) * h + 3 * h * h
+    return cfg.depth * double + cfg.depth_single_blocks * single
+
+
+def peak_tflops(backend: str, override: float) -> tuple[float, str]:
+    """(peak TFLOP/s of the whole machine, how it was found)."""
+    if override:
+        return override * (jax.device_count() if backend != "cpu" else 1), "given"
+    if backend != "cpu":
+        kind = jax.devices()[0].device_kind
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k.lower() in kind.lower()), 0.0)
+        return peak * jax.device_count(), f"dense bf16 of {kind}" if peak else f"unknown for {kind}"
+    mhz = _cpu_mhz()
+    if not mhz:
+        return 0.0, "unknown CPU clock"
+    cores = os.cpu_count() or 1
+    peak = cores * mhz * 1e6 * CPU_FLOP_PER_CYCLE / 1e12
+    return peak, f"estimated: {cores} cores x {mhz / 1000:.2f} GHz x {CPU_FLOP_PER_CYCLE} FP32 FLOP/cycle"
+
+
+def _cpu_mhz() -> float:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return max(float(line.split(":")[1]) for line in f if line.startswith("cpu MHz"))
+    except (OSError, ValueError):
+        return 0.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# JAX
+# --------------------------------------------------------------------------------------------------------------
+
+
+def latent_batch(batch: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Cached-latent flow batch: x0, cloudy, sar (B, size/8, size/8, 16) and cloud_prob (B, size, size, 1)."""
+    rng = np.random.default_rng(seed)
+    lat = (batch, size // 8, size // 8, common.Z_CHANNELS)
+    return {
+        "x0": rng.standard_normal(lat, np.float32),
+        "cloudy": rng.standard_normal(lat, np.float32),
+        "sar": rng.standard_normal(lat, np.float32),
+        "cloud_prob": rng.uniform(0, 1, (batch, size, size, 1)).astype(np.float32),
+    }
+
+
+def time_steps(step, steps: int) -> tuple[float, float]:
+    """(median, best) seconds of `steps` calls of step(i), each run to completion on its own."""
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times)
+
+
+def bench_jax(variant: str, size: int, batch: int, steps: int, dtype: str, remat: str) -> dict:
+    config = common.base_config(variant)
+    mesh = parallel.make_mesh({"data": -1})
+    scfg = config.flow
+    tx = train_lib.make_optimizer(scfg)
+    model_fn = functools.partial(build.cloud_removal_flux, config.model, dtype, remat, 0)
+    loss_cfg = train_lib.FlowLossConfig(scfg.t_sampling, scfg.sar_dropout, scfg.cloudy_dropout, True, 0.0)
+    loss_fn = functools.partial(train_lib.flow_loss, cfg=loss_cfg)
+    step_fn = functools.partial(train_lib.train_step, loss_fn=loss_fn, tx=tx, ema_decay=scfg.ema_decay)
+
+    t0 = time.perf_counter()
+    state = train_lib.init_train_state(model_fn, tx, mesh)
+    shardings = train_lib.train_state_shardings(state, tx, mesh)
+    host = latent_batch(batch, size)
+    batch_shardings = {k: parallel.batch_sharding(mesh, v.ndim) for k, v in host.items()}
+    data = {k: jax.device_put(v, batch_shardings[k]) for k, v in host.items()}
+    rng = jax.random.key(0)
+    compiled = train_lib.compile_step(step_fn, shardings, batch_shardings, None, mesh).lower(
+        state, data, rng, None
+    ).compile()
+    state, metrics = compiled(state, data, rng, None)  # first run
+    jax.block_until_ready(metrics)
+    setup_s = time.perf_counter() - t0
+    xla_flops = _xla_flops(compiled)
+
+    holder = {"state": state}
+
+    def one(i):
+        holder["state"], out = compiled(holder["state"], data, jax.random.fold_in(rng, i + 1), None)
+        jax.block_until_ready(out["loss"])
+
+    median, best = time_steps(one, steps)
+    return {"median_s": median, "best_s": best, "setup_s": setup_s, "xla_flops": xla_flops}
+
+
+def _xla_flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float(cost["flops"]) if cost and cost.get("flops") else None
+    except Exception:  # noqa: BLE001 - best effort
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PyTorch (diffusers)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def bench_torch(cfg: FluxConfig, size: int, batch: int, steps: int, on_gpu: bool) -> dict:
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    device = torch.device("cuda" if on_gpu and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
+        num_single_layers=cfg.depth_single_blocks, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+        num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
+        pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=cfg.guidance_embed, axes_dims_rope=cfg.axes_dim,
+    ).to(device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ema = [p.detach().clone() for p in params]
+
+    side = size // 16  # token grid: latent size / 8, 2x2 patches
+    n = side * side
+    z = cfg.out_channels
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x0 = torch.randn(batch, n, z, generator=g).to(device)
+    cloudy = torch.randn(batch, n, cfg.in_channels, generator=g).to(device)  # latent patch + cloud prob
+    sar = torch.randn(batch, n, cfg.context_in_dim, generator=g).to(device)
+    pooled = torch.randn(batch, cfg.vec_in_dim, generator=g).to(device)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    grid = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
+    img_ids = torch.cat([grid, grid + torch.tensor([1.0, 0, 0])]).to(device)
+    txt_ids = (grid + torch.tensor([2.0, 0, 0])).to(device)
+    guidance = torch.ones(batch, device=device) if cfg.guidance_embed else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def one(i):
+        del i
+        t = torch.sigmoid(torch.randn(batch, device=device))  # logit-normal
+        eps = torch.randn_like(x0)
+        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+        img = torch.cat([torch.cat([x_t, torch.zeros_like(x_t[..., :4])], -1), cloudy], 1)
+        with autocast:
+            out = model(hidden_states=img, encoder_hidden_states=sar, pooled_projections=pooled, timestep=t,
+                        img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(out[:, :n].float(), eps - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, params, 1 - 0.999)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        else:
+            loss.detach().item()
+
+    one(0)  # warm-up (allocations, kernels)
+    setup_s = time.perf_counter() - t0
+    median, best = time_steps(one, steps)
+    return {"median_s": median, "best_s": best, "setup_s": setup_s, "device": str(device),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    devices = jax.devices()
+    cpu = platform.processor() or platform.machine()
+    load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
+    return (f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
+            f"{os.cpu_count()} CPU cores ({cpu}{load}), jax {jax.__version__}")
+
+
+def write_section(text: str, path: Path = REPO / "BENCHMARKS.md") -> None:
+    """Replaces (or appends) the '## Train step' section of BENCHMARKS.md, leaving other sections alone."""
+    current = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(r"^## Train step\n.*?(?=^## |\Z)", re.S | re.M)
+    section = text.rstrip() + "\n\n"
+    updated = pattern.sub(lambda _: section, current) if pattern.search(current) else (
+        current.rstrip() + "\n\n" + section
+    )
+    path.write_text(updated.rstrip() + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", default="tiny,base", help="comma-separated model variants")
+    parser.add_argument("--size", type=int, default=256, help="patch size in pixels (latent = size / 8)")
+    parser.add_argument("--batch", type=int, default=0, help="global batch (0: by device kind)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
+    parser.add_argument("--dtype", default="auto", help="JAX compute dtype: auto | float32 | bfloat16")
+    parser.add_argument("--remat", default="none", help="JAX remat policy of the blocks")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch/diffusers side")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak per device (0: look up)")
+    parser.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
+    args = parser.parse_args()
+
+    backend = jax.default_backend()
+    on_cpu = backend == "cpu"
+    dtype = args.dtype if args.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
+    batch = args.batch or jax.device_count() * (1 if on_cpu else 16)
+    peak, peak_note = peak_tflops(backend, args.peak_tflops)
+    n_img, n_txt = 2 * (args.size // 16) ** 2, (args.size // 16) ** 2
+
+    rows = []
+    for variant in args.variants.split(","):
+        cfg = FluxConfig.from_dict(common.flux_config(variant))
+        flops = train_lib.flux_train_flops(cfg, n_img, n_txt) * batch
+        results = {"jax": bench_jax(variant, args.size, batch, args.steps, dtype, args.remat)}
+        if not args.no_torch:
+            results["torch"] = bench_torch(cfg, args.size, batch, args.steps, not on_cpu)
+        for side, r in results.items():
+            tflops = flops / r["median_s"] / 1e12
+            row = {
+                "variant": variant, "side": side, "params": matmul_params(cfg), "flops": flops, **r,
+                "samples_per_s": batch / r["median_s"], "tflops": tflops,
+                "mfu": tflops / peak if peak else None,
+            }
+            rows.append(row)
+            xla = f", XLA counts {r['xla_flops'] / 1e9:.1f} GFLOP" if r.get("xla_flops") else ""
+            mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+            print(f"{variant} {side}: {r['median_s']:.3f} s/step (best {r['best_s']:.3f}), "
+                  f"{row['samples_per_s']:.2f} samples/s, {tflops * 1e3:.1f} GFLOP/s, MFU {mfu} "
+                  f"(analytic {flops / 1e9:.1f} GFLOP/step{xla}; setup {r['setup_s']:.1f} s)", flush=True)
+
+    torch_note = ""
+    torch_rows = [r for r in rows if r["side"] == "torch"]
+    if torch_rows:
+        t = torch_rows[0]
+        precision = "float32" if t["device"] == "cpu" else "bfloat16 autocast"
+        torch_note = (f" PyTorch {t['torch']} on {t['device']} ({t['threads']} threads), diffusers "
+                      f"FluxTransformer2DModel, {precision}, eager, SDPA attention.")
+    command = "python bench/train_step.py " + " ".join(sys.argv[1:])
+    lines = [
+        "## Train step",
+        "",
+        f"`{command.strip()}` ({datetime.date.today().isoformat()})",
+        "",
+        f"Machine: {machine()}.",
+        f"Flow training step of the transformer on latents (no VAE): {args.size}x{args.size} patches = "
+        f"{n_img // 2} target + {n_img // 2} cloudy + {n_txt} SAR tokens, global batch {batch}; JAX compute "
+        f"dtype {dtype}, remat {args.remat}.{torch_note} Median of {args.steps} steps after a first "
+        "(compiling/warm-up) step, each run to completion; setup = model init + compile + first step.",
+        "FLOPs: analytic transformer forward + backward (`crrf_jax.train_lib.flux_train_flops`: matmuls "
+        "x tokens x 6 + attention 12 L^2 h per block); XLA's cost analysis of the JAX step is listed for "
+        "comparison: it counts the scanned blocks' body once. "
+        + (f"MFU against a peak of {peak:.2f} TFLOP/s ({peak_note})." if peak else "MFU: no peak known."),
+        "",
+        "| variant | side | matmul params | GFLOP/step (XLA) | s/step (median) | s/step (best) | samples/s | "
+        "achieved TFLOP/s | MFU | setup (s) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        xla = f" ({r['xla_flops'] / 1e9:.1f})" if r.get("xla_flops") else ""
+        lines.append(
+            f"| {r['variant']} | {r['side']} | {r['params'] / 1e6:.1f} M | {r['flops'] / 1e9:.1f}{xla} | "
+            f"{r['median_s']:.3f} | {r['best_s']:.3f} | {r['samples_per_s']:.2f} | {r['tflops']:.3f} | "
+            f"{mfu} | {r['setup_s']:.1f} |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""`python -m tests.helpers.train_hooks <train.py flags>`: train.py with test-only hooks from the environment.
+
+CRRF_TEST_KILL_AFTER_SAVE=N   SIGKILL this process right after the (asynchronous) save of step N has started,
+                              so that checkpoint N is left partial on disk.
+CRRF_TEST_SIGTERM_AT_STEP=N   send SIGTERM to this process once step N's metrics are logged (a preemption).
+CRRF_TEST_TRACE_ALL=1         every process writes its own metrics trace, metrics.p<process index>.jsonl.
+
+The signals are real: the process receives them from the kernel exactly as from an outside sender; sending
+them from inside only pins the step at which they arrive.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def install_hooks() -> None:
+    import jax
+
+    import train
+    from crrf_jax import checkpoint
+
+    kill_after = os.environ.get("CRRF_TEST_KILL_AFTER_SAVE")
+    if kill_after:
+        save = checkpoint.StageCheckpointer.save
+
+        def save_then_die(self, step, *args, **kwargs):
+            started = save(self, step, *args, **kwargs)
+            if int(step) == int(kill_after):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return started
+
+        checkpoint.StageCheckpointer.save = save_then_die
+
+    sigterm_at = os.environ.get("CRRF_TEST_SIGTERM_AT_STEP")
+    trace_all = os.environ.get("CRRF_TEST_TRACE_ALL") == "1"
+    if sigterm_at or trace_all:
+        base = train.MetricsTrace
+
+        class HookedTrace(base):
+            def __init__(self, path: str, start_step: int):
+                if trace_all:
+                    path = path.replace(".jsonl", f".p{jax.process_index()}.jsonl")
+                super().__init__(path, start_step)
+                if trace_all and not self.enabled:  # other processes keep their own trace too
+                    self.enabled = True
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    open(path, "w").close()
+
+            def write(self, step: int, metrics: dict) -> None:
+                super().write(step, metrics)
+                if sigterm_at and step == int(sigterm_at):
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        train.MetricsTrace = HookedTrace
+
+
+def main() -> None:
+    install_hooks()
+    import train
+
+    train.cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Shared pieces of the training tests: a tiny synthetic dataset, tiny train.py flags, subprocess runs.
+
+Every run is a real `train.py` process (through `tests.helpers.train_hooks`, which adds test-only hooks such
+as "send SIGKILL after the save of step 8"). Runs share one persistent XLA compilation cache per pytest session,
+so a second run of the same configuration does not compile again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Sizes of the tiny runs: 16 synthetic 32x32 scenes (12 in the train split), batches of 4 32x32 crops.
+SCENES, SIZE, BATCH = 16, 32, 4
+
+
+def write_dataset(root: Path) -> Path:
+    """Synthetic SEN12MS-CR triplets and their cloud probability under `root` (written once; returns root)."""
+    from crrf_jax.data import cloudprob, sen12mscr, synthetic
+
+    if not (root / "ready").exists():
+        synthetic.write_synthetic_dataset(root, n_scenes=SCENES, size=SIZE, seed=0)
+        cloudprob.compute_cloud_probs(root, sen12mscr.find_triplets(root, "all"), workers=0, progress=False)
+        (root / "ready").touch()
+    return root
+
+
+# The S1 autoencoder runs of test_train and test_resume share this configuration, hence one compilation.
+VAE_S1 = dict(steps=12, lr=2e-3, checkpoint_every=4)
+
+
+def stage_flags(stage: str, *, steps: int, lr: float, checkpoint_every: int | None = None) -> list[str]:
+    """Flags of one stage: `steps` steps of batch 4, a metrics line every step, no previews."""
+    every = checkpoint_every or steps
+    return [
+        f"--config.{stage}.steps={steps}",
+        f"--config.{stage}.batch_size={BATCH}",
+        f"--config.{stage}.lr={lr}",
+        f"--config.{stage}.warmup_steps=2",
+        f"--config.{stage}.log_every=1",
+        f"--config.{stage}.preview_every=0",
+        f"--config.{stage}.checkpoint_every={every}",
+    ]
+
+
+def base_flags(data_root: Path, workdir: Path, stage: str = "") -> list[str]:
+    """The demo config (tiny model) on the synthetic data at `data_root`, without the demo's tail."""
+    return [
+        "--config=configs/demo.py",
+        f"--workdir={workdir}",
+        "--config.demo=False",
+        f"--config.data.root={data_root}",
+        f"--config.data.crop_size={SIZE}",
+        "--config.data.worker_count=0",
+        f"--config.stage={stage}",
+    ]
+
+
+def test_env(cache_dir: Path, **extra: str) -> dict[str, str]:
+    """Environment of a train.py subprocess: CPU, one device, a shared persistent compilation cache."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "CRRF_TEST_"))}
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        PYTHONPATH=str(ROOT),
+        # Cheaper XLA compilation (the runs are a few tiny steps; compiling dominates their time).
+        XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+    )
+    env.update(extra)
+    return env
+
+
+def start_train(flags: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Starts train.py (with the test hooks) in the repository root; stdout and stderr go to temporary files
+    (not pipes, so that concurrent runs never block on a full pipe)."""
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.helpers.train_hooks", *flags], cwd=ROOT, env=env, stdout=out, stderr=err
+    )
+    proc.logs = (out, err)
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Waits for a started train.py; returns the completed process (returncode, stdout, stderr as text)."""
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        proc.kill()
+        proc.wait()
+    texts = []
+    for f in proc.logs:
+        f.seek(0)
+        texts.append(f.read())
+        f.close()
+    if timed_out:
+        raise AssertionError(f"train.py timed out after {timeout} s:\n{texts[1][-4000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, *texts)
+
+
+def run_train(flags: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs train.py to the end; returns the completed process."""
+    return finish(start_train(flags, env), timeout)
+
+
+def run_concurrently(runs: dict[str, tuple[list[str], dict[str, str]]], timeout: float = 300):
+    """Runs independent train.py processes at once: {name: (flags, env)} -> {name: completed process}."""
+    procs = {name: start_train(flags, env) for name, (flags, env) in runs.items()}
+    return {name: finish(proc, timeout) for name, proc in procs.items()}
+
+
+def read_trace(path: Path) -> dict[int, dict]:
+    """metrics.jsonl as {step: entry}."""
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {e["step"]: e for e in entries}
+
+
+def losses(path: Path) -> np.ndarray:
+    """The logged losses of a metrics.jsonl in step order (steps must be 1..N without gaps)."""
+    trace = read_trace(path)
+    steps = sorted(trace)
+    assert steps == list(range(1, len(steps) + 1)), f"{path}: steps {steps} are not 1..N"
+    return np.array([trace[s]["loss"] for s in steps])
+
+
+def read_checkpoint_state(step_dir: Path) -> dict:
+    """The train-state arrays of one Orbax checkpoint step directory, as nested dicts of arrays on this
+    process's first device (whatever mesh and process count saved them)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as ckptr:
+        saved = ckptr.metadata(step_dir / "state").item_metadata
+        saved = getattr(saved, "tree", saved)
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+        return ckptr.restore(step_dir / "state", target)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
