@@ -20,9 +20,6 @@ import argparse
 import datetime
 import multiprocessing
 import os
-import platform
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +30,7 @@ import rasterio
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import report  # noqa: E402 (bench/report.py, beside this script)
 
 from crrf_jax.data import cloudprob, pipeline, sen12mscr, synthetic
 from crrf_jax.data.tfds import build_tfds
@@ -92,32 +90,7 @@ def pipeline_rate(kwargs: dict, workers: int, batches: int) -> float:
     return rate
 
 
-def machine() -> str:
-    try:
-        model = next(
-            line.split(":", 1)[1].strip()
-            for line in subprocess.run(
-                ["lscpu"], capture_output=True, text=True, check=False
-            ).stdout.splitlines()
-            if line.startswith("Model name")
-        )
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    cpus = f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))})"
-    return f"{model}, {cpus}, Python {platform.python_version()}"
 
-
-def write_section(text: str, path: Path = REPO / "BENCHMARKS.md") -> None:
-    """Replaces (or appends) the '## Data pipeline' section of BENCHMARKS.md, leaving other sections alone."""
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Data pipeline\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    section = text.rstrip() + "\n\n"
-    updated = (
-        pattern.sub(lambda _: section, current)
-        if pattern.search(current)
-        else (current.rstrip() + "\n\n" + section)
-    )
-    path.write_text(updated.rstrip() + "\n")
 
 
 def main() -> None:
@@ -196,8 +169,7 @@ def main() -> None:
     text = f"""## Data pipeline
 
 Command: `{command}`
-Machine: {machine()}; load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (a
-shared machine: other jobs ran alongside, so treat the figures as rough)
+Machine: {report.machine(with_devices=False)}; load average {load_before:.1f} at the start
 Date: {datetime.date.today().isoformat()}
 Data: {n} synthetic {args.size}x{args.size} training patches (13-band S2 clear + cloudy, 2-band S1, cloud
 probability), warm page cache; batches of {args.batch}, shuffle, flips and rotations, float32 output.
@@ -233,7 +205,7 @@ Where the time goes (separate micro-measurements on the same machine, same kind 
 """
     print(text)
     if args.write:
-        write_section(text)
+        report.write_section("Data pipeline", text)
         print(f"wrote the Data pipeline section of {REPO / 'BENCHMARKS.md'}")
 
 

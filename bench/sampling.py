@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import report  # noqa: E402 (bench/report.py, beside this script)
 
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -89,24 +88,7 @@ def measure(remover: CloudRemover, size: int, batch: int, steps: int, samples: i
             "median_tiles_per_s": batch / median}
 
 
-def machine() -> str:
-    devices = jax.devices()
-    kind = devices[0].device_kind
-    cpu = platform.processor() or platform.machine()
-    load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
-    return (f"{len(devices)} x {kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores ({cpu}{load}), "
-            f"jax {jax.__version__}")
 
-
-def write_section(text: str, path: Path = REPO / "BENCHMARKS.md") -> None:
-    """Replaces (or appends) the '## Sampling' section of BENCHMARKS.md, leaving other sections alone."""
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Sampling\n.*?(?=^## |\Z)", re.S | re.M)
-    section = text.rstrip() + "\n\n"
-    updated = pattern.sub(lambda _: section, current) if pattern.search(current) else (
-        current.rstrip() + "\n\n" + section
-    )
-    path.write_text(updated.rstrip() + "\n")
 
 
 def main() -> None:
@@ -142,7 +124,7 @@ def main() -> None:
         "",
         f"`{command.strip()}` ({datetime.date.today().isoformat()})",
         "",
-        f"Machine: {machine()}.",
+        f"Machine: {report.machine()}.",
         f"Model: `{args.variant}` variant, random weights, compute dtype {dtype}; "
         f"{args.size}x{args.size} tiles, batch {batch}, {args.samples} sample(s) per tile, "
         f"guidance {args.guidance:g}; each batch timed on its own, {args.repeats} batches after a compile "
@@ -158,7 +140,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        write_section(text)
+        report.write_section("Sampling", text)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,6 @@ import argparse
 import datetime
 import functools
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -48,6 +46,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import report  # noqa: E402 (bench/report.py, beside this script)
 
 import jax  # noqa: E402
 
@@ -239,23 +238,7 @@ def bench_torch(cfg: FluxConfig, size: int, batch: int, steps: int, on_gpu: bool
 # --------------------------------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    devices = jax.devices()
-    cpu = platform.processor() or platform.machine()
-    load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
-    return (f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
-            f"{os.cpu_count()} CPU cores ({cpu}{load}), jax {jax.__version__}")
 
-
-def write_section(text: str, path: Path = REPO / "BENCHMARKS.md") -> None:
-    """Replaces (or appends) the '## Train step' section of BENCHMARKS.md, leaving other sections alone."""
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Train step\n.*?(?=^## |\Z)", re.S | re.M)
-    section = text.rstrip() + "\n\n"
-    updated = pattern.sub(lambda _: section, current) if pattern.search(current) else (
-        current.rstrip() + "\n\n" + section
-    )
-    path.write_text(updated.rstrip() + "\n")
 
 
 def main() -> None:
@@ -312,7 +295,7 @@ def main() -> None:
         "",
         f"`{command.strip()}` ({datetime.date.today().isoformat()})",
         "",
-        f"Machine: {machine()}.",
+        f"Machine: {report.machine()}.",
         f"Flow training step of the transformer on latents (no VAE): {args.size}x{args.size} patches = "
         f"{n_img // 2} target + {n_img // 2} cloudy + {n_txt} SAR tokens, global batch {batch}; JAX compute "
         f"dtype {dtype}, remat {args.remat}.{torch_note} Median of {args.steps} steps after a first "
@@ -337,7 +320,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        write_section(text)
+        report.write_section("Train step", text)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,49 @@
+"""Shared by the benchmarks: a description of the machine, and section-wise updates of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine(with_devices: bool = True) -> str:
+    """Accelerators (when JAX is used), CPU model and cores, load average, software versions."""
+    parts = []
+    if with_devices:
+        import jax
+
+        devices = jax.devices()
+        parts.append(f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})")
+    load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
+    parts.append(f"{cpu_model()}, {os.cpu_count()} CPU cores{load}")
+    versions = f"Python {platform.python_version()}"
+    if with_devices:
+        import jax
+
+        versions += f", jax {jax.__version__}"
+    parts.append(versions)
+    return "; ".join(parts)
+
+
+def write_section(title: str, text: str, path: Path = BENCHMARKS) -> None:
+    """Replaces (or appends) the '## <title>' section of BENCHMARKS.md, leaving the other sections alone."""
+    current = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
+    section = text.rstrip() + "\n\n"
+    updated = pattern.sub(lambda _: section, current) if pattern.search(current) else (
+        current.rstrip() + "\n\n" + section
+    )
+    path.write_text(updated.rstrip() + "\n")
