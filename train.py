@@ -204,6 +204,7 @@ def train_stage(config, workdir: str, stage: str, mesh, stop) -> None:
     batch_size = _per_process_batch(scfg.batch_size, mesh)
     data = make_input(config, "train", batch_size, seed=config.seed + _stage_index(stage))
     batch_shardings = None  # built from the first batch's shapes
+    preview_source = None  # where preview pictures come from, when not from the training batches
 
     # --- Model and loss: a pure loss function of (model, batch, rng, frozen).
     tx = train_lib.make_optimizer(scfg)
@@ -221,6 +222,17 @@ def train_stage(config, workdir: str, stage: str, mesh, stop) -> None:
         )
         loss_fn = functools.partial(train_lib.flow_loss, cfg=loss_cfg)
         frozen = load_frozen_vaes(config, workdir, mesh)
+        if scfg.cache_latents:  # encode the training set once; train on latents (see crrf_jax/latent_cache.py)
+            from crrf_jax import latent_cache
+
+            cache = latent_cache.build(
+                latent_cache.cache_dir(workdir),
+                make_input(config, "train", batch_size, seed=config.seed, train=False),
+                frozen,
+            )
+            preview_source = data  # pixel batches for the preview pictures
+            data = latent_cache.iterator(cache, batch_size=batch_size, crop_size=config.data.crop_size,
+                                         seed=config.seed + _stage_index(stage))
 
     # --- Shard: the train state is created directly in its shardings.
     state = train_lib.init_train_state(model_fn, tx, mesh)
@@ -259,7 +271,7 @@ def train_stage(config, workdir: str, stage: str, mesh, stop) -> None:
             compiled = jitted.lower(state, batch, base_rng, frozen).compile()
             flops = _step_flops(compiled, config, stage)
         if preview_batch is None:
-            preview_batch = batch
+            preview_batch = batch if preview_source is None else _arrays(next(preview_source))
         state, metrics = compiled(state, batch, jax.random.fold_in(base_rng, step), frozen)
         steps_since += 1
         done = step + 1

@@ -1,0 +1,120 @@
+"""Latents cached once for the flow stage (`config.flow.cache_latents`).
+
+With frozen VAEs, encoding the same patches every epoch is wasted work: the VAE encoders cost about as much as
+the transformer at CR_RF's sizes. `build` encodes this process's shard of the training split once (posterior
+means, scaled with the measured latent statistics) into NumPy files under `<workdir>/flow/latents/p<process>`:
+
+    x0.npy, cloudy.npy, sar.npy   (N, h, w, 16) float32 latents of target, cloudy image and SAR
+    cloud_prob.npy                (N, H, W, 1) uint8, probability x 255 (the cloud CNN's input)
+    ids.txt                       one patch id per line
+    DONE                          written last: a cache without it is rebuilt
+
+`iterator` serves them through grain (seeded shuffle, repeat, random crop of `crop_size / 8` latent pixels,
+flips and 90-degree rotations applied identically to the latents and the cloud map, batching) with a
+checkpointable state, like the image pipeline. Geometric augmentation in latent space is an approximation
+(the VAE is not exactly equivariant), the usual price of a latent cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from crrf_jax import train_lib
+from crrf_jax.data.pipeline import apply_flip_rotate
+
+log = logging.getLogger(__name__)
+
+LATENT_KEYS = ("x0", "cloudy", "sar")
+PROB_SCALE = 255.0
+
+
+def cache_dir(workdir: str) -> str:
+    return os.path.join(workdir, "flow", "latents", f"p{jax.process_index()}")
+
+
+def build(directory: str, batches, vaes: train_lib.FrozenVaes) -> str:
+    """Encodes every valid sample of `batches` (an evaluation-style pass: no shuffle, one epoch) once."""
+    if os.path.exists(os.path.join(directory, "DONE")):
+        return directory
+    os.makedirs(directory, exist_ok=True)
+    encode = jax.jit(train_lib.encode_batch)
+    chunks: dict[str, list[np.ndarray]] = {k: [] for k in (*LATENT_KEYS, "cloud_prob")}
+    ids: list[str] = []
+    for batch in tqdm(batches, desc="caching latents", unit="batch", dynamic_ncols=True):
+        valid = np.asarray(batch.get("mask", np.ones(len(batch["id"]), bool)), bool)
+        latents = jax.device_get(encode(vaes, {k: jnp.asarray(batch[k]) for k in ("s2", "s2_cloudy", "s1")}))
+        for k in LATENT_KEYS:
+            chunks[k].append(np.asarray(latents[k], np.float32)[valid])
+        prob = np.rint(np.clip(batch["cloud_prob"][valid], 0.0, 1.0) * PROB_SCALE).astype(np.uint8)
+        chunks["cloud_prob"].append(prob)
+        ids.extend(str(i) for i in np.asarray(batch["id"])[valid])
+    if not ids:
+        raise ValueError(f"{directory}: no training samples to cache")
+    for k, parts in chunks.items():
+        np.save(os.path.join(directory, f"{k}.npy"), np.concatenate(parts))
+    with open(os.path.join(directory, "ids.txt"), "w") as f:
+        f.write("\n".join(ids) + "\n")
+    with open(os.path.join(directory, "DONE"), "w") as f:
+        f.write(f"{len(ids)}\n")
+    log.info("cached the latents of %d patches in %s", len(ids), directory)
+    return directory
+
+
+class LatentSource(grain.sources.RandomAccessDataSource):
+    """Random access to one cache directory (memory-mapped, so workers share the pages)."""
+
+    def __init__(self, directory: str):
+        if not os.path.exists(os.path.join(directory, "DONE")):
+            raise FileNotFoundError(f"{directory}: no complete latent cache (DONE missing)")
+        self.directory = directory
+        self._arrays = {k: np.load(os.path.join(directory, f"{k}.npy"), mmap_mode="r")
+                        for k in (*LATENT_KEYS, "cloud_prob")}
+
+    def __len__(self) -> int:
+        return len(self._arrays["x0"])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        out = {k: np.asarray(self._arrays[k][index], np.float32) for k in LATENT_KEYS}
+        out["cloud_prob"] = self._arrays["cloud_prob"][index].astype(np.float32) / PROB_SCALE
+        return out
+
+
+class LatentCropFlipRotate(grain.transforms.RandomMap):
+    """A random latent crop (and the matching pixel crop of the cloud map), flip and 90-degree rotation."""
+
+    def __init__(self, latent_crop: int, factor: int, augment: bool):
+        self.latent_crop, self.factor, self.augment = latent_crop, factor, augment
+
+    def random_map(self, element: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        h, w = element["x0"].shape[:2]
+        c, f = min(self.latent_crop, h, w), self.factor
+        top, left = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+        out = {k: element[k][top : top + c, left : left + c] for k in LATENT_KEYS}
+        out["cloud_prob"] = element["cloud_prob"][top * f : (top + c) * f, left * f : (left + c) * f]
+        if self.augment:
+            turns, flip = int(rng.integers(0, 4)), bool(rng.integers(0, 2))
+            out = {k: apply_flip_rotate(v, turns, flip) for k, v in out.items()}
+        return out
+
+
+def iterator(directory: str, *, batch_size: int, crop_size: int, seed: int, factor: int = 8,
+             augment: bool = True, worker_count: int = 0):
+    """An endless, shuffled, augmented and checkpointable iterator of cached-latent batches."""
+    dataset = (
+        grain.MapDataset.source(LatentSource(directory))
+        .shuffle(seed=seed)
+        .repeat(None)
+        .random_map(LatentCropFlipRotate(crop_size // factor, factor, augment), seed=seed + 1)
+        .batch(batch_size, drop_remainder=True)
+        .to_iter_dataset()
+    )
+    if worker_count:
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(dataset)

@@ -1,0 +1,79 @@
+"""The flow stage's latent cache: encoded once, served with aligned crops and a checkpointable state."""
+
+import numpy as np
+import pytest
+
+from configs import common
+from crrf_jax import latent_cache, train_lib
+from crrf_jax.models import build
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    model = common.model_config("tiny")
+    vaes = train_lib.FrozenVaes.of(build.autoencoder(model, "vae_s2"), build.autoencoder(model, "vae_s1"))
+    rng = np.random.default_rng(0)
+
+    def batch(start, n, valid):
+        return {
+            "s2": rng.uniform(0, 1, (n, 32, 32, 13)).astype(np.float32),
+            "s2_cloudy": rng.uniform(0, 1, (n, 32, 32, 13)).astype(np.float32),
+            "s1": rng.uniform(0, 1, (n, 32, 32, 2)).astype(np.float32),
+            # each pixel's cloud probability encodes its column, so crops can be checked for alignment
+            "cloud_prob": np.broadcast_to(np.arange(32, dtype=np.float32)[None, None, :, None] / 31,
+                                          (n, 32, 32, 1)).copy(),
+            "id": np.array([f"p{start + i}" for i in range(n)]),
+            "mask": np.array(valid),
+        }
+
+    batches = [batch(0, 4, [True] * 4), batch(4, 4, [True, True, False, False])]  # last batch padded
+    directory = latent_cache.build(str(tmp_path_factory.mktemp("latents")), batches, vaes)
+    return directory, vaes, batches
+
+
+def test_cache_holds_every_valid_sample_encoded_by_the_frozen_vaes(cache):
+    directory, vaes, batches = cache
+    source = latent_cache.LatentSource(directory)
+    assert len(source) == 6  # padding is not cached
+    assert open(f"{directory}/ids.txt").read().split() == [f"p{i}" for i in range(6)]
+    expected = train_lib.encode_batch(vaes, {k: batches[0][k] for k in ("s2", "s2_cloudy", "s1")})
+    for k in latent_cache.LATENT_KEYS:
+        np.testing.assert_allclose(source[1][k], np.asarray(expected[k][1]), atol=1e-6)
+        assert source[1][k].shape == (4, 4, 16)
+    np.testing.assert_allclose(source[0]["cloud_prob"], batches[0]["cloud_prob"][0], atol=0.5 / 255)
+
+
+def test_crops_keep_latents_and_cloud_map_aligned(cache):
+    directory, _, _ = cache
+    it = latent_cache.iterator(directory, batch_size=2, crop_size=16, seed=3, augment=False)
+    batch = next(it)
+    assert batch["x0"].shape == (2, 2, 2, 16) and batch["cloud_prob"].shape == (2, 16, 16, 1)
+    source = latent_cache.LatentSource(directory)
+    for i in range(2):
+        # find the latent crop's position in its source sample, then check the cloud map is the same window
+        matches = [(j, top, left) for j in range(len(source)) for top in range(3) for left in range(3)
+                   if np.array_equal(source[j]["x0"][top:top + 2, left:left + 2], batch["x0"][i])]
+        assert len(matches) == 1
+        _, _, left = matches[0]
+        cols = np.rint(batch["cloud_prob"][i, 0, :, 0] * 31)
+        np.testing.assert_array_equal(cols, np.arange(left * 8, left * 8 + 16))
+
+
+def test_iterator_state_restores_the_same_batches(cache):
+    directory, _, _ = cache
+    it = latent_cache.iterator(directory, batch_size=2, crop_size=16, seed=1)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(4)]
+    again = latent_cache.iterator(directory, batch_size=2, crop_size=16, seed=1)
+    again.set_state(state)
+    for want in expected:
+        got = next(again)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_incomplete_cache_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="DONE"):
+        latent_cache.LatentSource(str(tmp_path))
