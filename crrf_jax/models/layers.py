@@ -91,13 +91,20 @@ def apply_rope(xq: jax.Array, xk: jax.Array, pe: jax.Array) -> tuple[jax.Array, 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, pe: jax.Array) -> jax.Array:
     """RoPE + scaled dot-product attention. q, k, v (B, H, L, D) -> (B, L, H*D) in v's dtype.
 
-    `jax.nn.dot_product_attention` picks the implementation (cuDNN flash on GPU for bf16/fp16, XLA elsewhere;
-    the XLA path computes the softmax in float32).
+    Through `jax.nn.dot_product_attention`: cuDNN's fused (flash) kernel on GPU for bf16/fp16 where cuDNN
+    accepts the shapes, XLA's implementation otherwise (its softmax runs in float32). jax's own default
+    (implementation=None) is XLA everywhere, so the GPU kernel is asked for explicitly.
     """
     q, k = apply_rope(q, k, pe)
-    q, k = q.astype(v.dtype), k.astype(v.dtype)
-    to_blhd = lambda x: rearrange(x, "b h l d -> b l h d")  # noqa: E731
-    out = jax.nn.dot_product_attention(to_blhd(q), to_blhd(k), to_blhd(v), implementation=None)
+    q, k, v = (rearrange(x.astype(v.dtype), "b h l d -> b l h d") for x in (q, k, v))
+    out = None
+    if jax.default_backend() == "gpu" and v.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):  # shapes or cuDNN version not supported
+            out = None
+    if out is None:
+        out = jax.nn.dot_product_attention(q, k, v, implementation="xla")
     return rearrange(out, "b l h d -> b l (h d)")
 
 
