@@ -178,7 +178,7 @@ def base_config(variant: str = "base", s2_bands=None) -> ml_collections.ConfigDi
 
     c.vae_s2 = optim_config(steps=100_000, lr=1e-4, batch_size=16, warmup_steps=1000)
     c.vae_s2.kl_weight = 1e-6
-    c.vae_s2.sam_weight = 0.1
+    c.vae_s2.sam_weight = 0.0  # > 0 adds the spectral-angle loss; early in training it slows L1 learning
     c.vae_s1 = optim_config(steps=50_000, lr=1e-4, batch_size=16, warmup_steps=1000)
     c.vae_s1.kl_weight = 1e-6
     c.vae_s1.sam_weight = 0.0

@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
     c.data.worker_count = 0
     c.dtype = "float32"
 
-    for stage, steps, lr in (("vae_s2", 300, 2e-3), ("vae_s1", 150, 2e-3), ("flow", 600, 1e-3)):
+    for stage, steps, lr in (("vae_s2", 600, 2e-3), ("vae_s1", 150, 2e-3), ("flow", 1000, 1e-3)):
         s = c[stage]
         s.steps, s.lr, s.batch_size, s.warmup_steps = steps, lr, 8, 20
         s.ema_decay = 0.99
@@ -30,4 +30,5 @@ def get_config(arg: str | None = None):
     c.latent_stats.batches, c.latent_stats.batch_size = 8, 8
     c.flow.sample_steps = 8
     c.eval.batch_size = 8
+    c.eval.num_samples = 2  # two samples per image: their spread is the uncertainty map of the pictures
     return c

@@ -25,7 +25,7 @@ def finish(config, workdir: str) -> dict:
     result = evaluation.evaluate(
         remover, root=config.data.root, out=os.path.join(workdir, "eval_test"), split="test",
         protocol=config.data.protocol, steps=config.flow.sample_steps, batch_size=config.eval.batch_size,
-        cloud_threshold=config.eval.cloud_threshold,
+        num_samples=config.eval.num_samples, cloud_threshold=config.eval.cloud_threshold,
     )
     scene = synthetic.write_synthetic_scene(os.path.join(workdir, "scene"), *SCENE_SIZE, seed=123)
     prediction = os.path.join(workdir, "scene", "prediction.tif")
