@@ -218,11 +218,15 @@ def ensemble_sample(
     guidance_scale: float | jax.Array = 1.0,
     uncond_velocity_fn: VelocityFn | None = None,
     decode_fn: Callable[[jax.Array], jax.Array] | None = None,
+    noise_fn: Callable[[jax.Array], jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """K Euler samples from independent noises -> per-element mean and standard deviation (uncertainty map).
 
     Args:
-      shape: the noise shape (B, ...); each of the K samples draws fresh standard-normal noise of this shape.
+      shape: the noise shape (B, ...); each of the K samples draws fresh standard-normal noise of this shape
+        from `rng`, unless `noise_fn` is given.
+      noise_fn: optional (sample index k, int32 scalar) -> noise of `shape`, e.g. per-example keys so that an
+        example's samples do not depend on the rest of the batch; `rng` is then unused.
       num_samples: K >= 1; the K samples run one after another (lax.scan, memory of one sample).
       decode_fn: optional map applied to each x0 sample before the statistics (e.g. VAE decode to [0, 1]
         pixels), so mean and std live in that space; identity when None.
@@ -234,8 +238,8 @@ def ensemble_sample(
         raise ValueError(f"ensemble_sample: num_samples must be >= 1, got {num_samples}")
     decode = decode_fn if decode_fn is not None else (lambda x: x)
 
-    def one_sample(key: jax.Array) -> jax.Array:
-        noise = jax.random.normal(key, shape, jnp.float32)
+    def one_sample(key: jax.Array, index: jax.Array) -> jax.Array:
+        noise = noise_fn(index) if noise_fn is not None else jax.random.normal(key, shape, jnp.float32)
         x0 = euler_sample(velocity_fn, noise, timesteps, guidance_scale, uncond_velocity_fn)
         return decode(x0).astype(jnp.float32)
 
@@ -243,15 +247,15 @@ def ensemble_sample(
     def accumulate(carry, key_and_index):
         mean, m2 = carry
         key, index = key_and_index
-        sample = one_sample(key)
+        sample = one_sample(key, index)
         delta = sample - mean
-        mean = mean + delta / (index + 1.0)
+        mean = mean + delta / (index.astype(jnp.float32) + 1.0)
         m2 = m2 + delta * (sample - mean)
         return (mean, m2), None
 
     keys = jax.random.split(rng, num_samples)
-    out_shape = jax.eval_shape(one_sample, keys[0])
+    indices = jnp.arange(num_samples, dtype=jnp.int32)
+    out_shape = jax.eval_shape(one_sample, keys[0], indices[0])
     zeros = jnp.zeros(out_shape.shape, jnp.float32)
-    indices = jnp.arange(num_samples, dtype=jnp.float32)
     (mean, m2), _ = jax.lax.scan(accumulate, (zeros, zeros), (keys, indices))
     return mean, jnp.sqrt(jnp.maximum(m2 / num_samples, 0.0))

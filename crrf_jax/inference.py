@@ -79,10 +79,8 @@ def sample_patches(
     Returns:
       (mean, std): (B, H, W, C) float32 reflectance (not clipped); std is the population standard deviation
       over the K samples (0 for K = 1).
-
-    The network states travel as loop carries and modules are merged inside each loop body, so the flow
-    model's own transforms (nnx.scan over blocks) see Variables of their trace level.
     """
+    flow_model = nnx.merge(nets.flow_graph, nets.flow_state)
     vae_s2 = nnx.merge(nets.s2_graph, nets.s2_state)
     cloudy = vae_s2.encode(s2_cloudy * 2.0 - 1.0).astype(jnp.float32)
     sar = None
@@ -90,45 +88,28 @@ def sample_patches(
         sar = nnx.merge(nets.s1_graph, nets.s1_state).encode(s1 * 2.0 - 1.0).astype(jnp.float32)
     b, h, w, z = cloudy.shape
     schedule = rf.timesteps(steps, (h // 2) * (w // 2))
-    guided = guidance_scale != 1.0
 
-    def velocity(flow_state, x, t):
-        model = nnx.merge(nets.flow_graph, flow_state)
-        if not guided:
-            return model(x, jnp.full((b,), t), cloudy, sar, cloud_prob).astype(jnp.float32)
+    def velocity(x, t):
+        if guidance_scale == 1.0:
+            return flow_model(x, t, cloudy, sar, cloud_prob).astype(jnp.float32)
         # Conditional and unconditional branches in one call of twice the batch.
         def both(a):
             return None if a is None else jnp.concatenate([a, a])
 
         drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
-        v = model(both(x), jnp.full((2 * b,), t), both(cloudy), both(sar), both(cloud_prob),
-                  drop_sar=drop, drop_cloudy=drop).astype(jnp.float32)
+        v = flow_model(both(x), both(t), both(cloudy), both(sar), both(cloud_prob),
+                       drop_sar=drop, drop_cloudy=drop).astype(jnp.float32)
         v_cond, v_uncond = v[:b], v[b:]
         return v_uncond + guidance_scale * (v_cond - v_uncond)
 
-    def euler(flow_state, noise):
-        def step(i, carry):
-            x, state = carry
-            t_cur, t_next = schedule[i], schedule[i + 1]
-            return x + (t_next - t_cur) * velocity(state, x, t_cur), state
+    def noise(k):
+        return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, k), (h, w, z)))(keys)
 
-        return jax.lax.fori_loop(0, steps, step, (noise, flow_state))[0]
+    def decode(x0):
+        return (vae_s2.decode(x0).astype(jnp.float32) + 1.0) * 0.5
 
-    def accumulate(carry, k):
-        mean, m2, flow_state, s2_state = carry
-        noise = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, k), (h, w, z)))(keys)
-        count = k.astype(jnp.float32) + 1.0
-        x0 = euler(flow_state, noise)
-        sample = (nnx.merge(nets.s2_graph, s2_state).decode(x0).astype(jnp.float32) + 1.0) * 0.5
-        delta = sample - mean  # Welford: stable, one sample in memory at a time
-        mean = mean + delta / count
-        m2 = m2 + delta * (sample - mean)
-        return (mean, m2, flow_state, s2_state), None
-
-    zeros = jnp.zeros(s2_cloudy.shape[:3] + (vae_s2.config.out_ch,), jnp.float32)
-    init = (zeros, zeros, nets.flow_state, nets.s2_state)
-    (mean, m2, _, _), _ = jax.lax.scan(accumulate, init, jnp.arange(num_samples, dtype=jnp.int32))
-    return mean, jnp.sqrt(jnp.maximum(m2 / num_samples, 0.0))
+    return rf.ensemble_sample(velocity, keys[0], (b, h, w, z), schedule, num_samples, decode_fn=decode,
+                              noise_fn=noise)
 
 
 _sample_jit = jax.jit(sample_patches, static_argnames=("steps", "num_samples", "guidance_scale"))
