@@ -1,4 +1,5 @@
-"""Trains crrf-jax: the S2 and S1 autoencoders, their latent statistics, then the rectified-flow transformer.
+"""Trains crrf-jax: the S2 and S1 autoencoders, their latent statistics, the rectified-flow transformer, then
+the pixel-space refiner.
 
     python train.py --config=configs/demo.py --workdir=runs/demo                 # synthetic data, CPU, minutes
     python train.py --config=configs/sen12mscr.py --config.data.root=DATA --workdir=runs/base
@@ -28,6 +29,7 @@ from ml_collections import config_flags
 
 from configs import common
 from crrf_jax import checkpoint, export, inference, parallel, train_lib
+from crrf_jax import flow as rf
 from crrf_jax import visualize as vis
 from crrf_jax.data import sen12mscr
 from crrf_jax.models import build
@@ -110,6 +112,8 @@ def run(config, workdir: str) -> None:
     export.save_run_config(config, workdir)
     stop = _install_sigterm_handler()
     stages = [config.stage] if config.stage else list(common.STAGES)
+    if not export.has_refiner(config.model):
+        stages = [s for s in stages if s != "refiner"]
     for stage in stages:
         if stage == "latent_stats":
             measure_latent_stats(config, workdir, mesh)
@@ -131,6 +135,11 @@ def validate(config) -> None:
         raise ValueError(f"config.data.protocol={config.data.protocol!r}: choose 'exact' or 'legacy'")
     if config.data.crop_size % 16:
         raise ValueError(f"config.data.crop_size={config.data.crop_size} must be a multiple of 16")
+    if config.stage == "refiner" and not export.has_refiner(config.model):
+        raise ValueError("config.stage='refiner' but config.model.refiner.enabled is False")
+    rf.FlowSpec.from_config(config.flow)  # clear error for a bad flow.source / source_sigma
+    if config.refiner.input not in ("flow", "roundtrip"):
+        raise ValueError(f"config.refiner.input={config.refiner.input!r}: choose 'flow' or 'roundtrip'")
     build.compute_dtype(config.dtype)
     if not config.get("demo") and not config.data.root and not config.data.tfds_data_dir:
         raise ValueError("no data: set --config.data.root=/path/to/SEN12MSCR (the official layout)")
@@ -213,14 +222,15 @@ def train_stage(config, workdir: str, stage: str, mesh, stop) -> None:
         loss_cfg = train_lib.VaeLossConfig("s2" if stage == "vae_s2" else "s1", scfg.kl_weight, scfg.sam_weight)
         loss_fn = functools.partial(train_lib.vae_loss, cfg=loss_cfg)
         frozen = None
+    elif stage == "refiner":
+        model_fn = functools.partial(build.refiner, config.model, config.dtype, config.seed)
+        loss_fn = functools.partial(train_lib.refiner_loss, cfg=train_lib.RefinerLossConfig.from_config(config))
+        frozen = load_frozen_networks(config, workdir, mesh)
     else:
         model_fn = functools.partial(
             build.cloud_removal_flux, config.model, config.dtype, config.remat_policy, config.seed
         )
-        loss_cfg = train_lib.FlowLossConfig(
-            scfg.t_sampling, scfg.sar_dropout, scfg.cloudy_dropout, scfg.use_sar, scfg.pixel_loss_weight
-        )
-        loss_fn = functools.partial(train_lib.flow_loss, cfg=loss_cfg)
+        loss_fn = functools.partial(train_lib.flow_loss, cfg=train_lib.FlowLossConfig.from_config(scfg))
         frozen = load_frozen_vaes(config, workdir, mesh)
         if scfg.cache_latents:  # encode the training set once; train on latents (see crrf_jax/latent_cache.py)
             from crrf_jax import latent_cache
@@ -442,8 +452,8 @@ def measure_latent_stats(config, workdir: str, mesh) -> dict:
     return stats
 
 
-def load_frozen_vaes(config, workdir: str, mesh) -> train_lib.FrozenVaes:
-    """The trained VAEs with measured latent statistics, replicated over the mesh."""
+def _trained_vaes(config, workdir: str) -> list:
+    """The trained (S2, S1) VAEs with their measured latent statistics."""
     path = latent_stats_path(workdir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: latent statistics missing; run the latent_stats stage first")
@@ -454,8 +464,21 @@ def load_frozen_vaes(config, workdir: str, mesh) -> train_lib.FrozenVaes:
         vae = load_final(os.path.join(workdir, stage), build.autoencoder(config.model, stage, config.dtype))
         vae.set_latent_stats(stats[stage]["scale_factor"], stats[stage]["shift_factor"])
         vaes.append(vae)
-    frozen = train_lib.FrozenVaes.of(*vaes)
-    return jax.device_put(frozen, parallel.replicated(mesh))
+    return vaes
+
+
+def load_frozen_vaes(config, workdir: str, mesh) -> train_lib.FrozenVaes:
+    """The trained VAEs with measured latent statistics, replicated over the mesh (the flow stage's)."""
+    return jax.device_put(train_lib.FrozenVaes.of(*_trained_vaes(config, workdir)), parallel.replicated(mesh))
+
+
+def load_frozen_networks(config, workdir: str, mesh) -> inference.Networks:
+    """The trained flow model (EMA) and VAEs, replicated over the mesh (the refiner stage's)."""
+    flow = load_final(
+        os.path.join(workdir, "flow"), build.cloud_removal_flux(config.model, config.dtype, config.remat_policy)
+    )
+    nets = inference.Networks.of(flow, *_trained_vaes(config, workdir))
+    return jax.device_put(nets, parallel.replicated(mesh))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -555,16 +578,25 @@ def write_preview(config, stage, stage_dir, state, batch, frozen, step, writer) 
     rgb = _rgb_indices(config)
     n = min(4, batch["s2"].shape[0])
     host = {k: np.asarray(jax.device_get(v))[:n] for k, v in batch.items()}
-    if stage == "flow":
-        pred, _ = inference.predict_batch(
-            model, frozen.s2(), frozen.s1(),
-            {k: jnp.asarray(v) for k, v in host.items()},
-            jax.random.key(step), steps=config.flow.sample_steps, guidance_scale=config.flow.guidance_scale,
-        )
-        pred = np.asarray(pred)
-        rows = [[vis.s2_rgb(host["s2_cloudy"][i], rgb), vis.sar_rgb(host["s1"][i]), vis.s2_rgb(pred[i], rgb),
-                 vis.s2_rgb(host["s2"][i], rgb)] for i in range(n)]
-        cols = ["cloudy", "SAR", "prediction", "target"]
+    if stage in ("flow", "refiner"):
+        if stage == "flow":
+            nets = dict(flow_model=model, vae_s2=frozen.s2(), vae_s1=frozen.s1(), refiner=None)
+        else:
+            nets = dict(flow_model=frozen.flow(), vae_s2=frozen.vae_s2(), vae_s1=frozen.vae_s1(), refiner=model)
+
+        def predict(output):
+            mean, _ = inference.predict_batch(
+                **nets, batch={k: jnp.asarray(v) for k, v in host.items()}, rng=jax.random.key(step),
+                steps=config.flow.sample_steps, guidance_scale=config.flow.guidance_scale,
+                spec=rf.FlowSpec.from_config(config.flow), output=output,
+            )
+            return np.asarray(mean)
+
+        outputs = {"flow": predict("flow")} | ({"refined": predict("final")} if stage == "refiner" else {})
+        rows = [[vis.s2_rgb(host["s2_cloudy"][i], rgb), vis.sar_rgb(host["s1"][i])]
+                + [vis.s2_rgb(p[i], rgb) for p in outputs.values()] + [vis.s2_rgb(host["s2"][i], rgb)]
+                for i in range(n)]
+        cols = ["cloudy", "SAR", *outputs, "target"]
     else:
         key = "s2" if stage == "vae_s2" else "s1"
         recon = np.asarray(jax.jit(lambda x: model.decode(model.encode(x * 2 - 1)))(jnp.asarray(host[key])))

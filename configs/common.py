@@ -89,8 +89,17 @@ def cloud_cnn_config(variant: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(channels=widths[variant], out_dim=flux_config(variant).vec_in_dim))
 
 
+def refiner_config(variant: str, bands: int) -> ml_collections.ConfigDict:
+    """The pixel-space refiner after the flow (crrf_jax/models/refiner.py); enabled=False leaves it out."""
+    sizes = {"tiny": (24, (1, 2, 4, 8)), "base": (64, (1, 2, 4, 8, 16, 1)), "large": (96, (1, 2, 4, 8, 16, 1)),
+             "flux": (128, (1, 2, 4, 8, 16, 1))}
+    _check(variant)
+    width, dilations = sizes[variant]
+    return ml_collections.ConfigDict(dict(enabled=True, bands=bands, width=width, dilations=dilations))
+
+
 def model_config(variant: str, s2_bands: int = 13) -> ml_collections.ConfigDict:
-    """All four networks of `variant`."""
+    """All networks of `variant`."""
     return ml_collections.ConfigDict(
         dict(
             variant=variant,
@@ -98,6 +107,7 @@ def model_config(variant: str, s2_bands: int = 13) -> ml_collections.ConfigDict:
             vae_s2=autoencoder_config(variant, s2_bands),
             vae_s1=autoencoder_config(variant, 2),
             cloud_cnn=cloud_cnn_config(variant),
+            refiner=refiner_config(variant, s2_bands),
         )
     )
 
@@ -122,7 +132,7 @@ def _check(variant: str) -> None:
 # Training defaults
 # --------------------------------------------------------------------------------------------------------------
 
-STAGES = ("vae_s2", "vae_s1", "latent_stats", "flow")
+STAGES = ("vae_s2", "vae_s1", "latent_stats", "flow", "refiner")
 
 
 def optim_config(*, steps: int, lr: float, batch_size: int, warmup_steps: int = 500) -> ml_collections.ConfigDict:
@@ -185,13 +195,26 @@ def base_config(variant: str = "base", s2_bands=None) -> ml_collections.ConfigDi
     c.latent_stats = ml_collections.ConfigDict(dict(batches=64, batch_size=16))
     c.flow = optim_config(steps=200_000, lr=1e-4, batch_size=32, warmup_steps=2000)
     c.flow.t_sampling = "logit_normal"  # logit_normal | uniform
+    # The t = 1 end: "cloudy" = the encoded cloudy image + source_sigma * noise (sampling starts from the
+    # cloudy image), or "noise" (FLUX's text-to-image form). See BENCHMARKS.md "Quality" for the comparison.
+    c.flow.source = "cloudy"
+    c.flow.source_sigma = 0.2
+    c.flow.shift_schedule = True  # FLUX's resolution-shifted sampling times (False: uniform)
     c.flow.sar_dropout = 0.1
     c.flow.cloudy_dropout = 0.1
+    c.flow.joint_dropout = 0.1  # both conditions at once: trains the unconditional branch CFG uses
     c.flow.use_sar = True
     c.flow.pixel_loss_weight = 0.0
     c.flow.cache_latents = False  # encode the training set once and train on cached latents
     c.flow.sample_steps = 8  # Euler steps for previews and evaluation
     c.flow.guidance_scale = 1.0  # classifier-free guidance at sampling (1 = off)
+
+    # The pixel-space refiner, trained on the frozen flow's sampled predictions (config.model.refiner).
+    c.refiner = optim_config(steps=20_000, lr=2e-4, batch_size=16, warmup_steps=500)
+    c.refiner.ssim_weight = 0.5  # loss = L1 + ssim_weight * (1 - SSIM) of the refined image
+    c.refiner.sar_dropout = 0.1  # trains the SAR-absent mode
+    c.refiner.input = "flow"  # "flow": sampled flow predictions; "roundtrip": the cloudy image's VAE round trip
+    c.refiner.flow_steps = 0  # Euler steps of the flow samples it trains on (0 = flow.sample_steps)
 
     c.eval = ml_collections.ConfigDict(
         dict(split="test", batch_size=8, num_samples=1, cloud_threshold=0.5, max_images=0, write_geotiff=False)

@@ -4,7 +4,7 @@
 
 writes synthetic scenes in the official layout into `<workdir>/data` (if none are there), computes their
 s2cloudless cloud probability, trains the S2 VAE, the S1 VAE, measures latent statistics, trains the flow
-model, evaluates it on the held-out (test-split) synthetic scenes against the cloudy input, exports a bundle and
+model and the pixel-space refiner, evaluates it on the held-out (test-split) synthetic scenes against the cloudy input, exports a bundle and
 removes clouds from a larger demo scene. Minutes on a laptop CPU.
 """
 
@@ -22,7 +22,8 @@ def get_config(arg: str | None = None):
     c.data.worker_count = 0
     c.dtype = "float32"
 
-    for stage, steps, lr in (("vae_s2", 600, 2e-3), ("vae_s1", 150, 2e-3), ("flow", 1000, 1e-3)):
+    for stage, steps, lr in (("vae_s2", 600, 2e-3), ("vae_s1", 150, 2e-3), ("flow", 1000, 1e-3),
+                             ("refiner", 500, 2e-3)):
         s = c[stage]
         s.steps, s.lr, s.batch_size, s.warmup_steps = steps, lr, 8, 20
         s.ema_decay = 0.99

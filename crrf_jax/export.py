@@ -11,6 +11,7 @@ A bundle directory holds
     transformer.safetensors   EMA weights of the rectified-flow transformer (CloudRemovalFlux without its
                               cloud-probability encoder)
     cloud_cnn.safetensors     EMA weights of the cloud-probability encoder ("cloud_encoder/..." keys)
+    refiner.safetensors       EMA weights of the pixel-space refiner (when the model has one)
     latent_stats.json         latent scale and shift of each autoencoder, measured on training data
     README.txt                what the files are and how to use them
 
@@ -38,12 +39,13 @@ import numpy as np
 
 FORMAT = "crrf-jax-bundle"
 FORMAT_VERSION = 1
-NETWORKS = ("vae_s2", "vae_s1", "flow")
+NETWORKS = ("vae_s2", "vae_s1", "flow", "refiner")
 WEIGHT_FILES = {
     "vae_s2": "vae_s2.safetensors",
     "vae_s1": "vae_s1.safetensors",
     "transformer": "transformer.safetensors",
     "cloud_cnn": "cloud_cnn.safetensors",
+    "refiner": "refiner.safetensors",
 }
 CLOUD_CNN_PREFIX = "cloud_encoder/"
 CONFIG_FILE = "config.json"
@@ -59,7 +61,7 @@ class BundleError(FileNotFoundError):
 class ModelParts:
     """Everything needed to rebuild the networks, independent of where it was read from.
 
-    config: the bundle config (see `bundle_config`); states: network name ("vae_s2", "vae_s1", "flow") ->
+    config: the bundle config (see `bundle_config`); states: network name (`networks(config)`) ->
     flat {"a/b/c": np.ndarray} of the module's full NNX state; latent_stats: "vae_s2"/"vae_s1" ->
     {"scale_factor": float, "shift_factor": float}; source: where they came from (for error messages).
     """
@@ -101,6 +103,17 @@ def load_run_config(workdir: str | os.PathLike):
     return ml_collections.ConfigDict(_read_json(path))
 
 
+def has_refiner(model_cfg) -> bool:
+    """Whether a model config (a run's `config.model` or a bundle's "model") includes the refiner."""
+    refiner = model_cfg.get("refiner")
+    return bool(refiner and refiner.get("enabled", True))
+
+
+def networks(cfg: dict[str, Any]) -> tuple[str, ...]:
+    """The networks of a bundle config: the VAEs and the flow, and the refiner when the model has one."""
+    return tuple(n for n in NETWORKS if n != "refiner" or has_refiner(cfg["model"]))
+
+
 def bundle_config(run_config) -> dict[str, Any]:
     """The part of a training config that inference needs (the bundle's config.json)."""
     from crrf_jax.data import sen12mscr
@@ -108,6 +121,8 @@ def bundle_config(run_config) -> dict[str, Any]:
     bands = sen12mscr.resolve_bands(_band_spec(run_config.data.get("bands")))
     model = run_config.model.to_dict()
     tile = int(run_config.data.crop_size)
+    flow = run_config.flow
+    weights = {k: v for k, v in WEIGHT_FILES.items() if k != "refiner" or has_refiner(model)}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -118,9 +133,12 @@ def bundle_config(run_config) -> dict[str, Any]:
         "sampling": {
             "steps": int(run_config.flow.sample_steps),
             "guidance_scale": float(run_config.flow.guidance_scale),
+            "source": str(flow.get("source", "noise")),
+            "source_sigma": float(flow.get("source_sigma", 0.0)),
+            "shift_schedule": bool(flow.get("shift_schedule", True)),
         },
         "tiling": {"tile_size": tile, "overlap": max(tile // 8, 8)},
-        "weights": dict(WEIGHT_FILES),
+        "weights": weights,
     }
 
 
@@ -130,7 +148,7 @@ def bundle_config(run_config) -> dict[str, Any]:
 
 
 def read_workdir(workdir: str | os.PathLike, config=None) -> ModelParts:
-    """The EMA weights and latent statistics of a finished training run (all four stages done).
+    """The EMA weights and latent statistics of a finished training run (all its stages done).
 
     config: the training config; default `<workdir>/config.json`. Raises BundleError naming the missing file.
     """
@@ -141,7 +159,7 @@ def read_workdir(workdir: str | os.PathLike, config=None) -> ModelParts:
     cfg = bundle_config(run_config)
     stats = _read_latent_stats(workdir / "latent_stats" / "latent_stats.json")
     states = {}
-    for name in NETWORKS:
+    for name in networks(cfg):
         states[name] = _restore_stage(workdir / name, abstract_network(cfg, name))
     for name in ("vae_s2", "vae_s1"):  # the stage saved its VAE before the statistics were measured
         for key, value in stats[name].items():
@@ -160,6 +178,8 @@ def abstract_network(cfg: dict[str, Any], name: str, dtype: str | None = None):
     dtype = dtype or cfg["dtype"]
     if name == "flow":
         return nnx.eval_shape(lambda: build.cloud_removal_flux(model_cfg, dtype))
+    if name == "refiner":
+        return nnx.eval_shape(lambda: build.refiner(model_cfg, dtype))
     return nnx.eval_shape(lambda: build.autoencoder(model_cfg, name, dtype))
 
 
@@ -285,6 +305,8 @@ def write_bundle(parts: ModelParts, out: str | os.PathLike, *, overwrite: bool =
         "transformer": {k: v for k, v in flow.items() if not k.startswith(CLOUD_CNN_PREFIX)},
         "cloud_cnn": {k: v for k, v in flow.items() if k.startswith(CLOUD_CNN_PREFIX)},
     }
+    if "refiner" in parts.states:
+        files["refiner"] = parts.states["refiner"]
     for name, tensors in files.items():
         tensors = {k: np.ascontiguousarray(_storable(v)) for k, v in tensors.items()}
         save_file(tensors, str(tmp / WEIGHT_FILES[name]), metadata={"format": FORMAT, "network": name})
@@ -330,11 +352,18 @@ def read_bundle(path: str | os.PathLike) -> ModelParts:
             tensors[name] = load_file(str(file))
         except (SafetensorError, OSError, ValueError) as e:
             raise BundleError(f"{file}: unreadable safetensors file ({e})") from e
+    for name in ("vae_s2", "vae_s1", "transformer", "cloud_cnn"):
+        if name not in tensors:
+            raise BundleError(f"{cfg_path}: 'weights' lists no {name} file")
     states = {
         "vae_s2": tensors["vae_s2"],
         "vae_s1": tensors["vae_s1"],
         "flow": {**tensors["transformer"], **tensors["cloud_cnn"]},
     }
+    if has_refiner(cfg["model"]):
+        if "refiner" not in tensors:
+            raise BundleError(f"{cfg_path}: the model has a refiner but 'weights' lists no refiner file")
+        states["refiner"] = tensors["refiner"]
     stats = _read_latent_stats(path / LATENT_STATS_FILE)
     return ModelParts(cfg, states, stats, str(path))
 
@@ -363,6 +392,7 @@ Files
   vae_s1.safetensors       Sentinel-1 autoencoder (EMA weights)
   transformer.safetensors  rectified-flow transformer (EMA weights)
   cloud_cnn.safetensors    cloud-probability encoder (EMA weights)
+  refiner.safetensors      pixel-space refiner (EMA weights; only when the model has one)
   latent_stats.json        latent scale/shift of each autoencoder
 
 Use

@@ -1,8 +1,15 @@
 """Rectified flow: time sampling, interpolation, losses, FLUX's shifted schedule, Euler sampler with CFG.
 
-Convention (DESIGN section 5, as BFL FLUX): t = 0 is data, t = 1 is noise,
-`x_t = (1 - t) x0 + t eps`, velocity `v = dx_t/dt = eps - x0`. Sampling integrates from t = 1 down to t = 0
+Convention (docs/ARCHITECTURE.md, "Rectified flow"; as BFL FLUX): t = 0 is data, t = 1 is the source,
+`x_t = (1 - t) x0 + t x1`, velocity `v = dx_t/dt = x1 - x0`. Sampling integrates from t = 1 down to t = 0
 with Euler steps `x <- x + (t_next - t_cur) v(x, t_cur)`.
+
+The source x1 is one of two distributions (`source_sample`):
+
+- "noise": x1 = eps ~ N(0, I), FLUX's text-to-image form;
+- "cloudy": x1 = c + sigma * eps, the encoded cloudy image plus a little noise: the two-distribution form of
+  rectified flow (Liu et al. 2022) and EMRDM's mean-reverting idea. Sampling starts from the cloudy image, so
+  what is clear is already in place and few steps suffice (one step is exact for a straight flow).
 
 Shapes: x0, eps, x_t, v are (B, ...) arrays (latents or tokens); t is (B,) (or a scalar) and broadcasts over
 the trailing dimensions. Everything is a pure function and `jax.jit`-able; float32 in, float32 out.
@@ -10,6 +17,7 @@ the trailing dimensions. Everything is a pure function and `jax.jit`-able; float
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -48,15 +56,34 @@ def _expand_t(t: jax.Array, like: jax.Array, name: str = "t") -> jax.Array:
     return t.reshape(t.shape + (1,) * (like.ndim - t.ndim))
 
 
-def interpolate(x0: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array:
-    """x_t = (1 - t) x0 + t eps; x0, eps (B, ...), t () or (B,) in [0, 1] -> (B, ...)."""
+SOURCES = ("noise", "cloudy")
+
+
+def source_sample(kind: str, eps: jax.Array, cloudy: jax.Array | None = None, sigma: float = 0.0) -> jax.Array:
+    """The t = 1 end x1 (B, ...): `eps` for kind "noise", `cloudy + sigma * eps` for kind "cloudy".
+
+    eps: standard-normal (B, ...); cloudy: the encoded cloudy image, same shape (required for "cloudy").
+    """
+    if kind == "noise":
+        return eps
+    if kind == "cloudy":
+        if cloudy is None:
+            raise ValueError("source_sample: kind 'cloudy' needs the cloudy latent")
+        if cloudy.shape != eps.shape:
+            raise ValueError(f"source_sample: cloudy shape {cloudy.shape} differs from eps shape {eps.shape}")
+        return cloudy.astype(eps.dtype) + sigma * eps
+    raise ValueError(f"source_sample: kind must be one of {SOURCES}, got {kind!r}")
+
+
+def interpolate(x0: jax.Array, x1: jax.Array, t: jax.Array) -> jax.Array:
+    """x_t = (1 - t) x0 + t x1; x0, x1 (B, ...), t () or (B,) in [0, 1] -> (B, ...)."""
     t = _expand_t(t, x0)
-    return (1.0 - t) * x0 + t * eps
+    return (1.0 - t) * x0 + t * x1
 
 
-def velocity_target(x0: jax.Array, eps: jax.Array) -> jax.Array:
-    """The straight-line velocity dx_t/dt = eps - x0, (B, ...)."""
-    return eps - x0
+def velocity_target(x0: jax.Array, x1: jax.Array) -> jax.Array:
+    """The straight-line velocity dx_t/dt = x1 - x0, (B, ...)."""
+    return x1 - x0
 
 
 def x0_from_velocity(x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
@@ -150,6 +177,38 @@ def timesteps(
     return jnp.asarray(ts, jnp.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class FlowSpec:
+    """What a trained flow model integrates: its source distribution and its sampling schedule.
+
+    source: "noise" or "cloudy" (`source_sample`); sigma: the noise scale of the cloudy source; shift: FLUX's
+    resolution-shifted schedule (`timesteps`) or uniform times. Hashable, so it can be a static jit argument.
+    """
+
+    source: str = "noise"
+    sigma: float = 0.0
+    shift: bool = True
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"flow source must be one of {SOURCES}, got {self.source!r}")
+        if self.sigma < 0:
+            raise ValueError(f"flow source sigma must be >= 0, got {self.sigma}")
+
+    def start(self, eps: jax.Array, cloudy: jax.Array | None = None) -> jax.Array:
+        """x1, the sampler's start (and the t = 1 end in training), from standard-normal `eps`."""
+        return source_sample(self.source, eps, cloudy, self.sigma)
+
+    def schedule(self, num_steps: int, seq_len: int) -> jax.Array:
+        return timesteps(num_steps, seq_len, shift=self.shift)
+
+    @classmethod
+    def from_config(cls, cfg) -> FlowSpec:
+        """From a mapping/ConfigDict with optional keys source, source_sigma, shift_schedule."""
+        get = cfg.get
+        return cls(str(get("source", "noise")), float(get("source_sigma", 0.0)), bool(get("shift_schedule", True)))
+
+
 # ---------------------------------------------------------------------------------------------- sampling
 
 
@@ -183,11 +242,11 @@ def euler_sample(
     guidance_scale: float | jax.Array = 1.0,
     uncond_velocity_fn: VelocityFn | None = None,
 ) -> jax.Array:
-    """Integrates dx/dt = v from timesteps[0] (1, noise) to timesteps[-1] (0) with Euler steps.
+    """Integrates dx/dt = v from timesteps[0] (1, the source) to timesteps[-1] (0) with Euler steps.
 
     Args:
       velocity_fn: pure function (x_t (B, ...), t (B,) float32) -> v (B, ...), the conditional velocity.
-      noise: x at timesteps[0], (B, ...) float32 (standard normal for sampling).
+      noise: x at timesteps[0], (B, ...) float32: a draw of the source (`source_sample`).
       timesteps: (N + 1,) descending times, e.g. `timesteps(N, seq_len)`.
       guidance_scale: CFG scale s; with s != 1, v = v_u + s (v_c - v_u) and `uncond_velocity_fn` is required.
         A traced (jit argument) scale always takes the CFG path.

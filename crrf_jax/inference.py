@@ -42,7 +42,8 @@ Arrays = dict[str, np.ndarray]
 
 @struct.dataclass
 class Networks:
-    """The three networks split into static graphs and array states, so they pass through jit."""
+    """The networks split into static graphs and array states, so they pass through jit. The refiner is
+    optional (None: the flow's decoded prediction is the output)."""
 
     flow_graph: nnx.GraphDef = struct.field(pytree_node=False)
     flow_state: nnx.State
@@ -50,10 +51,35 @@ class Networks:
     s2_state: nnx.State
     s1_graph: nnx.GraphDef = struct.field(pytree_node=False)
     s1_state: nnx.State
+    refiner_graph: nnx.GraphDef | None = struct.field(pytree_node=False, default=None)
+    refiner_state: nnx.State | None = None
 
     @classmethod
-    def of(cls, flow_model, vae_s2, vae_s1) -> Networks:
-        return cls(*nnx.split(flow_model), *nnx.split(vae_s2), *nnx.split(vae_s1))
+    def of(cls, flow_model, vae_s2, vae_s1, refiner=None) -> Networks:
+        parts = nnx.split(refiner) if refiner is not None else (None, None)
+        return cls(*nnx.split(flow_model), *nnx.split(vae_s2), *nnx.split(vae_s1), *parts)
+
+    @property
+    def has_refiner(self) -> bool:
+        return self.refiner_graph is not None
+
+    def flow(self):
+        return nnx.merge(self.flow_graph, self.flow_state)
+
+    def vae_s2(self):
+        return nnx.merge(self.s2_graph, self.s2_state)
+
+    def vae_s1(self):
+        return nnx.merge(self.s1_graph, self.s1_state)
+
+    def refiner(self):
+        return nnx.merge(self.refiner_graph, self.refiner_state) if self.has_refiner else None
+
+
+# What a prediction returns: "final" (the refined image when there is a refiner), "flow" (the flow's decoded
+# prediction alone) or "roundtrip_refined" (the refiner fed with the cloudy image's VAE round trip instead of
+# the flow's prediction: an ablation that shows what the latent flow itself adds).
+OUTPUTS = ("final", "flow", "roundtrip_refined")
 
 
 def sample_patches(
@@ -66,6 +92,10 @@ def sample_patches(
     steps: int,
     num_samples: int = 1,
     guidance_scale: float = 1.0,
+    spec: rf.FlowSpec = rf.FlowSpec(),
+    output: str = "final",
+    drop_cloudy: bool = False,
+    drop_sar: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """K Euler samples of the cloud-free image of each patch -> per-pixel mean and standard deviation.
 
@@ -74,45 +104,68 @@ def sample_patches(
         SAR-absent mode); cloud_prob: (B, H, W, 1) in [0, 1]. H, W multiples of 16.
       keys: (B,) PRNG keys, one per patch; sample k of patch i starts from noise drawn with
         `fold_in(keys[i], k)`, so a patch's result does not depend on the rest of the batch.
-      steps: Euler steps on FLUX's shifted schedule; guidance_scale: classifier-free guidance (1 = off; the
-        unconditional branch replaces SAR and cloudy tokens with the learned null tokens).
+      steps: Euler steps; guidance_scale: classifier-free guidance (1 = off; the unconditional branch
+        replaces SAR and cloudy tokens with the learned null tokens); spec: the flow's source and schedule.
+      output: one of OUTPUTS; each sample is refined before the statistics, so std covers the refiner too.
+      drop_cloudy: replace the cloudy tokens by the null token (an ablation; the source still starts there).
+      drop_sar: optional (B,) bool, True = that patch runs the SAR-absent mode (the refiner stage's training
+        uses it; `s1=None` does it for the whole batch).
     Returns:
       (mean, std): (B, H, W, C) float32 reflectance (not clipped); std is the population standard deviation
       over the K samples (0 for K = 1).
     """
-    flow_model = nnx.merge(nets.flow_graph, nets.flow_state)
-    vae_s2 = nnx.merge(nets.s2_graph, nets.s2_state)
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    flow_model, vae_s2, refiner = nets.flow(), nets.vae_s2(), nets.refiner()
+    if output == "roundtrip_refined" and refiner is None:
+        raise ValueError("output='roundtrip_refined' needs a refiner; this model has none")
     cloudy = vae_s2.encode(s2_cloudy * 2.0 - 1.0).astype(jnp.float32)
-    sar = None
-    if s1 is not None:
-        sar = nnx.merge(nets.s1_graph, nets.s1_state).encode(s1 * 2.0 - 1.0).astype(jnp.float32)
+    sar = None if s1 is None else nets.vae_s1().encode(s1 * 2.0 - 1.0).astype(jnp.float32)
     b, h, w, z = cloudy.shape
-    schedule = rf.timesteps(steps, (h // 2) * (w // 2))
+
+    sar_present = None if drop_sar is None else ~jnp.asarray(drop_sar, bool)
+
+    def refine(pixels):
+        if output == "flow" or refiner is None:
+            return pixels
+        return refiner(pixels, s2_cloudy, cloud_prob, s1, sar_present)[0]
+
+    def decode(x0):
+        return refine((vae_s2.decode(x0).astype(jnp.float32) + 1.0) * 0.5)
+
+    if output == "roundtrip_refined":
+        return decode(cloudy), jnp.zeros(s2_cloudy.shape, jnp.float32)
+
+    cond_drop = jnp.full((b,), bool(drop_cloudy))
+    cond_drop_sar = jnp.zeros((b,), bool) if drop_sar is None else jnp.asarray(drop_sar, bool)
 
     def velocity(x, t):
         if guidance_scale == 1.0:
-            return flow_model(x, t, cloudy, sar, cloud_prob).astype(jnp.float32)
+            return flow_model(x, t, cloudy, sar, cloud_prob, drop_sar=cond_drop_sar,
+                              drop_cloudy=cond_drop).astype(jnp.float32)
         # Conditional and unconditional branches in one call of twice the batch.
         def both(a):
             return None if a is None else jnp.concatenate([a, a])
 
-        drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
+        ones = jnp.ones((b,), bool)
         v = flow_model(both(x), both(t), both(cloudy), both(sar), both(cloud_prob),
-                       drop_sar=drop, drop_cloudy=drop).astype(jnp.float32)
+                       drop_sar=jnp.concatenate([cond_drop_sar, ones]),
+                       drop_cloudy=jnp.concatenate([cond_drop, ones])).astype(jnp.float32)
         v_cond, v_uncond = v[:b], v[b:]
         return v_uncond + guidance_scale * (v_cond - v_uncond)
 
-    def noise(k):
-        return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, k), (h, w, z)))(keys)
+    def start(k):
+        eps = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, k), (h, w, z)))(keys)
+        return spec.start(eps, cloudy)
 
-    def decode(x0):
-        return (vae_s2.decode(x0).astype(jnp.float32) + 1.0) * 0.5
-
+    schedule = spec.schedule(steps, (h // 2) * (w // 2))
     return rf.ensemble_sample(velocity, keys[0], (b, h, w, z), schedule, num_samples, decode_fn=decode,
-                              noise_fn=noise)
+                              noise_fn=start)
 
 
-_sample_jit = jax.jit(sample_patches, static_argnames=("steps", "num_samples", "guidance_scale"))
+_sample_jit = jax.jit(
+    sample_patches, static_argnames=("steps", "num_samples", "guidance_scale", "spec", "output", "drop_cloudy")
+)
 
 
 def predict_batch(
@@ -126,6 +179,9 @@ def predict_batch(
     guidance_scale: float = 1.0,
     num_samples: int = 1,
     use_sar: bool = True,
+    spec: rf.FlowSpec = rf.FlowSpec(),
+    refiner=None,
+    output: str = "final",
 ) -> tuple[jax.Array, jax.Array]:
     """Cloud-free estimates of a batch of patches.
 
@@ -133,16 +189,17 @@ def predict_batch(
       batch: `s2_cloudy` (B, H, W, C) and `cloud_prob` (B, H, W, 1) in [0, 1], `s1` (B, H, W, 2) in [0, 1]
         (ignored when `use_sar` is False: the model's trained SAR-absent mode). H, W multiples of 16.
       rng: one PRNG key for the batch (split into one key per patch).
-      steps, guidance_scale, num_samples: see `sample_patches`.
+      steps, guidance_scale, num_samples, spec, output: see `sample_patches`; refiner: optional Refiner.
     Returns:
       (mean, std): (B, H, W, C) float32 reflectance; the mean is clipped to [0, 1], the std is the per-pixel
       standard deviation over the K samples (0 for K = 1).
     """
-    nets = Networks.of(flow_model, vae_s2, vae_s1)
+    nets = Networks.of(flow_model, vae_s2, vae_s1, refiner)
     keys = jax.random.split(rng, batch["s2_cloudy"].shape[0])
     mean, std = _sample_jit(
         nets, batch["s2_cloudy"], batch["s1"] if use_sar else None, batch["cloud_prob"], keys,
-        steps=int(steps), num_samples=int(num_samples), guidance_scale=float(guidance_scale),
+        steps=int(steps), num_samples=int(num_samples), guidance_scale=float(guidance_scale), spec=spec,
+        output=output,
     )
     return jnp.clip(mean, 0.0, 1.0), std
 
@@ -351,10 +408,12 @@ class CloudRemover:
     Inference runs in one process (on all its local devices); tiles are host arrays put onto the mesh.
     """
 
-    def __init__(self, flow_model, vae_s2, vae_s1, config: dict[str, Any], *, mesh=None):
+    def __init__(self, flow_model, vae_s2, vae_s1, config: dict[str, Any], *, mesh=None, refiner=None):
         self.config = config
         self.mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1})
-        self.nets = jax.device_put(Networks.of(flow_model, vae_s2, vae_s1), parallel.replicated(self.mesh))
+        nets = Networks.of(flow_model, vae_s2, vae_s1, refiner)
+        self.nets = jax.device_put(nets, parallel.replicated(self.mesh))
+        self.spec = rf.FlowSpec.from_config(config["sampling"])
         self.tile_multiple = vae_s2.config.downsample_factor * 2  # latent 2x2 patches
         self.num_bands = vae_s2.config.in_channels
 
@@ -368,11 +427,12 @@ class CloudRemover:
         modules = {
             name: export.fill_state(export.abstract_network(parts.config, name, dtype), parts.states[name],
                                     f"{parts.source} ({name})")
-            for name in export.NETWORKS
+            for name in parts.states
         }
         for name in ("vae_s2", "vae_s1"):
             modules[name].set_latent_stats(**parts.latent_stats[name])
-        return cls(modules["flow"], modules["vae_s2"], modules["vae_s1"], parts.config, mesh=mesh)
+        return cls(modules["flow"], modules["vae_s2"], modules["vae_s1"], parts.config, mesh=mesh,
+                   refiner=modules.get("refiner"))
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, *, mesh=None, dtype: str | None = None) -> CloudRemover:
@@ -405,6 +465,10 @@ class CloudRemover:
         return bool(self.config.get("trained_with_sar", True))
 
     @property
+    def has_refiner(self) -> bool:
+        return self.nets.has_refiner
+
+    @property
     def num_devices(self) -> int:
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
@@ -420,13 +484,18 @@ class CloudRemover:
         guidance_scale: float | None = None,
         seed: int = 0,
         pad_batch_to: int | None = None,
+        output: str = "final",
+        drop_cloudy: bool = False,
+        keep_clear: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Samples a batch of tiles on the mesh.
 
         tiles: "s2_cloudy" (n, T, T, C), "cloud_prob" (n, T, T, 1), optionally "s1" (n, T, T, 2), all in
         [0, 1]; tile_ids (n,) ints seeding each tile's noise (with `seed`). The batch is padded to
         `pad_batch_to` (default n) rounded up to a multiple of the device count, so every batch of a scene
-        compiles once. Returns host (mean clipped to [0, 1], std), each (n, T, T, C) float32.
+        compiles once. output, drop_cloudy: see `sample_patches`. keep_clear: pixels whose cloud probability
+        is below it come back as they came in (std 0); None keeps the model's output everywhere.
+        Returns host (mean clipped to [0, 1], std), each (n, T, T, C) float32.
         """
         steps = int(steps or self.config["sampling"]["steps"])
         default_guidance = self.config["sampling"]["guidance_scale"]
@@ -446,9 +515,13 @@ class CloudRemover:
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(ids)
         mean, std = _sample_jit(
             self.nets, device["s2_cloudy"], device.get("s1"), device["cloud_prob"], keys,
-            steps=steps, num_samples=int(num_samples), guidance_scale=guidance,
+            steps=steps, num_samples=int(num_samples), guidance_scale=guidance, spec=self.spec,
+            output=output, drop_cloudy=bool(drop_cloudy),
         )
-        return np.clip(np.asarray(mean)[:n], 0.0, 1.0), np.asarray(std)[:n]
+        mean, std = np.clip(np.asarray(mean)[:n], 0.0, 1.0), np.asarray(std)[:n]
+        if keep_clear is not None:
+            mean, std = keep_clear_pixels(mean, std, tiles["s2_cloudy"], tiles["cloud_prob"], keep_clear)
+        return mean, std
 
     def check_tiling(self, tile_size: int | None, overlap: int | None) -> tuple[int, int]:
         """(tile, overlap), defaults from the bundle; tile must be a positive multiple of `tile_multiple`."""
@@ -485,6 +558,7 @@ class CloudRemover:
         batch_size: int = 8,
         tile_size: int | None = None,
         overlap: int | None = None,
+        keep_clear: float | None = None,
         progress: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Removes clouds from a scene of any size.
@@ -498,7 +572,8 @@ class CloudRemover:
           steps, guidance_scale: default to the bundle's sampling defaults; num_samples: K samples for the
             mean and the std; seed: noise seed; batch_size: tiles per device batch (rounded up to a multiple
             of the device count); tile_size, overlap: tiling (defaults from the bundle: the training crop
-            size and an eighth of it).
+            size and an eighth of it); keep_clear: pixels whose cloud probability is below it are returned
+            exactly as they came in (std 0); None (default) keeps the model's output everywhere.
         Returns:
           (clear, std): (H, W, C) float32, the cloud-free estimate in [0, 1] and the per-pixel std over the K
           samples (zeros for K = 1).
@@ -518,7 +593,9 @@ class CloudRemover:
 
         self.process(layout, lambda y0, y1: {k: v[y0:y1] for k, v in scene.items()}, write,
                      steps=steps, num_samples=num_samples, guidance_scale=guidance_scale, seed=seed,
-                     batch_size=batch_size, progress=progress)
+                     batch_size=batch_size, keep_clear=keep_clear, progress=progress)
+        if keep_clear is not None:  # exact: blending identical tile values can differ from them in the last ulp
+            clear, std = keep_clear_pixels(clear, std, s2, prob, keep_clear)
         return clear, std
 
     def process(
@@ -532,6 +609,7 @@ class CloudRemover:
         guidance_scale: float | None = None,
         seed: int = 0,
         batch_size: int = 8,
+        keep_clear: float | None = None,
         progress: bool = False,
     ) -> None:
         """`blend_tiles` with this model: the streaming core of `remove_clouds` and of GeoTIFF prediction."""
@@ -539,10 +617,12 @@ class CloudRemover:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        check_keep_clear(keep_clear)
 
         def predict(tiles: Arrays, ids: np.ndarray):
             return self.predict_tiles(tiles, ids, steps=steps, num_samples=num_samples,
-                                      guidance_scale=guidance_scale, seed=seed, pad_batch_to=batch_size)
+                                      guidance_scale=guidance_scale, seed=seed, pad_batch_to=batch_size,
+                                      keep_clear=keep_clear)
 
         blend_tiles(layout, read_rows, predict, write_rows, batch_size=batch_size, progress=progress)
 
@@ -588,6 +668,23 @@ class CloudRemover:
                 s1 = np.where(bad, 0.0, s1).astype(np.float32)
             check_reflectance("s1", s1)
         return s2, s1, prob
+
+
+def check_keep_clear(threshold: float | None) -> None:
+    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"keep_clear must be a cloud probability in [0, 1], got {threshold}")
+
+
+def keep_clear_pixels(
+    mean: np.ndarray, std: np.ndarray, cloudy: np.ndarray, cloud_prob: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) with the pixels whose cloud probability is below `threshold` taken from `cloudy` (std 0).
+
+    mean, std, cloudy: (..., H, W, C); cloud_prob: (..., H, W, 1) in [0, 1].
+    """
+    check_keep_clear(threshold)
+    keep = np.asarray(cloud_prob) < threshold
+    return np.where(keep, cloudy, mean).astype(np.float32), np.where(keep, 0.0, std).astype(np.float32)
 
 
 def check_reflectance(name: str, x: np.ndarray, tolerance: float = 1e-3) -> None:

@@ -2,7 +2,7 @@
 
     python -m crrf_jax.predict --bundle=B --s2=cloudy.tif [--s1=sar.tif] [--cloud-prob=p.tif]
         --out=clear.tif [--uncertainty=std.tif] [--steps N] [--samples K] [--guidance S] [--seed 0]
-        [--tile 256 --overlap 32]
+        [--tile 256 --overlap 32] [--keep-clear 0.2]
 
 Inputs (checked, errors name the file):
   --s2          Sentinel-2 L1C, 13 bands in SEN12MS-CR order (B01..B08, B8A, B09..B12), uint16 DN (float DN
@@ -13,7 +13,8 @@ Inputs (checked, errors name the file):
                 or float in [0, 1]. Computed with s2cloudless when absent.
 Outputs: `--out` with the model's bands (13 for a full model) as uint16 DN (reflectance x 10000), named by
 band descriptions, and the input's CRS, transform, size and nodata; `--uncertainty` the per-band standard
-deviation over the K samples, float32 reflectance. Files are written as `<name>.partial` and renamed when
+deviation over the K samples, float32 reflectance. With `--keep-clear P`, pixels whose cloud probability is
+below P are written exactly as they came in (same DN, std 0). Files are written as `<name>.partial` and renamed when
 complete. The scene is processed one row of tiles at a time, so memory stays bounded on large scenes.
 """
 
@@ -118,6 +119,7 @@ def predict_scene(
     tile_size: int | None = None,
     overlap: int | None = None,
     batch_size: int = 8,
+    keep_clear: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Removes clouds from the GeoTIFF scene `s2_path` and writes `out_path` (and `uncertainty_path`).
@@ -146,9 +148,9 @@ def predict_scene(
             writer = _SceneWriter(stack, s2, remover.band_names, out_path, uncertainty_path, reader.nodata)
             remover.process(layout, reader.read_rows, writer.write_rows, steps=steps,
                             num_samples=num_samples, guidance_scale=guidance_scale, seed=seed,
-                            batch_size=batch_size, progress=progress)
+                            batch_size=batch_size, keep_clear=keep_clear, progress=progress)
             writer.tag(steps=steps or remover.config["sampling"]["steps"], samples=num_samples, seed=seed,
-                       use_sar=use_sar, tile=tile, overlap=overlap)
+                       use_sar=use_sar, tile=tile, overlap=overlap, keep_clear=keep_clear)
     except BaseException:
         for path in (out_path, uncertainty_path):
             if path is not None:
@@ -299,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tile", type=int, default=None, help="tile size in pixels (default: the bundle's)")
     parser.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels")
     parser.add_argument("--batch-size", type=int, default=8, help="tiles per batch (over all devices)")
+    parser.add_argument("--keep-clear", type=float, default=None, metavar="P",
+                        help="leave pixels whose cloud probability is below P exactly as they came in")
     parser.add_argument("--dtype", default=None, help="compute dtype override: float32 | bfloat16")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -311,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = predict_scene(
             remover, args.s2, args.s1, args.cloud_prob, out_path=args.out, uncertainty_path=args.uncertainty,
             steps=args.steps, num_samples=args.samples, guidance_scale=args.guidance, seed=args.seed,
-            tile_size=args.tile, overlap=args.overlap, batch_size=args.batch_size, progress=not args.quiet,
+            tile_size=args.tile, overlap=args.overlap, batch_size=args.batch_size, keep_clear=args.keep_clear,
+            progress=not args.quiet,
         )
     except (BundleError, DataError, FileNotFoundError, ValueError, rasterio.errors.RasterioError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,7 +5,7 @@ function of `(TrainState, batch, rng)` that merges the graph inside, so it jits 
 donated buffers (see `compile_step`). Frozen networks (the VAEs during the flow stage) travel as a separate
 argument and get no gradients.
 
-Batches hold the data contract of DESIGN section 3 (values in [0, 1]); models see `x * 2 - 1`.
+Batches hold the data contract of docs/ARCHITECTURE.md (values in [0, 1]); models see `x * 2 - 1`.
 """
 
 from __future__ import annotations
@@ -192,6 +192,26 @@ class FlowLossConfig:
     cloudy_dropout: float = 0.1
     use_sar: bool = True
     pixel_loss_weight: float = 0.0  # > 0 adds the cloud-weighted L1 through the frozen S2 decoder
+    joint_dropout: float = 0.0  # both conditions dropped together: the branch classifier-free guidance uses
+    spec: rf.FlowSpec = rf.FlowSpec()  # the source distribution (noise or the cloudy latent)
+
+    @classmethod
+    def from_config(cls, scfg) -> FlowLossConfig:
+        """From a config's `flow` section (configs/common.py)."""
+        return cls(
+            scfg.t_sampling, scfg.sar_dropout, scfg.cloudy_dropout, scfg.use_sar, scfg.pixel_loss_weight,
+            scfg.get("joint_dropout", 0.0), rf.FlowSpec.from_config(scfg),
+        )
+
+
+def condition_dropout(rng: jax.Array, batch: int, cfg: FlowLossConfig) -> tuple[jax.Array, jax.Array]:
+    """(drop_sar, drop_cloudy), each (batch,) bool: both together with probability `joint_dropout`, else each
+    on its own with `sar_dropout` / `cloudy_dropout`. P(both) = joint + (1 - joint) * sar * cloudy."""
+    r_joint, r_sar, r_cld = jax.random.split(rng, 3)
+    both = jax.random.bernoulli(r_joint, cfg.joint_dropout, (batch,))
+    drop_sar = both | jax.random.bernoulli(r_sar, cfg.sar_dropout, (batch,))
+    drop_cloudy = both | jax.random.bernoulli(r_cld, cfg.cloudy_dropout, (batch,))
+    return drop_sar, drop_cloudy
 
 
 @struct.dataclass
@@ -233,12 +253,11 @@ def flow_loss(model, batch: Batch, rng: jax.Array, vaes: FrozenVaes, *, cfg: Flo
     lat = {k: batch[k] for k in ("x0", "cloudy", "sar")} if "x0" in batch else encode_batch(vaes, batch)
     x0 = lat["x0"]
     b = x0.shape[0]
-    r_t, r_eps, r_sar, r_cld = jax.random.split(rng, 4)
+    r_t, r_eps, r_drop = jax.random.split(rng, 3)
     t = rf.sample_t(r_t, b, kind=cfg.t_sampling)
-    eps = jax.random.normal(r_eps, x0.shape, x0.dtype)
-    x_t = rf.interpolate(x0, eps, t)
-    drop_sar = jax.random.bernoulli(r_sar, cfg.sar_dropout, (b,))
-    drop_cloudy = jax.random.bernoulli(r_cld, cfg.cloudy_dropout, (b,))
+    x1 = cfg.spec.start(jax.random.normal(r_eps, x0.shape, x0.dtype), lat["cloudy"])
+    x_t = rf.interpolate(x0, x1, t)
+    drop_sar, drop_cloudy = condition_dropout(r_drop, b, cfg)
     v = model(
         x_t,
         t,
@@ -248,7 +267,7 @@ def flow_loss(model, batch: Batch, rng: jax.Array, vaes: FrozenVaes, *, cfg: Flo
         drop_sar=drop_sar,
         drop_cloudy=drop_cloudy,
     ).astype(jnp.float32)
-    loss = rf.flow_loss(v, rf.velocity_target(x0, eps))
+    loss = rf.flow_loss(v, rf.velocity_target(x0, x1))
     aux = {"flow_mse": loss}
     if cfg.pixel_loss_weight:
         x0_hat = rf.x0_from_velocity(x_t, t, v)
@@ -256,6 +275,63 @@ def flow_loss(model, batch: Batch, rng: jax.Array, vaes: FrozenVaes, *, cfg: Flo
         pix = rf.pixel_l1_loss(pixels, batch["s2"], batch["cloud_prob"])
         loss = loss + cfg.pixel_loss_weight * pix
         aux["pixel_l1"] = pix
+    return loss, aux
+
+
+@dataclasses.dataclass(frozen=True)
+class RefinerLossConfig:
+    """The refiner's objective: L1 + ssim_weight * (1 - SSIM) of the refined image against the clear target.
+
+    input: what the refiner refines, "flow" (the frozen flow's sampled prediction, `flow_steps` Euler steps
+    from fresh noise each step) or "roundtrip" (the cloudy image's VAE round trip: the ablation without the
+    latent flow). sar_dropout: the share of samples trained in the SAR-absent mode (flow and refiner alike).
+    """
+
+    ssim_weight: float = 0.5
+    sar_dropout: float = 0.1
+    input: str = "flow"
+    flow_steps: int = 8
+    spec: rf.FlowSpec = rf.FlowSpec()
+    guidance_scale: float = 1.0
+
+    @classmethod
+    def from_config(cls, config) -> RefinerLossConfig:
+        r, f = config.refiner, config.flow
+        return cls(r.ssim_weight, r.sar_dropout, r.input, int(r.flow_steps or f.sample_steps),
+                   rf.FlowSpec.from_config(f), float(f.guidance_scale))
+
+
+def refiner_input(nets, batch: Batch, rng: jax.Array, drop_sar: jax.Array, cfg: RefinerLossConfig) -> jax.Array:
+    """What the refiner restores, (B, H, W, C) in [0, 1], without gradients: a flow sample or a round trip."""
+    from crrf_jax import inference
+
+    if cfg.input == "roundtrip":
+        vae = nets.vae_s2()
+        pred = (vae.decode(vae.encode(batch["s2_cloudy"] * 2.0 - 1.0)).astype(jnp.float32) + 1.0) * 0.5
+    elif cfg.input == "flow":
+        keys = jax.random.split(rng, batch["s2_cloudy"].shape[0])
+        pred, _ = inference.sample_patches(
+            nets, batch["s2_cloudy"], batch["s1"], batch["cloud_prob"], keys, steps=cfg.flow_steps,
+            guidance_scale=cfg.guidance_scale, spec=cfg.spec, output="flow", drop_sar=drop_sar,
+        )
+    else:
+        raise ValueError(f"refiner input must be 'flow' or 'roundtrip', got {cfg.input!r}")
+    return jax.lax.stop_gradient(jnp.clip(pred, 0.0, 1.0))
+
+
+def refiner_loss(model, batch: Batch, rng: jax.Array, nets, *, cfg: RefinerLossConfig):
+    """Loss of the Refiner on `batch` (pixels in [0, 1]); `nets` are the frozen inference.Networks."""
+    from crrf_jax import metrics
+
+    r_drop, r_input = jax.random.split(rng)
+    drop_sar = jax.random.bernoulli(r_drop, cfg.sar_dropout, (batch["s2"].shape[0],))
+    pred = refiner_input(nets, batch, r_input, drop_sar, cfg)
+    refined, trust = model(pred, batch["s2_cloudy"], batch["cloud_prob"], batch["s1"], ~drop_sar)
+    target = batch["s2"].astype(jnp.float32)
+    l1 = jnp.mean(jnp.abs(refined - target))
+    ssim = jnp.mean(jax.vmap(metrics.ssim_map)(refined, target))
+    loss = l1 + cfg.ssim_weight * (1.0 - ssim)
+    aux = {"l1": l1, "ssim": ssim, "input_l1": jnp.mean(jnp.abs(pred - target)), "trust": jnp.mean(trust)}
     return loss, aux
 
 

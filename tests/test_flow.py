@@ -245,3 +245,73 @@ def test_ensemble_mean_and_std():
     np.testing.assert_array_equal(single_std, 0.0)
     with pytest.raises(ValueError, match="num_samples"):
         flow.ensemble_sample(spread, jax.random.PRNGKey(2), SHAPE, ts, num_samples=0)
+
+
+# ------------------------------------------------------------------------------------------ cloudy source
+
+
+def test_cloudy_source_interpolation_ends():
+    """t = 0 is the clear latent, t = 1 the cloudy latent plus sigma * eps; the target is their difference."""
+    x0, eps = _x0_eps(5)
+    cloudy = jax.random.normal(jax.random.PRNGKey(9), SHAPE)
+    spec = flow.FlowSpec("cloudy", sigma=0.3)
+    x1 = spec.start(eps, cloudy)
+    np.testing.assert_allclose(x1, cloudy + 0.3 * eps, rtol=1e-6)
+    np.testing.assert_array_equal(flow.interpolate(x0, x1, jnp.zeros(3)), x0)
+    np.testing.assert_array_equal(flow.interpolate(x0, x1, jnp.ones(3)), x1)
+    np.testing.assert_allclose(flow.velocity_target(x0, x1), x1 - x0, rtol=1e-6)
+    np.testing.assert_array_equal(flow.FlowSpec("noise").start(eps, cloudy), eps)  # noise ignores cloudy
+    with pytest.raises(ValueError, match="needs the cloudy latent"):
+        flow.FlowSpec("cloudy").start(eps)
+    with pytest.raises(ValueError, match="flow source must be one of"):
+        flow.FlowSpec("haze")
+    with pytest.raises(ValueError, match="sigma must be >= 0"):
+        flow.FlowSpec("cloudy", -1.0)
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_cloudy_source_one_step_limit(shift):
+    """For the straight flow from x1 = cloudy + sigma eps to x0, the exact velocity (x_t - x0) / t takes one
+    Euler step from t = 1 to 0 onto x0; so does any number of steps, on either schedule."""
+    x0, eps = _x0_eps(6)
+    cloudy = jax.random.normal(jax.random.PRNGKey(10), SHAPE)
+    spec = flow.FlowSpec("cloudy", sigma=0.2, shift=shift)
+    x1 = spec.start(eps, cloudy)
+
+    def exact_velocity(x, t):
+        return (x - x0) / t.reshape(-1, 1, 1, 1)
+
+    for steps in (1, 3):
+        out = flow.euler_sample(exact_velocity, x1, spec.schedule(steps, 16))
+        np.testing.assert_allclose(out, x0, atol=1e-5)
+    schedule = spec.schedule(4, 16)
+    assert float(schedule[0]) == 1.0 and float(schedule[-1]) == 0.0
+    if not shift:
+        np.testing.assert_allclose(schedule, np.linspace(1, 0, 5), atol=1e-7)
+
+
+def test_flow_spec_from_config_defaults_to_the_noise_source():
+    """Bundles written before the cloudy source existed carry no source: they sample from noise."""
+    assert flow.FlowSpec.from_config({}) == flow.FlowSpec("noise", 0.0, True)
+    cfg = {"source": "cloudy", "source_sigma": 0.1, "shift_schedule": False}
+    assert flow.FlowSpec.from_config(cfg) == flow.FlowSpec("cloudy", 0.1, False)
+
+
+def test_joint_condition_dropout_rate():
+    """Both conditions are dropped together with probability joint + (1 - joint) * p_sar * p_cloudy, and each
+    on its own at its marginal rate joint + (1 - joint) * p."""
+    from crrf_jax import train_lib
+
+    cfg = train_lib.FlowLossConfig(sar_dropout=0.1, cloudy_dropout=0.2, joint_dropout=0.15)
+    n = 200_000
+    drop_sar, drop_cloudy = (np.asarray(d) for d in train_lib.condition_dropout(jax.random.key(0), n, cfg))
+    expected = {
+        "both": 0.15 + 0.85 * 0.1 * 0.2,
+        "sar": 0.15 + 0.85 * 0.1,
+        "cloudy": 0.15 + 0.85 * 0.2,
+    }
+    observed = {"both": np.mean(drop_sar & drop_cloudy), "sar": drop_sar.mean(), "cloudy": drop_cloudy.mean()}
+    for name, p in expected.items():
+        assert abs(observed[name] - p) < 4 * np.sqrt(p * (1 - p) / n), (name, observed[name], p)
+    none = train_lib.FlowLossConfig(sar_dropout=0.0, cloudy_dropout=0.0, joint_dropout=0.0)
+    assert not np.any(np.asarray(train_lib.condition_dropout(jax.random.key(1), 1000, none)))

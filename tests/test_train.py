@@ -1,7 +1,8 @@
 """train.py end to end on tiny synthetic data: every stage learns, and bad input gets a one-line error.
 
-One train.py process runs the whole pipeline (S2 autoencoder, S1 autoencoder, latent statistics, flow) with
-the tiny model on 32x32 crops, logging every step; each stage's loss must fall clearly.
+One train.py process runs the whole pipeline (S2 autoencoder, S1 autoencoder, latent statistics, flow,
+refiner) with the tiny model on 32x32 crops, logging every step; each stage's loss must fall clearly. The
+refiner stage then resumes exactly after a SIGTERM, on top of the finished flow.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ STAGE_RUNS = {
     "vae_s2": dict(steps=12, lr=2e-3),
     "vae_s1": tr.VAE_S1,  # as in test_resume: one compilation for both
     "flow": dict(steps=30, lr=1e-3),
+    "refiner": dict(steps=16, lr=3e-3),
 }
 
 
@@ -54,6 +56,39 @@ def test_pipeline_outputs(pipeline):
         assert stats[vae]["scale_factor"] > 0 and np.isfinite(stats[vae]["shift_factor"])
     entry = tr.read_trace(pipeline / "flow" / "metrics.jsonl")[1]
     assert {"loss", "flow_mse", "grad_norm", "lr", "step_time_s", "samples_per_s"} <= set(entry)
+    entry = tr.read_trace(pipeline / "refiner" / "metrics.jsonl")[1]
+    assert {"loss", "l1", "ssim", "input_l1", "trust"} <= set(entry)
+
+
+def test_refiner_stage_resumes_exactly(pipeline, tmp_path_factory):
+    """The refiner stage stopped by SIGTERM at step 6 and resumed ends where the uninterrupted run ended."""
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    workdir = tmp_path_factory.mktemp("refiner_resume") / "run"
+    shutil.copytree(pipeline, workdir, ignore=shutil.ignore_patterns("refiner"))
+    flags = tr.base_flags(base / "synthetic", workdir, "refiner")
+    flags += tr.stage_flags("refiner", **STAGE_RUNS["refiner"], checkpoint_every=4)
+    env = tr.test_env(base / "jax_cache")
+    first = tr.run_train(flags, {**env, "CRRF_TEST_SIGTERM_AT_STEP": "6"})
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert not (workdir / "refiner" / "final").exists()
+    second = tr.run_train(flags, env)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resumed from step 6" in second.stderr
+    steps = STAGE_RUNS["refiner"]["steps"]
+    np.testing.assert_allclose(tr.losses(workdir / "refiner" / "metrics.jsonl"),
+                               tr.losses(pipeline / "refiner" / "metrics.jsonl"), rtol=1e-5)
+    resumed = tr.read_checkpoint_state(workdir / "refiner" / "checkpoints" / str(steps))
+    reference = tr.read_checkpoint_state(pipeline / "refiner" / "checkpoints" / str(steps))
+    for a, b in zip(jax_leaves(resumed), jax_leaves(reference), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
 def train_py(tmp_path, *flags: str) -> subprocess.CompletedProcess:

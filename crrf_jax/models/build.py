@@ -33,3 +33,10 @@ def cloud_removal_flux(model_cfg, dtype: str = "float32", remat_policy: str = "n
         remat_policy=remat_policy,
         rngs=nnx.Rngs(seed),
     )
+
+
+def refiner(model_cfg, dtype: str = "float32", seed: int = 0):
+    """The pixel-space refiner (`model_cfg.refiner`: bands, width, dilations)."""
+    from crrf_jax.models.refiner import Refiner, RefinerConfig
+
+    return Refiner(RefinerConfig.from_mapping(model_cfg.refiner), dtype=compute_dtype(dtype), rngs=nnx.Rngs(seed))

@@ -1,0 +1,152 @@
+"""The pixel-space refiner: residual and trust-mask semantics, the SAR-absent mode, its loss, and sampling
+with it (the cloudy-source flow starts from the cloudy latent)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from crrf_jax import flow as rf
+from crrf_jax import inference, train_lib
+from crrf_jax.models.refiner import Refiner, RefinerConfig, blend
+
+B, H, W, C = 2, 16, 16, 5
+
+
+def _inputs(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    pred, cloudy = (jnp.asarray(rng.uniform(0, 1, (B, H, W, C)), jnp.float32) for _ in range(2))
+    prob = jnp.asarray(rng.uniform(0, 1, (B, H, W, 1)), jnp.float32)
+    sar = jnp.asarray(rng.uniform(0, 1, (B, H, W, 2)), jnp.float32)
+    return pred, cloudy, prob, sar
+
+
+def _refiner(seed: int = 0) -> Refiner:
+    return Refiner(RefinerConfig(bands=C, width=8, dilations=(1, 2)), rngs=nnx.Rngs(seed))
+
+
+def _set_head(model: Refiner, residual: float, trust_logit: float) -> None:
+    """A head whose output is constant: `residual` on every band, `trust_logit` for the mask."""
+    model.head.kernel[...] = jnp.zeros_like(model.head.kernel[...])
+    model.head.bias[...] = jnp.asarray([residual] * C + [trust_logit], jnp.float32)
+
+
+def test_initial_refiner_averages_prediction_and_input():
+    """Zero-initialised head: residual 0 and trust 1/2."""
+    pred, cloudy, prob, sar = _inputs()
+    refined, trust = _refiner()(pred, cloudy, prob, sar)
+    np.testing.assert_allclose(trust, 0.5, atol=1e-7)
+    np.testing.assert_allclose(refined, 0.5 * (pred + cloudy), atol=1e-6)
+
+
+@pytest.mark.parametrize("residual", [0.0, 0.1])
+def test_trust_one_keeps_the_input_and_trust_zero_takes_the_restored_prediction(residual):
+    pred, cloudy, prob, sar = _inputs(1)
+    model = _refiner()
+    _set_head(model, residual, 40.0)  # sigmoid(40) == 1 in float32
+    refined, trust = model(pred, cloudy, prob, sar)
+    assert float(trust.min()) == 1.0
+    np.testing.assert_array_equal(refined, cloudy)
+    _set_head(model, residual, -40.0)
+    refined, trust = model(pred, cloudy, prob, sar)
+    np.testing.assert_allclose(trust, 0.0, atol=1e-12)
+    np.testing.assert_allclose(refined, pred + residual, atol=1e-6)
+
+
+def test_blend_is_a_per_pixel_convex_combination():
+    pred, cloudy, prob, _ = _inputs(2)
+    out = blend(pred, cloudy, prob)
+    np.testing.assert_allclose(out, prob * cloudy + (1 - prob) * pred, atol=1e-7)
+    lo, hi = jnp.minimum(pred, cloudy), jnp.maximum(pred, cloudy)
+    assert bool(jnp.all((out >= lo - 1e-6) & (out <= hi + 1e-6)))
+
+
+def test_sar_absent_per_sample_equals_no_sar():
+    """sar_present=False for a sample gives exactly its output with sar=None, and SAR matters otherwise."""
+    pred, cloudy, prob, sar = _inputs(3)
+    model = _refiner(4)
+    model.head.kernel[...] = 0.1 * jax.random.normal(jax.random.key(0), model.head.kernel.shape)
+    none, _ = model(pred, cloudy, prob, None)
+    mixed, _ = model(pred, cloudy, prob, sar, jnp.array([False, True]))
+    full, _ = model(pred, cloudy, prob, sar)
+    np.testing.assert_allclose(mixed[0], none[0], atol=1e-6)
+    np.testing.assert_allclose(mixed[1], full[1], atol=1e-6)
+    assert float(jnp.abs(full[1] - none[1]).max()) > 1e-4
+
+
+def test_refiner_rejects_mismatched_inputs():
+    pred, cloudy, prob, sar = _inputs()
+    model = _refiner()
+    with pytest.raises(ValueError, match="must both be"):
+        model(pred, cloudy[..., :3], prob, sar)
+    with pytest.raises(ValueError, match="cloud_prob must be"):
+        model(pred, cloudy, prob[:, :8], sar)
+    with pytest.raises(ValueError, match="sar must be"):
+        model(pred, cloudy, prob, sar[..., :1])
+
+
+def test_refiner_loss_gradients_reach_the_refiner_only():
+    """The loss of the roundtrip input: finite, with gradients for the refiner; the frozen VAE gets none."""
+    from configs import demo
+    from crrf_jax.models import build
+
+    config = demo.get_config()
+    config.model.vae_s2.in_channels = config.model.vae_s2.out_ch = C
+    config.model.refiner.bands = C
+    vae_s2 = build.autoencoder(config.model, "vae_s2")
+    vae_s1 = build.autoencoder(config.model, "vae_s1")
+    flow_model = build.cloud_removal_flux(config.model)
+    nets = inference.Networks.of(flow_model, vae_s2, vae_s1)
+    refiner = build.refiner(config.model)
+    pred, cloudy, prob, sar = _inputs(5)
+    batch = {"s2": pred, "s2_cloudy": cloudy, "cloud_prob": prob, "s1": sar}
+    cfg = train_lib.RefinerLossConfig(input="roundtrip")
+    graph, params = nnx.split(refiner)
+
+    def loss(p):
+        return train_lib.refiner_loss(nnx.merge(graph, p), batch, jax.random.key(0), nets, cfg=cfg)[0]
+
+    value, grads = jax.value_and_grad(loss)(params)
+    assert np.isfinite(float(value))
+    assert float(jax.tree.reduce(lambda a, g: a + jnp.sum(jnp.abs(g)), grads, 0.0)) > 0
+
+
+def test_cloudy_source_sampler_starts_from_the_cloudy_latent():
+    """A flow whose velocity is zero (zero-initialised output layer) leaves the sampler where it starts: with
+    the cloudy source and sigma 0 that is the cloudy image's VAE round trip; with the noise source it is not."""
+    from configs import demo
+    from crrf_jax.models import build
+    from crrf_jax.models.flux import CloudRemovalFlux
+
+    config = demo.get_config()
+    vae_s2 = build.autoencoder(config.model, "vae_s2", seed=1)
+    vae_s1 = build.autoencoder(config.model, "vae_s1", seed=2)
+    flow_model = CloudRemovalFlux(config.model.flux.to_dict(), config.model.cloud_cnn.to_dict(), zero_init=True)
+    nets = inference.Networks.of(flow_model, vae_s2, vae_s1)
+    rng = np.random.default_rng(0)
+    cloudy = jnp.asarray(rng.uniform(0, 1, (1, 32, 32, 13)), jnp.float32)
+    prob = jnp.asarray(rng.uniform(0, 1, (1, 32, 32, 1)), jnp.float32)
+    keys = jax.random.split(jax.random.key(3), 1)
+    roundtrip = (vae_s2.decode(vae_s2.encode(cloudy * 2 - 1)) + 1) / 2
+    for steps in (1, 4):
+        out, _ = inference.sample_patches(nets, cloudy, None, prob, keys, steps=steps,
+                                          spec=rf.FlowSpec("cloudy", 0.0))
+        np.testing.assert_allclose(out, roundtrip, atol=1e-5)
+    noise_out, _ = inference.sample_patches(nets, cloudy, None, prob, keys, steps=1, spec=rf.FlowSpec("noise"))
+    assert float(jnp.abs(noise_out - roundtrip).max()) > 1e-2
+
+
+def test_keep_clear_pixels_come_back_as_they_came_in():
+    rng = np.random.default_rng(6)
+    mean, std, cloudy = (rng.uniform(0, 1, (8, 8, 3)).astype(np.float32) for _ in range(3))
+    prob = rng.uniform(0, 1, (8, 8, 1)).astype(np.float32)
+    kept_mean, kept_std = inference.keep_clear_pixels(mean, std, cloudy, prob, 0.4)
+    clear = prob[..., 0] < 0.4
+    np.testing.assert_array_equal(kept_mean[clear], cloudy[clear])
+    np.testing.assert_array_equal(kept_std[clear], 0.0)
+    np.testing.assert_array_equal(kept_mean[~clear], mean[~clear])
+    with pytest.raises(ValueError, match="keep_clear must be a cloud probability"):
+        inference.keep_clear_pixels(mean, std, cloudy, prob, 1.5)
