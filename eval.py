@@ -4,8 +4,10 @@
     python eval.py --bundle=bundles/base --data_root=/data/SEN12MSCR --split=test --steps=8 --samples=4
 
 Writes metrics.json, per_image.csv and example grids into --out (default <workdir or bundle>/eval_<split>),
-and prints model vs cloudy input. The split protocol is "exact" unless --protocol=legacy (which reproduces the
-published split leak, for comparison only); metrics.json records which one was used.
+and prints the model against the cloudy input and the learning-free references (mean fill, biharmonic
+inpainting; `crrf_jax.references`) over all, cloudy and clear pixels. The split protocol is "exact" unless
+--protocol=legacy (which reproduces the published split leak, for comparison only); metrics.json records which
+one was used.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ _THRESHOLD = flags.DEFINE_float("cloud_threshold", 0.5, "Cloud probability above
 _MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "Stop after this many images (0 = all).")
 _GEOTIFF = flags.DEFINE_bool("geotiff", False, "Also write each prediction as a GeoTIFF.")
 _NO_SAR = flags.DEFINE_bool("no_sar", False, "Evaluate the degraded SAR-absent mode.")
+_NO_REFERENCES = flags.DEFINE_bool("no_references", False, "Skip the learning-free references (faster).")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 
 
@@ -57,7 +60,7 @@ def main(argv) -> None:
         remover, root=root, out=out, split=_SPLIT.value, protocol=_PROTOCOL.value, steps=_STEPS.value,
         num_samples=_SAMPLES.value, guidance_scale=_GUIDANCE.value, batch_size=_BATCH.value,
         cloud_threshold=_THRESHOLD.value, max_images=_MAX_IMAGES.value, write_geotiff=_GEOTIFF.value,
-        use_sar=not _NO_SAR.value,
+        use_sar=not _NO_SAR.value, references=not _NO_REFERENCES.value,
     )
     print(evaluation.format_table(result))
     print(f"\nwritten to {out}: metrics.json, per_image.csv, examples_*.png")

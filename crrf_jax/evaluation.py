@@ -1,13 +1,23 @@
-"""Evaluation comparable with the published SEN12MS-CR tables (UnCRtainTS, EMRDM; DESIGN section 8).
+"""Evaluation comparable with the published SEN12MS-CR tables (UnCRtainTS, EMRDM; docs/ARCHITECTURE.md,
+"Inference and evaluation").
 
 `evaluate(remover, ...)` samples every image of a split with the EMA weights (tiles batched over the local
-devices), scores prediction and cloudy input against the cloud-free target, over all pixels and over cloudy
-pixels only (cloud probability above a threshold), and writes into `out`:
+devices) and scores, against the cloud-free target, the model, the cloudy input and the learning-free references
+of `crrf_jax.references` (mean fill, biharmonic inpainting): the baselines a model has to beat. Every method is
+scored over all pixels, over cloudy pixels (cloud probability above a threshold) and over clear pixels (the
+rest), and `evaluate` writes into `out`:
 
-    metrics.json     means over images, image count, split, protocol, sampling settings, the cloudy baseline
-    per_image.csv    one row per image
+    metrics.json     means over images of every group, how many images each mean averaged, split, protocol,
+                     sampling and predict options
+    per_image.csv    one row per image (the model's metrics unprefixed, every other group as "<group>/<metric>")
     examples_{worst,median,best}.png   cloudy RGB | SAR | prediction | target | uncertainty, ranked by PSNR
     predictions/<id>.tif   (optional) 13-band uint16 GeoTIFFs with the target's georeferencing
+
+The groups of a method are `<method>`, `<method>_cloudy_pixels` and `<method>_clear_pixels`, e.g. `model`,
+`cloudy_input_cloudy_pixels`, `biharmonic_clear_pixels`. An image without cloudy (or clear) pixels has NaN
+metrics in that group and is left out of its mean (`metrics.RunningMean`); `image_counts` says how many images
+each mean is over. The references keep clear pixels exactly, so their clear-pixel scores are the cloudy
+input's.
 
 Predictions are clipped to [0, 1] before scoring (the published code scores unclipped outputs; metrics.json says
 `clipped_to_unit_range`). Each image's sampling noise is seeded by a hash of its id, so results do not depend
@@ -20,7 +30,9 @@ import csv
 import json
 import logging
 import os
+import time
 import zlib
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -29,12 +41,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from crrf_jax import metrics as M
+from crrf_jax import references as R
 from crrf_jax import visualize as vis
 from crrf_jax.data import pipeline, sen12mscr
 
 log = logging.getLogger(__name__)
 
 EXAMPLE_ROWS = 4  # images per example grid
+GROUP_SUFFIXES = ("", "_cloudy_pixels", "_clear_pixels")  # a method's groups: all, cloudy and clear pixels
+# format_table's columns: (group suffix, metric).
+TABLE_COLUMNS = (("", "psnr"), ("", "ssim"), ("", "sam"),
+                 ("_cloudy_pixels", "psnr"), ("_cloudy_pixels", "sam"), ("_clear_pixels", "sam"))
 
 
 def image_seed(image_id: str) -> int:
@@ -42,16 +59,66 @@ def image_seed(image_id: str) -> int:
     return zlib.crc32(image_id.encode()) & 0x7FFFFFFF
 
 
+def method_groups(method: str) -> list[str]:
+    """The metric groups of a method: all pixels, cloudy pixels, clear pixels."""
+    return [method + suffix for suffix in GROUP_SUFFIXES]
+
+
 @jax.jit
-def _score(pred, cloudy, target, cloud_prob, threshold):
-    mask = M.cloudy_mask(cloud_prob[..., 0], threshold)
-    return {
-        "model": M.batch_metrics(pred, target),
-        "cloudy_input": M.batch_metrics(cloudy, target),
-        "model_cloudy_pixels": M.batch_metrics(pred, target, mask),
-        "cloudy_input_cloudy_pixels": M.batch_metrics(cloudy, target, mask),
-        "cloud_fraction": jnp.mean(mask, axis=(1, 2)),
-    }
+def _score(methods, target, cloud_prob, threshold):
+    cloudy = M.cloudy_mask(cloud_prob[..., 0], threshold)
+    scores = {"cloud_fraction": jnp.mean(cloudy, axis=(1, 2))}
+    for name, pred in methods.items():
+        scores[name] = M.batch_metrics(pred, target)
+        scores[f"{name}_cloudy_pixels"] = M.batch_metrics(pred, target, cloudy)
+        scores[f"{name}_clear_pixels"] = M.batch_metrics(pred, target, ~cloudy)
+    return scores
+
+
+def score_methods(
+    methods: Mapping[str, np.ndarray], target: np.ndarray, cloud_prob: np.ndarray, threshold: float = 0.5
+) -> dict[str, Any]:
+    """Per-image metrics of each method's predictions, over all, cloudy and clear pixels.
+
+    Args:
+      methods: {method name: (B, H, W, C) predictions on [0, 1]} (clipped to [0, 1] before scoring).
+      target: (B, H, W, C) cloud-free images on [0, 1].
+      cloud_prob: (B, H, W, 1) on [0, 1]; pixels above `threshold` are cloudy, the others clear.
+    Returns:
+      host arrays: {"cloud_fraction": (B,), and for every group of `method_groups(name)`: {metric: (B,)}}.
+    """
+    methods = {name: jnp.asarray(pred, jnp.float32) for name, pred in methods.items()}
+    return jax.device_get(_score(methods, jnp.asarray(target, jnp.float32),
+                                 jnp.asarray(cloud_prob, jnp.float32), float(threshold)))
+
+
+def reference_fills(
+    batch: Mapping[str, Any], valid: np.ndarray, threshold: float, wall_s: dict[str, float] | None = None
+) -> dict[str, np.ndarray]:
+    """Every reference of `references.REFERENCES` on the valid images of a batch -> {name: (B, H, W, C)}.
+
+    batch: "s2_cloudy" (B, H, W, C) and "cloud_prob" (B, H, W, 1) on [0, 1]; valid: bool (B,). Padding images
+    (valid False) keep the cloudy input, so the batch shape (and the compiled scorer) stays the same. Each
+    reference's host seconds are added to `wall_s[name]` when given.
+    """
+    cloudy = np.asarray(batch["s2_cloudy"], np.float32)
+    cloud_prob = np.asarray(batch["cloud_prob"])
+    fills = {}
+    for name in R.REFERENCES:
+        t0 = time.perf_counter()
+        fill = cloudy.copy()
+        fill[valid] = R.fill_batch(name, cloudy[valid], cloud_prob[valid], threshold)
+        fills[name] = fill
+        if wall_s is not None:
+            wall_s[name] = wall_s.get(name, 0.0) + time.perf_counter() - t0
+    return fills
+
+
+def summarize(running: Mapping[str, M.RunningMean]) -> dict[str, Any]:
+    """Means of every group, and `image_counts`: {group: {metric: images behind its mean}}."""
+    result: dict[str, Any] = {group: acc.mean() for group, acc in running.items()}
+    result["image_counts"] = {group: acc.counts for group, acc in running.items()}
+    return result
 
 
 def evaluate(
@@ -74,8 +141,22 @@ def evaluate(
     seed: int = 0,
     worker_count: int = 0,
     on_error: str = "raise",
+    references: bool = True,
+    zero_cloud_prob: bool = False,
+    write_examples: bool = True,
+    **predict_options: Any,
 ) -> dict[str, Any]:
-    """Scores `remover` (an inference.CloudRemover) on a split; returns what it writes to metrics.json."""
+    """Scores `remover` (an inference.CloudRemover) on a split; returns what it writes to metrics.json.
+
+    Args beyond the data and sampling settings:
+      references: also score the learning-free references (`crrf_jax.references.REFERENCES`).
+      use_sar: False runs the model in its SAR-absent mode (an ablation).
+      zero_cloud_prob: feed the model an all-zero cloud probability map (an ablation); the real map still
+        decides which pixels are scored as cloudy.
+      write_examples: write the example grids (a second pass over the images they show).
+      **predict_options: passed on to `remover.predict_tiles` (e.g. `output=`, `drop_cloudy=`) and recorded in
+        metrics.json as "predict_options".
+    """
     steps = int(steps or remover.config["sampling"]["steps"])
     guidance = float(remover.config["sampling"]["guidance_scale"] if guidance_scale is None else guidance_scale)
     use_sar = use_sar and remover.use_sar(True)
@@ -91,15 +172,18 @@ def evaluate(
 
     def predict(batch):
         ids = np.array([image_seed(str(i)) for i in batch["id"]], np.uint32)
-        tiles = {"s2_cloudy": batch["s2_cloudy"], "cloud_prob": batch["cloud_prob"]}
+        cloud_prob = np.asarray(batch["cloud_prob"], np.float32)
+        tiles = {"s2_cloudy": batch["s2_cloudy"],
+                 "cloud_prob": np.zeros_like(cloud_prob) if zero_cloud_prob else cloud_prob}
         if use_sar:
             tiles["s1"] = batch["s1"]
         return remover.predict_tiles(tiles, ids, steps=steps, num_samples=num_samples, guidance_scale=guidance,
-                                     seed=seed, pad_batch_to=batch_size)
+                                     seed=seed, pad_batch_to=batch_size, **predict_options)
 
+    methods = ["model", "cloudy_input", *(R.REFERENCES if references else ())]
+    running = {group: M.RunningMean() for method in methods for group in method_groups(method)}
+    wall_s = {name: 0.0 for name in methods if name != "cloudy_input"}  # host seconds (model: with compiling)
     rows: list[dict[str, Any]] = []
-    running = {k: M.RunningMean() for k in ("model", "cloudy_input", "model_cloudy_pixels",
-                                             "cloudy_input_cloudy_pixels")}
     data = batches()
     total = max_images or None
     with tqdm(total=total, desc=f"eval {split}", unit="img", dynamic_ncols=True) as bar:
@@ -107,10 +191,13 @@ def evaluate(
             valid = np.asarray(batch["mask"], bool)
             if not valid.any():
                 continue
+            t0 = time.perf_counter()
             mean, std = predict(batch)
-            scores = jax.device_get(_score(jnp.asarray(mean), jnp.asarray(batch["s2_cloudy"]),
-                                           jnp.asarray(batch["s2"]), jnp.asarray(batch["cloud_prob"]),
-                                           cloud_threshold))
+            wall_s["model"] += time.perf_counter() - t0
+            preds = {"model": mean, "cloudy_input": batch["s2_cloudy"]}
+            if references:
+                preds |= reference_fills(batch, valid, cloud_threshold, wall_s)
+            scores = score_methods(preds, batch["s2"], batch["cloud_prob"], cloud_threshold)
             for i in np.flatnonzero(valid):
                 row = {"id": str(batch["id"][i]), "cloud_fraction": float(scores["cloud_fraction"][i])}
                 for group, acc in running.items():
@@ -139,17 +226,21 @@ def evaluate(
         "guidance_scale": guidance,
         "num_samples": num_samples,
         "use_sar": use_sar,
+        "zero_cloud_prob": zero_cloud_prob,
+        "predict_options": dict(predict_options),
         "bands": list(remover.band_names),
         "clipped_to_unit_range": True,
         "cloud_threshold": cloud_threshold,
         "mean_cloud_fraction": float(np.mean([r["cloud_fraction"] for r in rows])),
-        **{group: acc.mean() for group, acc in running.items()},
+        "methods": methods,
+        "wall_s": wall_s,
+        **summarize(running),
     }
     result = json.loads(json.dumps(result, default=float))  # plain floats (NaN/inf kept as JSON tokens)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
     _write_csv(os.path.join(out, "per_image.csv"), rows)
-    result["examples"] = _write_examples(remover, out, rows, batches, predict)
+    result["examples"] = _write_examples(remover, out, rows, batches, predict) if write_examples else {}
     return result
 
 
@@ -223,12 +314,42 @@ def _triplets(root, split, protocol) -> dict[str, sen12mscr.Triplet]:
     return _TRIPLETS[key]
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """A plain-text table of model vs cloudy input (all pixels and cloudy pixels)."""
-    head = f"{'':28s}" + "".join(f"{m:>9s}" for m in M.METRIC_NAMES)
-    lines = [f"{result['split']} split ({result['protocol']} protocol), {result['num_images']} images, "
-             f"{result['steps']} steps, {result['num_samples']} sample(s)", head]
-    for group in ("model", "cloudy_input", "model_cloudy_pixels", "cloudy_input_cloudy_pixels"):
-        vals = result[group]
-        lines.append(f"{group:28s}" + "".join(f"{vals[m]:9.4f}" for m in M.METRIC_NAMES))
+def method_names(result: Mapping[str, Any]) -> list[str]:
+    """The methods scored in a result (groups without a pixel suffix), in the order they were added."""
+    return [key for key, value in result.items()
+            if isinstance(value, Mapping) and set(M.METRIC_NAMES) <= set(value)
+            and not key.endswith(GROUP_SUFFIXES[1:])]
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    """A plain-text table: one row per method (model, cloudy input, references, any other method group), columns
+    PSNR / SSIM / SAM over all pixels, PSNR / SAM over cloudy pixels, SAM over clear pixels."""
+    widths = (16, 9)
+    spans = {"": "all pixels", "_cloudy_pixels": "cloudy pixels", "_clear_pixels": "clear"}
+    top = f"{'':{widths[0]}s}"
+    for suffix, label in spans.items():
+        n = sum(s == suffix for s, _ in TABLE_COLUMNS)
+        top += f"{label:>{n * widths[1]}s}"
+    head = f"{'':{widths[0]}s}" + "".join(f"{metric:>{widths[1]}s}" for _, metric in TABLE_COLUMNS)
+    lines = [_table_title(result), top, head]
+    for method in method_names(result):
+        cells = []
+        for suffix, metric in TABLE_COLUMNS:
+            value = result.get(method + suffix, {}).get(metric)
+            cells.append(f"{'n/a':>{widths[1]}s}" if value is None else f"{value:{widths[1]}.4f}")
+        lines.append(f"{method:{widths[0]}s}" + "".join(cells))
     return "\n".join(lines)
+
+
+def _table_title(result: Mapping[str, Any]) -> str:
+    title = (f"{result['split']} split ({result['protocol']} protocol), {result['num_images']} images, "
+             f"{result['steps']} steps, {result['num_samples']} sample(s)")
+    counts = result.get("image_counts", {})
+    if "model_cloudy_pixels" in counts and "model_clear_pixels" in counts:
+        title += (f"; {counts['model_cloudy_pixels'].get('psnr', 0)} with cloudy pixels, "
+                  f"{counts['model_clear_pixels'].get('psnr', 0)} with clear pixels")
+    notes = [f"guidance {result['guidance_scale']:g}"] if result.get("guidance_scale", 1.0) != 1.0 else []
+    notes += ["no SAR"] if result.get("use_sar") is False else []
+    notes += ["cloud probability zeroed"] if result.get("zero_cloud_prob") else []
+    notes += [f"{k}={v}" for k, v in result.get("predict_options", {}).items()]
+    return title + (f" ({', '.join(notes)})" if notes else "")

@@ -1,0 +1,114 @@
+"""Learning-free cloud-removal references: what a trained model has to beat on held-out scenes.
+
+Each reference keeps the clear pixels of the cloudy image exactly and fills the cloudy ones (cloud probability
+above a threshold, the same rule as `crrf_jax.metrics.cloudy_mask`) from the clear ones only; none of them
+looks at SAR, at the cloud-free target or at any training data:
+
+- `mean_fill`: every cloudy pixel gets the image's per-band mean over its clear pixels;
+- `biharmonic_fill`: the cloudy regions are inpainted by a biharmonic surface that continues the clear pixels
+  around them smoothly (scikit-image `inpaint_biharmonic`, every band on its own).
+
+All functions work on host NumPy arrays, channels last, reflectance on [0, 1]. An image without a single clear
+pixel has nothing to fill from: both references then return the cloudy image unchanged, which scores exactly
+like the cloudy input. `crrf_jax.evaluation.evaluate` scores them beside the model, and `bench/quality.py`
+reports them on held-out scenes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+Reference = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def cloud_mask(cloud_prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Cloudy pixels, cloud_prob > threshold: (H, W, 1) or (H, W) on [0, 1] -> bool (H, W).
+
+    The host-side twin of `crrf_jax.metrics.cloudy_mask` (strictly greater than the threshold).
+    """
+    cloud_prob = np.asarray(cloud_prob)
+    if cloud_prob.ndim == 3 and cloud_prob.shape[-1] == 1:
+        cloud_prob = cloud_prob[..., 0]
+    if cloud_prob.ndim != 2:
+        raise ValueError(f"cloud_mask: cloud_prob must be (H, W) or (H, W, 1), got shape {cloud_prob.shape}")
+    return cloud_prob > threshold
+
+
+def _check(cloudy: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    cloudy = np.asarray(cloudy)
+    mask = np.asarray(mask, bool)
+    if cloudy.ndim != 3:
+        raise ValueError(f"cloudy image must be (H, W, C), got shape {cloudy.shape}")
+    if mask.shape != cloudy.shape[:2]:
+        raise ValueError(f"mask must be (H, W) = {cloudy.shape[:2]}, got shape {mask.shape}")
+    if not np.issubdtype(cloudy.dtype, np.floating):
+        raise ValueError(f"cloudy image must be float reflectance on [0, 1], got dtype {cloudy.dtype}")
+    return cloudy, mask
+
+
+def mean_fill(cloudy: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Cloudy pixels replaced by the per-band mean of the image's clear pixels.
+
+    Args:
+      cloudy: (H, W, C) float reflectance on [0, 1].
+      mask: bool (H, W), True where cloudy (to be filled).
+    Returns:
+      (H, W, C), the dtype of `cloudy`: clear pixels bit-identical to `cloudy`; the cloudy image unchanged
+      when no pixel is clear.
+    """
+    cloudy, mask = _check(cloudy, mask)
+    out = cloudy.copy()
+    clear = ~mask
+    if clear.any() and mask.any():
+        out[mask] = cloudy[clear].mean(axis=0, dtype=np.float64).astype(cloudy.dtype)
+    return out
+
+
+def biharmonic_fill(cloudy: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Cloudy pixels inpainted by a biharmonic surface through the clear ones, band by band, clipped to [0, 1].
+
+    Args:
+      cloudy: (H, W, C) float reflectance on [0, 1].
+      mask: bool (H, W), True where cloudy (to be filled).
+    Returns:
+      (H, W, C), the dtype of `cloudy`: clear pixels bit-identical to `cloudy`; the cloudy image unchanged
+      when no pixel is clear.
+    """
+    from skimage.restoration import inpaint_biharmonic
+
+    cloudy, mask = _check(cloudy, mask)
+    out = cloudy.copy()
+    if (~mask).any() and mask.any():
+        filled = inpaint_biharmonic(cloudy, mask, channel_axis=-1)
+        out[mask] = np.clip(filled[mask], 0.0, 1.0).astype(cloudy.dtype)
+    return out
+
+
+REFERENCES: dict[str, Reference] = {"mean_fill": mean_fill, "biharmonic": biharmonic_fill}
+
+
+def fill_batch(
+    name: str, cloudy: np.ndarray, cloud_prob: np.ndarray, threshold: float = 0.5
+) -> np.ndarray:
+    """Reference `name` of `REFERENCES` on every image of a batch.
+
+    Args:
+      name: a key of REFERENCES.
+      cloudy: (B, H, W, C) float reflectance on [0, 1].
+      cloud_prob: (B, H, W, 1) or (B, H, W) on [0, 1]; pixels above `threshold` are filled.
+    Returns:
+      (B, H, W, C) float32.
+    """
+    if name not in REFERENCES:
+        raise ValueError(f"unknown reference {name!r}; choose one of {sorted(REFERENCES)}")
+    cloudy = np.asarray(cloudy, np.float32)
+    cloud_prob = np.asarray(cloud_prob)
+    if cloudy.ndim != 4 or cloud_prob.shape[:3] != cloudy.shape[:3]:
+        raise ValueError(f"fill_batch: cloudy must be (B, H, W, C) and cloud_prob (B, H, W[, 1]) of the same "
+                         f"images, got {cloudy.shape} and {cloud_prob.shape}")
+    fill = REFERENCES[name]
+    if not len(cloudy):
+        return cloudy.copy()
+    return np.stack([fill(image, cloud_mask(prob, threshold)) for image, prob in zip(cloudy, cloud_prob)])

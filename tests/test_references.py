@@ -1,0 +1,176 @@
+"""Learning-free references (mean fill, biharmonic inpainting) and their place in the evaluation.
+
+The fills are checked on hand-made images whose right answer is known: the clear pixels must come back
+bit-exact, a mean fill must put the clear-pixel band means into the hole, and a biharmonic fill must reproduce
+a linear ramp inside a hole (a linear function is biharmonic). Evaluation runs an oracle remover, which returns
+the cloud-free target, on a few small synthetic scenes: it must beat every reference on every group.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from skimage.restoration import inpaint_biharmonic
+
+from crrf_jax import evaluation
+from crrf_jax import metrics as M
+from crrf_jax import references as R
+from crrf_jax.data import cloudprob, pipeline, sen12mscr, synthetic
+
+
+def _image_and_hole(height=24, width=20, bands=3, seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.uniform(0.1, 0.9, (height, width, bands)).astype(np.float32)
+    mask = np.zeros((height, width), bool)
+    mask[6:14, 5:12] = True
+    mask[18:21, 2:4] = True
+    return image, mask
+
+
+def test_cloud_mask_matches_metrics_cloudy_mask():
+    prob = np.random.default_rng(0).uniform(0, 1, (9, 7, 1)).astype(np.float32)
+    prob[0, 0, 0] = 0.5  # exactly the threshold: clear
+    expected = np.asarray(M.cloudy_mask(prob, 0.5))
+    np.testing.assert_array_equal(R.cloud_mask(prob, 0.5), expected)
+    np.testing.assert_array_equal(R.cloud_mask(prob[..., 0], 0.5), expected)
+    assert not R.cloud_mask(prob)[0, 0]
+    with pytest.raises(ValueError, match=r"\(H, W\) or \(H, W, 1\)"):
+        R.cloud_mask(np.zeros((4, 4, 2)))
+
+
+def test_mean_fill_keeps_clear_pixels_and_fills_the_band_means():
+    image, mask = _image_and_hole()
+    out = R.mean_fill(image, mask)
+    assert out.dtype == image.dtype and out.shape == image.shape
+    np.testing.assert_array_equal(out[~mask], image[~mask])  # bit-exact
+    means = image[~mask].astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(out[mask], np.broadcast_to(means, out[mask].shape), rtol=1e-6)
+
+
+def test_biharmonic_keeps_clear_pixels_and_matches_skimage():
+    image, mask = _image_and_hole()
+    out = R.biharmonic_fill(image, mask)
+    np.testing.assert_array_equal(out[~mask], image[~mask])
+    expected = np.clip(inpaint_biharmonic(image, mask, channel_axis=-1), 0, 1)
+    np.testing.assert_allclose(out[mask], expected[mask], atol=1e-6)
+    assert out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_biharmonic_reproduces_a_linear_ramp_inside_a_hole():
+    y, x = np.mgrid[0:32, 0:32].astype(np.float32)
+    ramp = np.stack([0.1 + 0.02 * x, 0.05 + 0.01 * x + 0.015 * y], axis=-1) / 1.5  # two bands on [0, 1]
+    mask = np.zeros((32, 32), bool)
+    mask[10:22, 8:20] = True
+    out = R.biharmonic_fill(ramp, mask)
+    np.testing.assert_allclose(out[mask], ramp[mask], atol=1e-4)
+    # The mean fill cannot: it is flat in the hole.
+    assert np.abs(R.mean_fill(ramp, mask)[mask] - ramp[mask]).max() > 0.05
+
+
+@pytest.mark.parametrize("name", sorted(R.REFERENCES))
+def test_all_cloudy_and_all_clear_images_come_back_unchanged(name):
+    image, _ = _image_and_hole()
+    for mask in (np.ones(image.shape[:2], bool), np.zeros(image.shape[:2], bool)):
+        out = R.REFERENCES[name](image, mask)
+        np.testing.assert_array_equal(out, image)
+        assert out is not image
+
+
+def test_fill_batch_fills_each_image_with_its_own_mask():
+    image, mask = _image_and_hole()
+    cloudy = np.stack([image, image[::-1]])
+    prob = np.stack([mask, mask[::-1]]).astype(np.float32)[..., None] * 0.9
+    out = R.fill_batch("biharmonic", cloudy, prob, threshold=0.5)
+    assert out.shape == cloudy.shape and out.dtype == np.float32
+    np.testing.assert_array_equal(out[1], R.biharmonic_fill(image[::-1], mask[::-1]))
+    with pytest.raises(ValueError, match="unknown reference 'nope'"):
+        R.fill_batch("nope", cloudy, prob)
+    with pytest.raises(ValueError, match=r"must be \(H, W, C\)"):
+        R.mean_fill(image[..., 0], mask)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Evaluation with an oracle remover
+# ------------------------------------------------------------------------------------------------------------
+
+
+SIZE, N_SCENES = 32, 8
+
+
+class OracleRemover:
+    """Returns each image's cloud-free target (found by its sampling seed); records the options it was given."""
+
+    band_indices = tuple(range(13))
+    band_names = tuple(sen12mscr.S2_BANDS)
+    config = {"sampling": {"steps": 1, "guidance_scale": 1.0}}
+
+    def __init__(self, root):
+        self.targets, self.calls = {}, []
+        for batch in pipeline.make_dataset(source="geotiff", root=root, split="all", batch_size=4, shuffle=False,
+                                           num_epochs=1, drop_remainder=False):
+            for i, image_id in enumerate(batch["id"]):
+                if batch["mask"][i]:
+                    self.targets[evaluation.image_seed(str(image_id))] = np.asarray(batch["s2"][i], np.float32)
+
+    def use_sar(self, has_s1):
+        return has_s1
+
+    def predict_tiles(self, tiles, tile_ids, **options):
+        self.calls.append({k: v for k, v in options.items() if k in ("steps", "output")}
+                          | {"cloud_prob_max": float(np.max(tiles["cloud_prob"]))})
+        mean = np.stack([self.targets.get(int(i), np.zeros((SIZE, SIZE, 13), np.float32)) for i in tile_ids])
+        return mean, np.zeros_like(mean)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heldout")
+    synthetic.write_synthetic_dataset(root, n_scenes=N_SCENES, size=SIZE, seed=3)
+    cloudprob.compute_cloud_probs(root, workers=1, progress=False)
+    return root
+
+
+def test_oracle_beats_every_reference_and_the_table_shows_them(scenes, tmp_path):
+    remover = OracleRemover(scenes)
+    result = evaluation.evaluate(remover, root=str(scenes), out=str(tmp_path), split="all", batch_size=3,
+                                 write_examples=False, output="final")
+    assert result["methods"] == ["model", "cloudy_input", "mean_fill", "biharmonic"]
+    assert result["predict_options"] == {"output": "final"} and remover.calls[0]["output"] == "final"
+    for method in result["methods"]:
+        for group in evaluation.method_groups(method):
+            assert set(result[group]) == set(M.METRIC_NAMES), group
+            counts = result["image_counts"][group]
+            assert 0 < counts["psnr"] <= N_SCENES
+    assert result["image_counts"]["model"]["psnr"] == N_SCENES
+    assert result["model"]["psnr"] == np.inf and result["model"]["sam"] < 0.01  # the target (float rounding)
+    for name in ("cloudy_input", *R.REFERENCES):
+        for suffix in ("", "_cloudy_pixels"):
+            assert result["model" + suffix]["rmse"] < result[name + suffix]["rmse"], name + suffix
+            assert result["model" + suffix]["ssim"] > result[name + suffix]["ssim"], name + suffix
+    # The references keep clear pixels: their clear-pixel scores are the cloudy input's.
+    for name in R.REFERENCES:
+        assert result[f"{name}_clear_pixels"]["rmse"] == pytest.approx(result["cloudy_input_clear_pixels"]["rmse"])
+    # A biharmonic fill continues the ground, the mean fill does not: it should be the better reference.
+    assert result["biharmonic_cloudy_pixels"]["rmse"] < result["cloudy_input_cloudy_pixels"]["rmse"]
+
+    table = evaluation.format_table(result)
+    for name in result["methods"]:
+        assert f"\n{name} " in table
+    assert "cloudy pixels" in table and "clear" in table and "psnr" in table
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["image_counts"] == result["image_counts"]
+    header = (tmp_path / "per_image.csv").read_text().splitlines()[0].split(",")
+    assert "biharmonic_cloudy_pixels/psnr" in header and "psnr" in header
+
+
+def test_zero_cloud_prob_reaches_the_model_only(scenes, tmp_path):
+    remover = OracleRemover(scenes)
+    result = evaluation.evaluate(remover, root=str(scenes), out=str(tmp_path), split="all", batch_size=8,
+                                 references=False, zero_cloud_prob=True, write_examples=False)
+    assert remover.calls and all(c["cloud_prob_max"] == 0.0 for c in remover.calls)
+    assert result["methods"] == ["model", "cloudy_input"] and "mean_fill" not in result
+    assert result["zero_cloud_prob"] is True and result["mean_cloud_fraction"] > 0  # scored with the real map
+    table = evaluation.format_table(result)
+    assert "cloud probability zeroed" in table and "mean_fill" not in table
