@@ -15,6 +15,9 @@ The issue it answers: the model must beat every learning-free baseline on scenes
    learned one: a per-pixel SAR regression (one gradient-boosted tree ensemble per band on SAR VV/VH, their
    5x5 and 11x11 local means and the cloud probability) fitted on the run's training split and applied to the
    cloudy pixels only (`sar_regression_reference`).
+   The latent ceiling, scored the same way (`vae_roundtrip_reference`): the model's own S2 autoencoder
+   round-trips the clear target ("vae_roundtrip_clear": the best any latent model can do before the refiner)
+   and the cloudy input ("vae_roundtrip_cloudy").
 3. Ablations of the model (SAR dropped, cloud probability zeroed, cloudy tokens dropped, the flow's output
    without the refiner, the refiner on the cloudy image's VAE round trip), an Euler-step sweep and a guidance
    sweep. Options the model or today's `predict_tiles` lacks are reported as n/a.
@@ -40,7 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -54,6 +60,7 @@ from crrf_jax.data import cloudprob, pipeline, sen12mscr, synthetic  # noqa: E40
 REAL_SAMPLE = REPO.parent / "shared" / "data" / "sen12mscr_sample"
 LEARNING_FREE = ("cloudy_input", *R.REFERENCES)
 SAR_REGRESSION = "sar_regression"
+VAE_CLEAR, VAE_CLOUDY = "vae_roundtrip_clear", "vae_roundtrip_cloudy"
 # Markdown columns: (header, group suffix, metric).
 COLUMNS = (
     ("PSNR", "", "psnr"), ("SSIM", "", "ssim"), ("SAM", "", "sam"),
@@ -184,11 +191,81 @@ def sar_regression_reference(regression: SarRegression, heldout: Iterator[Mappin
     return evaluation.summarize(running)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# The latent ceiling: the S2 autoencoder's round trip
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _roundtrip_fn(graph, state, x):
+    vae = nnx.merge(graph, state)
+    return jnp.clip((vae.decode(vae.encode(x * 2.0 - 1.0)) + 1.0) * 0.5, 0.0, 1.0)
+
+
+_roundtrip_jit = jax.jit(_roundtrip_fn, static_argnums=0)
+
+
+def vae_roundtrip(vae, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    """decode(encode(x)) of an NNX AutoEncoder (latent statistics included) on (N, H, W, C) reflectance on
+    [0, 1] -> (N, H, W, C) float32 clipped to [0, 1].
+
+    Runs in batches of `batch_size` (the last one padded, so one compiled shape serves them all); H and W are
+    reflect-padded up to a multiple of the autoencoder's downsample factor and cropped back.
+    """
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4:
+        raise ValueError(f"vae_roundtrip: images must be (N, H, W, C), got shape {images.shape}")
+    n, h, w, _ = images.shape
+    f = vae.config.downsample_factor
+    pad = ((0, 0), (0, -h % f), (0, -w % f), (0, 0))
+    padded = np.pad(images, pad, mode="reflect") if any(p[1] for p in pad) else images
+    graph, state = nnx.split(vae)
+    out = []
+    for start in range(0, n, batch_size):
+        chunk = padded[start:start + batch_size]
+        fill = batch_size - len(chunk)
+        if fill:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fill, axis=0)])
+        out.append(np.asarray(_roundtrip_jit(graph, state, jnp.asarray(chunk)))[:batch_size - fill])
+    return np.concatenate(out)[:, :h, :w].astype(np.float32)
+
+
+def vae_roundtrip_reference(vae, heldout: Iterator[Mapping[str, np.ndarray]], *, threshold: float = 0.5,
+                            batch_size: int = 8) -> dict[str, Any]:
+    """Scores the S2 autoencoder's round trips of held-out images against their cloud-free targets: of the
+    target itself (VAE_CLEAR, the latent ceiling) and of the cloudy input (VAE_CLOUDY). Returns their
+    evaluation groups (means over images), "image_counts" and "wall_s" {"vae_roundtrip": host seconds of
+    both}."""
+    running = {group: M.RunningMean() for name in (VAE_CLEAR, VAE_CLOUDY)
+               for group in evaluation.method_groups(name)}
+    t0 = time.perf_counter()
+
+    def flush(batch: list[Mapping[str, np.ndarray]]) -> None:
+        stack = {k: np.stack([image[k] for image in batch]) for k in ("s2", "s2_cloudy", "cloud_prob")}
+        preds = {VAE_CLEAR: vae_roundtrip(vae, stack["s2"], batch_size),
+                 VAE_CLOUDY: vae_roundtrip(vae, stack["s2_cloudy"], batch_size)}
+        scores = evaluation.score_methods(preds, stack["s2"], stack["cloud_prob"], threshold)
+        for group, acc in running.items():
+            acc.update(scores[group])
+
+    batch: list[Mapping[str, np.ndarray]] = []
+    for image in heldout:  # consecutive images of one shape go through together
+        if batch and (len(batch) == batch_size or image["s2"].shape != batch[0]["s2"].shape):
+            flush(batch)
+            batch = []
+        batch.append(image)
+    if batch:
+        flush(batch)
+    if not running[VAE_CLEAR].num_images:
+        raise ValueError("vae_roundtrip_reference: no held-out images")
+    return evaluation.summarize(running) | {"wall_s": {"vae_roundtrip": time.perf_counter() - t0}}
+
+
 def add_method(result: dict[str, Any], groups: Mapping[str, Any]) -> None:
-    """Merges another method's groups (from `sar_regression_reference`) into an evaluation result."""
+    """Merges another method's groups (from `sar_regression_reference`, `vae_roundtrip_reference`) into an
+    evaluation result; "image_counts" and "wall_s" are merged key by key."""
     for key, value in groups.items():
-        if key == "image_counts":
-            result.setdefault("image_counts", {}).update(value)
+        if key in ("image_counts", "wall_s"):
+            result.setdefault(key, {}).update(value)
         else:
             result[key] = value
 
@@ -294,6 +371,26 @@ def shortfalls(result: Mapping[str, Any], rivals: Sequence[str], method: str = "
     return misses
 
 
+def latent_ceiling(result: Mapping[str, Any]) -> str:
+    """One sentence on the VAE round-trip rows (`vae_roundtrip_reference`), or "" when the result has none."""
+    if VAE_CLEAR not in result:
+        return ""
+
+    def at(method: str, suffix: str = "") -> str:
+        row = result.get(method + suffix, {})
+        return f"{_cell(row.get('psnr'), 'psnr')} dB / {_cell(row.get('sam'), 'sam')} deg SAM"
+
+    text = (f"Latent ceiling: the S2 VAE round-trips the clear held-out targets at {at(VAE_CLEAR)} "
+            f"({at(VAE_CLEAR, '_cloudy_pixels')} over the cloudy pixels): the flow's decoded output cannot be "
+            f"better than that; the refiner can.")
+    if VAE_CLOUDY in result:
+        text += f" Round-tripping the cloudy input instead gives {at(VAE_CLOUDY)}"
+        if "cloudy_input" in result:
+            text += f" (the cloudy input itself: {at('cloudy_input')})"
+        text += "."
+    return text
+
+
 def verdict(result: Mapping[str, Any], rivals: Sequence[str], what: str) -> str:
     misses = shortfalls(result, rivals)
     if not misses:
@@ -355,6 +452,7 @@ def build_report(title: str, command: str, setting: str, data: str, default: Map
         "",
         *markdown_table("method", methods),
         "",
+        *([latent_ceiling(default), ""] if VAE_CLEAR in default else []),
         verdict(default, LEARNING_FREE, "learning-free reference (cloudy input, mean fill, biharmonic)"),
         verdict(default, [SAR_REGRESSION], "learned reference (SAR regression)"),
         "",
@@ -448,6 +546,10 @@ def main() -> None:
         regression = fit_sar_regression(train, max_pixels=args.max_pixels, seed=args.seed)
         heldout = images("geotiff", root, None, "all", "exact", bands)
         add_method(default, sar_regression_reference(regression, heldout, threshold=args.cloud_threshold))
+        print("VAE round trips (the latent ceiling) ...", flush=True)
+        heldout = images("geotiff", root, None, "all", "exact", bands)
+        add_method(default, vae_roundtrip_reference(remover.nets.vae_s2(), heldout,
+                                                    threshold=args.cloud_threshold))
         print("\n" + evaluation.format_table(default) + "\n", flush=True)
 
         ablation_rows = [(label, groups(run_eval(**kw))) if kw is not None else (f"{label} (n/a: {why})", None)

@@ -324,7 +324,7 @@ def method_names(result: Mapping[str, Any]) -> list[str]:
 def format_table(result: Mapping[str, Any]) -> str:
     """A plain-text table: one row per method (model, cloudy input, references, any other method group), columns
     PSNR / SSIM / SAM over all pixels, PSNR / SAM over cloudy pixels, SAM over clear pixels."""
-    widths = (16, 9)
+    widths = (21, 9)
     spans = {"": "all pixels", "_cloudy_pixels": "cloudy pixels", "_clear_pixels": "clear"}
     top = f"{'':{widths[0]}s}"
     for suffix, label in spans.items():
