@@ -135,6 +135,11 @@ def validate(config) -> None:
         raise ValueError(f"config.data.protocol={config.data.protocol!r}: choose 'exact' or 'legacy'")
     if config.data.crop_size % 16:
         raise ValueError(f"config.data.crop_size={config.data.crop_size} must be a multiple of 16")
+    for stage in ("vae_s2", "vae_s1"):
+        crop = _stage_crop(config, stage)
+        if crop % 16 or crop > config.data.crop_size:
+            raise ValueError(f"config.{stage}.crop_size={crop} must be a multiple of 16 and at most "
+                             f"config.data.crop_size={config.data.crop_size}")
     if config.stage == "refiner" and not export.has_refiner(config.model):
         raise ValueError("config.stage='refiner' but config.model.refiner.enabled is False")
     rf.FlowSpec.from_config(config.flow)  # clear error for a bad flow.source / source_sigma
@@ -211,7 +216,8 @@ def train_stage(config, workdir: str, stage: str, mesh, stop) -> None:
 
     # --- Input: a per-process grain iterator, turned into global arrays sharded over ('data', 'fsdp').
     batch_size = _per_process_batch(scfg.batch_size, mesh)
-    data = make_input(config, "train", batch_size, seed=config.seed + _stage_index(stage))
+    data = make_input(config, "train", batch_size, seed=config.seed + _stage_index(stage),
+                      crop_size=_stage_crop(config, stage))
     batch_shardings = None  # built from the first batch's shapes
     preview_source = None  # where preview pictures come from, when not from the training batches
 
@@ -317,6 +323,12 @@ def train_stage(config, workdir: str, stage: str, mesh, stop) -> None:
         writer.close()
 
 
+def _stage_crop(config, stage: str) -> int:
+    """A stage's training crop: `config.<stage>.crop_size` where set (the autoencoders, which are fully
+    convolutional, may learn on smaller crops), else `config.data.crop_size`."""
+    return int(config[stage].get("crop_size", 0) or config.data.crop_size)
+
+
 def _stage_index(stage: str) -> int:
     return common.STAGES.index(stage)
 
@@ -351,8 +363,11 @@ def _count(params) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def make_input(config, split: str, batch_size: int, *, seed: int, train: bool = True):
-    """The grain iterator of `split` for this process (shuffled, augmented and repeated when `train`)."""
+def make_input(config, split: str, batch_size: int, *, seed: int, train: bool = True, crop_size: int = 0):
+    """The grain iterator of `split` for this process (shuffled, augmented and repeated when `train`).
+
+    Training crops are `crop_size` pixels, or `config.data.crop_size` when it is 0.
+    """
     from crrf_jax.data import pipeline
 
     d = config.data
@@ -364,7 +379,7 @@ def make_input(config, split: str, batch_size: int, *, seed: int, train: bool = 
         protocol=d.protocol,
         bands=common.parse_bands(d.bands),
         batch_size=batch_size,
-        crop_size=d.crop_size if train else None,
+        crop_size=(crop_size or d.crop_size) if train else None,
         augment=train,
         shuffle=train,
         num_epochs=None if train else 1,

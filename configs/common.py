@@ -187,9 +187,11 @@ def base_config(variant: str = "base", s2_bands=None) -> ml_collections.ConfigDi
     c.distributed = False  # jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
 
     c.vae_s2 = optim_config(steps=100_000, lr=1e-4, batch_size=16, warmup_steps=1000)
+    c.vae_s2.crop_size = 0  # training crops of the autoencoders (0 = data.crop_size)
     c.vae_s2.kl_weight = 1e-6
     c.vae_s2.sam_weight = 0.0  # > 0 adds the spectral-angle loss; early in training it slows L1 learning
     c.vae_s1 = optim_config(steps=50_000, lr=1e-4, batch_size=16, warmup_steps=1000)
+    c.vae_s1.crop_size = 0
     c.vae_s1.kl_weight = 1e-6
     c.vae_s1.sam_weight = 0.0
     c.latent_stats = ml_collections.ConfigDict(dict(batches=64, batch_size=16))
@@ -211,7 +213,8 @@ def base_config(variant: str = "base", s2_bands=None) -> ml_collections.ConfigDi
 
     # The pixel-space refiner, trained on the frozen flow's sampled predictions (config.model.refiner).
     c.refiner = optim_config(steps=20_000, lr=2e-4, batch_size=16, warmup_steps=500)
-    c.refiner.ssim_weight = 0.5  # loss = L1 + ssim_weight * (1 - SSIM) of the refined image
+    c.refiner.ssim_weight = 0.5  # loss = L1 + ssim_weight * (1 - SSIM) + sam_weight * spectral angle (rad)
+    c.refiner.sam_weight = 0.2
     c.refiner.sar_dropout = 0.1  # trains the SAR-absent mode
     c.refiner.input = "flow"  # "flow": sampled flow predictions; "roundtrip": the cloudy image's VAE round trip
     c.refiner.flow_steps = 0  # Euler steps of the flow samples it trains on (0 = flow.sample_steps)

@@ -4,8 +4,9 @@
 
 writes synthetic scenes in the official layout into `<workdir>/data` (if none are there), computes their
 s2cloudless cloud probability, trains the S2 VAE, the S1 VAE, measures latent statistics, trains the flow
-model and the pixel-space refiner, evaluates it on the held-out (test-split) synthetic scenes against the cloudy input, exports a bundle and
-removes clouds from a larger demo scene. Minutes on a laptop CPU.
+model and the pixel-space refiner, evaluates it on the held-out (test-split) synthetic scenes against the
+cloudy input and the learning-free references, exports a bundle and removes clouds from a larger demo scene.
+Minutes on a laptop CPU.
 """
 
 from configs import common
@@ -23,13 +24,14 @@ def get_config(arg: str | None = None):
     c.dtype = "float32"
 
     for stage, steps, lr in (("vae_s2", 600, 2e-3), ("vae_s1", 150, 2e-3), ("flow", 1000, 1e-3),
-                             ("refiner", 500, 2e-3)):
+                             ("refiner", 400, 2e-3)):
         s = c[stage]
         s.steps, s.lr, s.batch_size, s.warmup_steps = steps, lr, 8, 20
         s.ema_decay = 0.99
         s.log_every, s.preview_every, s.checkpoint_every = 25, 200, 200
     c.latent_stats.batches, c.latent_stats.batch_size = 8, 8
-    c.flow.sample_steps = 8
+    c.flow.sample_steps = 2  # from the cloudy source 1 or 2 Euler steps do as well as 8 (BENCHMARKS.md)
+    c.model.refiner.width = 16
     c.eval.batch_size = 8
     c.eval.num_samples = 2  # two samples per image: their spread is the uncertainty map of the pictures
     return c

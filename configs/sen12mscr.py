@@ -1,6 +1,6 @@
 """SEN12MS-CR, all 13 Sentinel-2 bands, the `base` model (CR_RF's transformer) unless a variant is given.
 
-One GPU, the whole pipeline (VAE S2, VAE S1, latent statistics, flow), resumable:
+One GPU, the whole pipeline (VAE S2, VAE S1, latent statistics, flow, refiner), resumable:
 
     python train.py --config=configs/sen12mscr.py --config.data.root=/data/SEN12MSCR --workdir=runs/base
 
@@ -17,7 +17,7 @@ GPU; nothing on TPU), sharding parameters with FSDP inside each host:
         --config.mesh.data=-1 --config.mesh.fsdp=8 --config.dtype=bfloat16 --config.remat_policy=dots_saveable \
         --config.data.source=tfds --config.data.tfds_data_dir=gs://bucket/tfds --workdir=gs://bucket/runs/flux
 
-Config string keys: variant (tiny|base|large|flux), stage (vae_s2|vae_s1|latent_stats|flow), bands
+Config string keys: variant (tiny|base|large|flux), stage (vae_s2|vae_s1|latent_stats|flow|refiner), bands
 ("" = all 13, rgb, or comma-separated names such as B02,B03,B04,B08).
 """
 

@@ -11,6 +11,7 @@ Batches hold the data contract of docs/ARCHITECTURE.md (values in [0, 1]); model
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -280,7 +281,8 @@ def flow_loss(model, batch: Batch, rng: jax.Array, vaes: FrozenVaes, *, cfg: Flo
 
 @dataclasses.dataclass(frozen=True)
 class RefinerLossConfig:
-    """The refiner's objective: L1 + ssim_weight * (1 - SSIM) of the refined image against the clear target.
+    """The refiner's objective: L1 + ssim_weight * (1 - SSIM) + sam_weight * spectral angle (radians) of the
+    refined image against the clear target.
 
     input: what the refiner refines, "flow" (the frozen flow's sampled prediction, `flow_steps` Euler steps
     from fresh noise each step) or "roundtrip" (the cloudy image's VAE round trip: the ablation without the
@@ -288,6 +290,7 @@ class RefinerLossConfig:
     """
 
     ssim_weight: float = 0.5
+    sam_weight: float = 0.0
     sar_dropout: float = 0.1
     input: str = "flow"
     flow_steps: int = 8
@@ -297,8 +300,8 @@ class RefinerLossConfig:
     @classmethod
     def from_config(cls, config) -> RefinerLossConfig:
         r, f = config.refiner, config.flow
-        return cls(r.ssim_weight, r.sar_dropout, r.input, int(r.flow_steps or f.sample_steps),
-                   rf.FlowSpec.from_config(f), float(f.guidance_scale))
+        return cls(r.ssim_weight, r.get("sam_weight", 0.0), r.sar_dropout, r.input,
+                   int(r.flow_steps or f.sample_steps), rf.FlowSpec.from_config(f), float(f.guidance_scale))
 
 
 def refiner_input(nets, batch: Batch, rng: jax.Array, drop_sar: jax.Array, cfg: RefinerLossConfig) -> jax.Array:
@@ -329,9 +332,14 @@ def refiner_loss(model, batch: Batch, rng: jax.Array, nets, *, cfg: RefinerLossC
     refined, trust = model(pred, batch["s2_cloudy"], batch["cloud_prob"], batch["s1"], ~drop_sar)
     target = batch["s2"].astype(jnp.float32)
     l1 = jnp.mean(jnp.abs(refined - target))
-    ssim = jnp.mean(jax.vmap(metrics.ssim_map)(refined, target))
+    ssim_map = functools.partial(metrics.ssim_map, blur=metrics.gaussian_blur_matmul)
+    ssim = jnp.mean(jax.vmap(ssim_map)(refined, target))
     loss = l1 + cfg.ssim_weight * (1.0 - ssim)
     aux = {"l1": l1, "ssim": ssim, "input_l1": jnp.mean(jnp.abs(pred - target)), "trust": jnp.mean(trust)}
+    if cfg.sam_weight:
+        sam = spectral_angle_loss(refined * 2.0 - 1.0, target * 2.0 - 1.0)
+        loss = loss + cfg.sam_weight * sam
+        aux["sam"] = sam
     return loss, aux
 
 

@@ -20,6 +20,8 @@ TINY = [
     "--config.vae_s2.steps=6",
     "--config.vae_s1.steps=4",
     "--config.flow.steps=6",
+    "--config.refiner.steps=4",
+    "--config.refiner.batch_size=4",
     "--config.latent_stats.batches=2",
     "--config.flow.sample_steps=2",
     "--config.vae_s2.batch_size=4",
@@ -46,7 +48,7 @@ def demo(tmp_path_factory):
 
 def test_demo_trains_every_stage_and_reports(demo):
     workdir, stdout = demo
-    for stage in ("vae_s2", "vae_s1", "flow"):
+    for stage in ("vae_s2", "vae_s1", "flow", "refiner"):
         assert (workdir / stage / "final" / "DONE").exists(), stage
         trace = [json.loads(line) for line in (workdir / stage / "metrics.jsonl").read_text().splitlines()]
         assert trace and all(np.isfinite(r["loss"]) for r in trace)
@@ -54,8 +56,9 @@ def test_demo_trains_every_stage_and_reports(demo):
         assert list((workdir / stage / "previews").glob("*.png"))
     stats = json.loads((workdir / "latent_stats" / "latent_stats.json").read_text())
     assert stats["vae_s2"]["scale_factor"] > 0 and stats["vae_s1"]["scale_factor"] > 0
-    # The metrics table (model vs cloudy input) and where the pictures are.
+    # The metrics table (model vs cloudy input and the learning-free references) and where the pictures are.
     assert "cloudy_input" in stdout and "psnr" in stdout and "examples_" in stdout
+    assert "mean_fill" in stdout and "biharmonic" in stdout
 
 
 def test_demo_evaluation_outputs(demo):

@@ -111,7 +111,13 @@ def test_bundle_contents(run):
     cfg = json.loads((bundle / "config.json").read_text())
     assert cfg["model"]["variant"] == "tiny" and cfg["model"]["flux"]["hidden_size"] == 64
     assert cfg["bands"]["names"][8] == "B8A" and len(cfg["bands"]["indices"]) == 13
-    assert cfg["sampling"] == {"steps": 8, "guidance_scale": 1.0}
+    from configs import demo
+
+    flow = demo.get_config().flow
+    assert cfg["sampling"] == {"steps": flow.sample_steps, "guidance_scale": flow.guidance_scale,
+                               "source": flow.source, "source_sigma": flow.source_sigma,
+                               "shift_schedule": flow.shift_schedule}
+    assert cfg["weights"]["refiner"] == "refiner.safetensors" and cfg["model"]["refiner"]["enabled"]
     assert cfg["tiling"]["tile_size"] == 64
     stats = json.loads((bundle / "latent_stats.json").read_text())
     assert stats["vae_s1"] == {"scale_factor": 1.3, "shift_factor": -0.1}
@@ -140,6 +146,54 @@ def test_bundle_matches_workdir(run):
     assert clear_w.shape == (100, 120, 13) and std_w.min() >= 0 and std_w.max() > 0
     other, _ = _predict(from_bundle, scene, num_samples=2, seed=4)
     assert np.abs(other - clear_b).max() > 1e-3  # the seed matters: the comparison above is not vacuous
+
+
+def test_outputs_of_the_refined_model(run):
+    """The final output is the refined flow sample; "flow" skips the refiner, "roundtrip_refined" refines
+    the cloudy image's VAE round trip (deterministic); keep_clear returns clear pixels as they came."""
+    _, bundle = run
+    remover = CloudRemover.from_bundle(bundle)
+    assert remover.has_refiner
+    scene = random_scene(64, 64, seed=5)
+    tiles = {k: v[None] for k, v in scene.items()}
+    ids = np.zeros(1, np.int32)
+    out = {name: remover.predict_tiles(tiles, ids, steps=STEPS, output=name)[0]
+           for name in ("final", "flow", "roundtrip_refined")}
+    assert np.abs(out["final"] - out["flow"]).max() > 1e-3
+    assert np.abs(out["final"] - out["roundtrip_refined"]).max() > 1e-3
+    again = remover.predict_tiles(tiles, ids, steps=STEPS, seed=9, output="roundtrip_refined")[0]
+    np.testing.assert_array_equal(again, out["roundtrip_refined"])  # no noise in that path
+    kept, std = remover.predict_tiles(tiles, ids, steps=STEPS, keep_clear=0.3)
+    clear = tiles["cloud_prob"][..., 0] < 0.3
+    np.testing.assert_array_equal(kept[clear], tiles["s2_cloudy"][clear])
+    np.testing.assert_array_equal(kept[~clear], out["final"][~clear])
+    assert np.all(std[clear] == 0)
+    full, _ = _predict(remover, scene, keep_clear=0.3)  # the scene path: exact after blending too
+    np.testing.assert_array_equal(full[clear[0]], scene["s2_cloudy"][clear[0]])
+
+
+def test_bundle_without_refiner(tmp_path):
+    """A model trained without the refiner exports and predicts without one (no refiner file)."""
+    from configs import demo
+
+    config = demo.get_config()
+    config.model.refiner.enabled = False
+    cfg = export.bundle_config(config)
+    assert export.networks(cfg) == ("vae_s2", "vae_s1", "flow") and "refiner" not in cfg["weights"]
+    states = {}
+    for i, name in enumerate(export.networks(cfg)):
+        states[name] = random_state(export.abstract_network(cfg, name), i)
+    stats = {k: {"scale_factor": v["scale_factor"], "shift_factor": v["shift_factor"]}
+             for k, v in LATENT_STATS.items()}
+    bundle = export.write_bundle(export.ModelParts(cfg, states, stats, "random"), tmp_path / "bundle")
+    assert not (bundle / "refiner.safetensors").exists()
+    remover = CloudRemover.from_bundle(bundle)
+    assert not remover.has_refiner
+    clear, _ = _predict(remover, random_scene(64, 64))
+    assert clear.shape == (64, 64, 13) and np.all(np.isfinite(clear))
+    with pytest.raises(ValueError, match="needs a refiner"):
+        remover.predict_tiles({k: v[None] for k, v in random_scene(64, 64).items()}, np.zeros(1, np.int32),
+                              steps=STEPS, output="roundtrip_refined")
 
 
 def test_eight_devices_match_one(run, tmp_path):

@@ -358,3 +358,12 @@ def test_real_sen12mscr_cloudy_vs_clear_matches_references():
         np.testing.assert_allclose(
             ours["psnr"], peak_signal_noise_ratio(target, pred, data_range=1.0), rtol=1e-4
         )
+
+
+def test_matmul_blur_is_the_zero_padded_gaussian_filter():
+    """The training loss's blur (banded matmuls) equals the metrics' convolution up to float32 rounding."""
+    x = jnp.asarray(np.random.default_rng(4).uniform(0, 1, (23, 17, 3)), jnp.float32)
+    np.testing.assert_allclose(metrics.gaussian_blur_matmul(x), metrics._gaussian_blur(x), atol=1e-6)
+    pred, target = _pair(5)
+    np.testing.assert_allclose(metrics.ssim_map(pred, target, blur=metrics.gaussian_blur_matmul),
+                               metrics.ssim_map(pred, target), atol=1e-4)

@@ -91,6 +91,25 @@ def test_given_cloud_probability_and_nodata(remover, scene, tmp_path):
     assert np.all(dn[:, valid].max(axis=0) > 0) and np.all(np.isfinite(std[:, valid]))
 
 
+def test_keep_clear_writes_clear_pixels_unchanged(remover, bundle, scene, tmp_path):
+    """--keep-clear P: every pixel with cloud probability below P keeps its input DN in every band."""
+    out = tmp_path / "kept.tif"
+    assert predict.main([f"--bundle={bundle}", f"--s2={scene['s2_cloudy']}",
+                         f"--s1={scene['s1']}", f"--cloud-prob={scene['cloud_prob']}", f"--out={out}",
+                         f"--steps={STEPS}", f"--tile={TILE}", f"--overlap={OVERLAP}", "--keep-clear=0.4",
+                         "--quiet"]) == 0
+    with rasterio.open(out) as o, rasterio.open(scene["s2_cloudy"]) as c, rasterio.open(scene["cloud_prob"]) as p:
+        dn, cloudy, prob = o.read(), c.read(), p.read(1).astype(np.float32) / 255.0
+        assert o.tags()["keep_clear"] == "0.4"
+    clear = prob < 0.4
+    assert 0 < clear.mean() < 1
+    np.testing.assert_array_equal(dn[:, clear], cloudy[:, clear])
+    assert np.any(dn[:, ~clear] != cloudy[:, ~clear])
+    with pytest.raises(ValueError, match="keep_clear must be a cloud probability"):
+        predict.predict_scene(remover, scene["s2_cloudy"], out_path=tmp_path / "x.tif", keep_clear=2.0,
+                              **OPTIONS)
+
+
 def test_grid_mismatch_names_both_files(remover, scene, tmp_path):
     with rasterio.open(scene["s1"]) as ds:
         shifted = ds.transform @ Affine.translation(3, 0)
@@ -144,3 +163,35 @@ def test_cli_end_to_end(bundle, scene, tmp_path, capsys):
     missing = tmp_path / "no_bundle"
     assert predict.main([f"--bundle={missing}", f"--s2={scene['s2_cloudy']}", f"--out={out}"]) == 1
     assert "no_bundle: bundle directory does not exist" in capsys.readouterr().err
+
+
+def test_predict_cli_gives_evals_final_image(bundle, tmp_path):
+    """eval.py's written prediction of an image and the predict CLI's on the same files are the same DN.
+
+    The flow's cloudy source without noise (sigma 0) makes sampling deterministic, so the two can be compared
+    whatever seeds they use: what must agree is the whole path (flow, refiner, clipping, DN conversion)."""
+    import json
+    import shutil
+
+    from crrf_jax import evaluation
+
+    quiet = tmp_path / "bundle"
+    shutil.copytree(bundle, quiet)
+    cfg = json.loads((quiet / "config.json").read_text())
+    assert cfg["sampling"]["source"] == "cloudy"
+    cfg["sampling"]["source_sigma"] = 0.0
+    (quiet / "config.json").write_text(json.dumps(cfg))
+    remover = CloudRemover.from_bundle(quiet)
+    assert remover.has_refiner
+    root = tmp_path / "data"
+    synthetic.write_synthetic_dataset(root, n_scenes=2, size=TILE, seed=5)
+    triplet = sen12mscr.find_triplets(root, "test")[0]
+    cloudprob.compute_cloud_probs(root, [triplet], workers=0, progress=False)
+    evaluation.evaluate(remover, root=str(root), out=str(tmp_path / "eval"), split="test", steps=STEPS,
+                        batch_size=1, write_geotiff=True, references=False, write_examples=False)
+    out = tmp_path / "cli.tif"
+    assert predict.main([f"--bundle={quiet}", f"--s2={triplet.s2_cloudy}", f"--s1={triplet.s1}",
+                         f"--cloud-prob={cloudprob.cloud_prob_path(root, triplet)}", f"--out={out}",
+                         f"--steps={STEPS}", "--seed=11", "--quiet"]) == 0
+    with rasterio.open(out) as cli, rasterio.open(tmp_path / "eval" / "predictions" / f"{triplet.id}.tif") as ev:
+        np.testing.assert_array_equal(cli.read(), ev.read())
