@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from flax import nnx
 from ml_collections import config_flags
 
 from configs import common
@@ -412,7 +413,6 @@ def save_final(stage_dir: str, state) -> None:
 def load_final(stage_dir: str, model):
     """Loads a finished stage's EMA weights into `model` (built from the same config); returns the model."""
     import orbax.checkpoint as ocp
-    from flax import nnx
 
     path = os.path.join(stage_dir, "final", "weights")
     if not os.path.exists(os.path.join(stage_dir, "final", "DONE")):
@@ -614,7 +614,7 @@ def write_preview(config, stage, stage_dir, state, batch, frozen, step, writer) 
         cols = ["cloudy", "SAR", *outputs, "target"]
     else:
         key = "s2" if stage == "vae_s2" else "s1"
-        recon = np.asarray(jax.jit(lambda x: model.decode(model.encode(x * 2 - 1)))(jnp.asarray(host[key])))
+        recon = np.asarray(_vae_roundtrip(*nnx.split(model), jnp.asarray(host[key])))
         recon = np.clip((recon + 1) / 2, 0, 1)
         show = (lambda x: vis.s2_rgb(x, rgb)) if key == "s2" else vis.sar_rgb
         rows = [[show(host[key][i]), show(recon[i])] for i in range(n)]
@@ -624,6 +624,14 @@ def write_preview(config, stage, stage_dir, state, batch, frozen, step, writer) 
         vis.save_png(image, os.path.join(stage_dir, "previews", f"{step:07d}.png"))
         if writer is not None:
             writer.add_image(f"{stage}/preview", image, step, dataformats="HWC")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vae_roundtrip(graphdef, state, x):
+    """decode(encode(x)) of an autoencoder split into (graphdef, state): compiled once per stage, not per
+    preview (a closure over the module would embed its weights and compile anew each time)."""
+    vae = nnx.merge(graphdef, state)
+    return vae.decode(vae.encode(x * 2 - 1))
 
 
 def _rgb_indices(config) -> tuple[int, int, int]:

@@ -1,4 +1,4 @@
-"""One VAE step and one flow step on 8 simulated devices (data=2, fsdp=2, tensor=2) equal the 1-device step."""
+"""One VAE step, one flow step and one refiner step on 8 simulated devices (data=2, fsdp=2, tensor=2) equal the 1-device step."""
 
 import json
 import os
@@ -22,7 +22,7 @@ def report():
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("stage", ["vae", "flow"])
+@pytest.mark.parametrize("stage", ["vae", "flow", "refiner"])
 def test_same_loss_and_update_as_one_device(report, stage):
     r = report[stage]
     assert abs(r["loss_1"] - r["loss_8"]) <= 1e-5 * max(1.0, abs(r["loss_1"]))
@@ -30,7 +30,7 @@ def test_same_loss_and_update_as_one_device(report, stage):
     assert r["max_param_diff"] <= 1e-5
 
 
-@pytest.mark.parametrize("stage", ["vae", "flow"])
+@pytest.mark.parametrize("stage", ["vae", "flow", "refiner"])
 def test_parameters_and_optimizer_state_are_split(report, stage):
     # Each device holds a shard (not a full copy) of the large parameters and their Adam moments.
     assert report[stage]["split_leaves"] >= 3

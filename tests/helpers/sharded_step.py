@@ -1,6 +1,6 @@
 """Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 
-Trains one VAE step and one flow step of the tiny variant on a 1-device mesh and on a (data=2, fsdp=2, tensor=2)
+Trains one VAE step, one flow step (cloudy source) and one refiner step of the tiny variant on a 1-device mesh and on a (data=2, fsdp=2, tensor=2)
 mesh from the same initial state and batch, and prints a JSON report: losses, the largest parameter difference,
 and, per stage, how many parameters are split across devices.
 """
@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common
-from crrf_jax import parallel, train_lib
+from crrf_jax import flow as rf
+from crrf_jax import inference, parallel, train_lib
 from crrf_jax.models import build
 
 
@@ -63,9 +64,18 @@ def main():
     vae_fn = functools.partial(build.autoencoder, model, "vae_s2")
     vae_loss = functools.partial(train_lib.vae_loss, cfg=train_lib.VaeLossConfig("s2", 1e-6, 0.1))
     flow_fn = functools.partial(build.cloud_removal_flux, model)
-    flow_loss = functools.partial(train_lib.flow_loss, cfg=train_lib.FlowLossConfig())
-    frozen = train_lib.FrozenVaes.of(build.autoencoder(model, "vae_s2"), build.autoencoder(model, "vae_s1"))
-    for name, model_fn, loss_fn, fr in (("vae", vae_fn, vae_loss, None), ("flow", flow_fn, flow_loss, frozen)):
+    spec = rf.FlowSpec("cloudy", 0.2)
+    flow_loss = functools.partial(train_lib.flow_loss, cfg=train_lib.FlowLossConfig(joint_dropout=0.1, spec=spec))
+    vaes = build.autoencoder(model, "vae_s2"), build.autoencoder(model, "vae_s1")
+    frozen = train_lib.FrozenVaes.of(*vaes)
+    refiner_fn = functools.partial(build.refiner, model)
+    refiner_loss = functools.partial(
+        train_lib.refiner_loss, cfg=train_lib.RefinerLossConfig(sam_weight=0.2, flow_steps=1, spec=spec)
+    )
+    nets = inference.Networks.of(build.cloud_removal_flux(model), *vaes)
+    stages = (("vae", vae_fn, vae_loss, None), ("flow", flow_fn, flow_loss, frozen),
+              ("refiner", refiner_fn, refiner_loss, nets))
+    for name, model_fn, loss_fn, fr in stages:
         l1, g1, p1, _ = run_step(one, model_fn, loss_fn, fr, data)
         l8, g8, p8, split = run_step(eight, model_fn, loss_fn, fr, data)
         diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
