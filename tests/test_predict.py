@@ -188,7 +188,7 @@ def test_predict_cli_gives_evals_final_image(bundle, tmp_path):
     triplet = sen12mscr.find_triplets(root, "test")[0]
     cloudprob.compute_cloud_probs(root, [triplet], workers=0, progress=False)
     evaluation.evaluate(remover, root=str(root), out=str(tmp_path / "eval"), split="test", steps=STEPS,
-                        batch_size=1, write_geotiff=True, references=False, write_examples=False)
+                        batch_size=8, write_geotiff=True, references=False, write_examples=False)
     out = tmp_path / "cli.tif"
     assert predict.main([f"--bundle={quiet}", f"--s2={triplet.s2_cloudy}", f"--s1={triplet.s1}",
                          f"--cloud-prob={cloudprob.cloud_prob_path(root, triplet)}", f"--out={out}",
