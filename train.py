@@ -32,7 +32,7 @@ from configs import common
 from crrf_jax import checkpoint, export, inference, parallel, train_lib
 from crrf_jax import flow as rf
 from crrf_jax import visualize as vis
-from crrf_jax.data import sen12mscr
+from crrf_jax.data import contract, sen12mscr
 from crrf_jax.models import build
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config file (with :args).")
@@ -635,8 +635,8 @@ def _vae_roundtrip(graphdef, state, x):
 
 
 def _rgb_indices(config) -> tuple[int, int, int]:
-    bands = sen12mscr.resolve_bands(common.parse_bands(config.data.bands))
-    return tuple(bands.index(b) for b in sen12mscr.RGB) if all(b in bands for b in sen12mscr.RGB) else (0, 0, 0)
+    bands = contract.resolve_bands(config.data.bands)
+    return contract.rgb_channels(bands)
 
 
 def _install_sigterm_handler():
