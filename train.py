@@ -32,7 +32,7 @@ from configs import common
 from crrf_jax import checkpoint, export, inference, parallel, train_lib
 from crrf_jax import flow as rf
 from crrf_jax import visualize as vis
-from crrf_jax.data import sen12mscr
+from crrf_jax.data import contract, sen12mscr
 from crrf_jax.models import build
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config file (with :args).")
@@ -378,7 +378,7 @@ def make_input(config, split: str, batch_size: int, *, seed: int, train: bool = 
         data_dir=d.tfds_data_dir or None,
         split=split,
         protocol=d.protocol,
-        bands=common.parse_bands(d.bands),
+        bands=contract.resolve_bands(d.bands),
         batch_size=batch_size,
         crop_size=(crop_size or d.crop_size) if train else None,
         augment=train,
@@ -445,8 +445,8 @@ def measure_latent_stats(config, workdir: str, mesh) -> dict:
     @jax.jit
     def posterior_means(batch):
         return {
-            "vae_s2": vaes["vae_s2"].encode_posterior(batch["s2"] * 2 - 1).mean,
-            "vae_s1": vaes["vae_s1"].encode_posterior(batch["s1"] * 2 - 1).mean,
+            "vae_s2": vaes["vae_s2"].encode_posterior(contract.to_model(batch["s2"])).mean,
+            "vae_s1": vaes["vae_s1"].encode_posterior(contract.to_model(batch["s1"])).mean,
         }
 
     for _ in _progress("latent_stats", cfg.batches, 0, iterate=True):
@@ -615,7 +615,7 @@ def write_preview(config, stage, stage_dir, state, batch, frozen, step, writer) 
     else:
         key = "s2" if stage == "vae_s2" else "s1"
         recon = np.asarray(_vae_roundtrip(*nnx.split(model), jnp.asarray(host[key])))
-        recon = np.clip((recon + 1) / 2, 0, 1)
+        recon = np.clip(contract.from_model(recon), 0, 1)
         show = (lambda x: vis.s2_rgb(x, rgb)) if key == "s2" else vis.sar_rgb
         rows = [[show(host[key][i]), show(recon[i])] for i in range(n)]
         cols = ["input", "reconstruction"]
@@ -631,12 +631,12 @@ def _vae_roundtrip(graphdef, state, x):
     """decode(encode(x)) of an autoencoder split into (graphdef, state): compiled once per stage, not per
     preview (a closure over the module would embed its weights and compile anew each time)."""
     vae = nnx.merge(graphdef, state)
-    return vae.decode(vae.encode(x * 2 - 1))
+    return vae.decode(vae.encode(contract.to_model(x)))
 
 
 def _rgb_indices(config) -> tuple[int, int, int]:
-    bands = sen12mscr.resolve_bands(common.parse_bands(config.data.bands))
-    return tuple(bands.index(b) for b in sen12mscr.RGB) if all(b in bands for b in sen12mscr.RGB) else (0, 0, 0)
+    bands = contract.resolve_bands(config.data.bands)
+    return contract.rgb_channels(bands)
 
 
 def _install_sigterm_handler():

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import report  # noqa: E402 (bench/report.py, beside this script)
 
-from crrf_jax.data import cloudprob, pipeline, sen12mscr, synthetic
+from crrf_jax.data import cloudprob, contract, pipeline, sen12mscr, synthetic
 from crrf_jax.data.tfds import build_tfds
 
 _STATE: dict = {}
@@ -41,7 +41,7 @@ _STATE: dict = {}
 def _read_raw(index: int) -> int:
     """Reads the four files of patch `index` with rasterio as stored ((C, H, W) arrays); returns the bytes."""
     total = 0
-    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+    with rasterio.Env(**contract.GDAL_ENV):
         for path in _STATE["files"][index]:
             with rasterio.open(path) as f:
                 total += f.read().nbytes

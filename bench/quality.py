@@ -55,7 +55,7 @@ import report  # noqa: E402 (bench/report.py, beside this script)
 from crrf_jax import evaluation, export  # noqa: E402
 from crrf_jax import metrics as M  # noqa: E402
 from crrf_jax import references as R  # noqa: E402
-from crrf_jax.data import cloudprob, pipeline, sen12mscr, synthetic  # noqa: E402
+from crrf_jax.data import cloudprob, contract, pipeline, sen12mscr, synthetic  # noqa: E402
 
 REAL_SAMPLE = REPO.parent / "shared" / "data" / "sen12mscr_sample"
 LEARNING_FREE = ("cloudy_input", *R.REFERENCES)
@@ -198,7 +198,7 @@ def sar_regression_reference(regression: SarRegression, heldout: Iterator[Mappin
 
 def _roundtrip_fn(graph, state, x):
     vae = nnx.merge(graph, state)
-    return jnp.clip((vae.decode(vae.encode(x * 2.0 - 1.0)) + 1.0) * 0.5, 0.0, 1.0)
+    return jnp.clip(contract.from_model(vae.decode(vae.encode(contract.to_model(x)))), 0.0, 1.0)
 
 
 _roundtrip_jit = jax.jit(_roundtrip_fn, static_argnums=0)

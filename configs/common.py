@@ -76,7 +76,7 @@ def autoencoder_config(variant: str, bands: int) -> ml_collections.ConfigDict:
             num_res_blocks=num_res_blocks,
             z_channels=Z_CHANNELS,
             norm_groups=norm_groups,  # GroupNorm groups (FLUX uses 32); not a BFL field
-            scale_factor=1.0,  # measured on training data after the VAE stage (DESIGN section 4)
+            scale_factor=1.0,  # measured on training data after the VAE stage (docs/ARCHITECTURE.md, Models)
             shift_factor=0.0,
         )
     )
@@ -110,17 +110,6 @@ def model_config(variant: str, s2_bands: int = 13) -> ml_collections.ConfigDict:
             refiner=refiner_config(variant, s2_bands),
         )
     )
-
-
-def parse_bands(spec):
-    """A band spec from a config string: "" or None (all 13), "rgb", or comma-separated names/indices."""
-    if spec is None or (isinstance(spec, str) and not spec.strip()):
-        return None
-    if isinstance(spec, str):
-        if spec.strip().lower() == "rgb":
-            return "rgb"
-        return [int(b) if b.strip().isdigit() else b.strip() for b in spec.split(",")]
-    return spec
 
 
 def _check(variant: str) -> None:
@@ -162,9 +151,11 @@ def optim_config(*, steps: int, lr: float, batch_size: int, warmup_steps: int = 
 
 def base_config(variant: str = "base", s2_bands=None) -> ml_collections.ConfigDict:
     """Everything but the data location; configs/sen12mscr.py and configs/demo.py start from this."""
-    from crrf_jax.data.sen12mscr import resolve_bands  # noqa: PLC0415 - keeps configs importable cheaply
+    # The band count sizes the networks, so the spec is parsed here, by the data contract's one parser (a
+    # NumPy-only module).
+    from crrf_jax.data.contract import resolve_bands  # noqa: PLC0415
 
-    bands = resolve_bands(parse_bands(s2_bands))
+    bands = resolve_bands(s2_bands)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.stage = ""  # "" runs every stage in STAGES order; or one of STAGES

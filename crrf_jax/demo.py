@@ -50,20 +50,15 @@ def _scene_preview(scene, prediction_path, band_indices, out) -> str:
     import rasterio
 
     from crrf_jax import visualize as vis
-    from crrf_jax.data import sen12mscr
+    from crrf_jax.data import contract
 
     def read(path):
         with rasterio.open(path) as src:
-            return np.moveaxis(src.read(), 0, -1).astype(np.float32) / sen12mscr.S2_DN_MAX
+            return contract.normalize_s2(np.moveaxis(src.read(), 0, -1))
 
-    rgb = (3, 2, 1)
     cloudy, clear = read(scene["s2_cloudy"]), read(scene["s2"])
-    pred = read(prediction_path)
-    if pred.shape[-1] != 13:  # a model on a band subset: show its own RGB
-        bands = list(band_indices)
-        rgb_pred = tuple(bands.index(b) for b in rgb) if all(b in bands for b in rgb) else (0, 0, 0)
-    else:
-        rgb_pred = rgb
+    pred = read(prediction_path)  # the model's bands: a subset shows its own RGB
+    rgb, rgb_pred = contract.RGB, contract.rgb_channels(band_indices)
     image = vis.grid([[vis.s2_rgb(cloudy, rgb), vis.s2_rgb(pred, rgb_pred), vis.s2_rgb(clear, rgb)]],
                      col_labels=["cloudy", "prediction", "cloud-free"])
     return vis.save_png(image, out)

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from crrf_jax import metrics as M
 from crrf_jax import references as R
 from crrf_jax import visualize as vis
-from crrf_jax.data import pipeline, sen12mscr
+from crrf_jax.data import contract, pipeline, sen12mscr
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def _write_examples(remover, out: str, rows, batches, predict) -> dict[str, str]
     picks = {"worst": order[:k], "median": order[max(0, mid - k // 2):][:k], "best": order[::-1][:k]}
     wanted = {rows[i]["id"] for idx in picks.values() for i in idx}
     panels: dict[str, list[np.ndarray]] = {}
-    rgb = _rgb(remover.band_indices)
+    rgb = contract.rgb_channels(remover.band_indices)
     for batch in batches():
         hit = [i for i, image_id in enumerate(batch["id"]) if batch["mask"][i] and str(image_id) in wanted]
         if not hit:
@@ -282,13 +282,6 @@ def _write_examples(remover, out: str, rows, batches, predict) -> dict[str, str]
     return paths
 
 
-def _rgb(band_indices) -> tuple[int, int, int]:
-    bands = list(band_indices)
-    if all(b in bands for b in sen12mscr.RGB):
-        return tuple(bands.index(b) for b in sen12mscr.RGB)
-    return (0, 0, 0)
-
-
 def _write_prediction(root, out, image_id, pred, band_indices, split, protocol) -> None:
     """The prediction as uint16 DN with the georeferencing of the image's cloud-free target file."""
     import rasterio
@@ -299,9 +292,9 @@ def _write_prediction(root, out, image_id, pred, band_indices, split, protocol) 
     path = os.path.join(out, "predictions", f"{image_id}.tif")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with rasterio.open(path, "w", **profile) as dst:
-        dst.write(np.moveaxis(sen12mscr.denormalize_s2(pred), -1, 0))
+        dst.write(np.moveaxis(contract.denormalize_s2(pred), -1, 0))
         for i, b in enumerate(band_indices):
-            dst.set_band_description(i + 1, sen12mscr.S2_BANDS[b])
+            dst.set_band_description(i + 1, contract.S2_BANDS[b])
 
 
 _TRIPLETS: dict[tuple, dict[str, sen12mscr.Triplet]] = {}

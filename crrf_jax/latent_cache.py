@@ -27,12 +27,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from crrf_jax import train_lib
+from crrf_jax.data import contract
 from crrf_jax.data.pipeline import apply_flip_rotate
 
 log = logging.getLogger(__name__)
 
 LATENT_KEYS = ("x0", "cloudy", "sar")
-PROB_SCALE = 255.0
 
 
 def cache_dir(workdir: str) -> str:
@@ -52,8 +52,7 @@ def build(directory: str, batches, vaes: train_lib.FrozenVaes) -> str:
         latents = jax.device_get(encode(vaes, {k: jnp.asarray(batch[k]) for k in ("s2", "s2_cloudy", "s1")}))
         for k in LATENT_KEYS:
             chunks[k].append(np.asarray(latents[k], np.float32)[valid])
-        prob = np.rint(np.clip(batch["cloud_prob"][valid], 0.0, 1.0) * PROB_SCALE).astype(np.uint8)
-        chunks["cloud_prob"].append(prob)
+        chunks["cloud_prob"].append(contract.cloud_prob_to_uint8(batch["cloud_prob"][valid]))
         ids.extend(str(i) for i in np.asarray(batch["id"])[valid])
     if not ids:
         raise ValueError(f"{directory}: no training samples to cache")
@@ -82,7 +81,7 @@ class LatentSource(grain.sources.RandomAccessDataSource):
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         out = {k: np.asarray(self._arrays[k][index], np.float32) for k in LATENT_KEYS}
-        out["cloud_prob"] = self._arrays["cloud_prob"][index].astype(np.float32) / PROB_SCALE
+        out["cloud_prob"] = contract.cloud_prob_from_uint8(self._arrays["cloud_prob"][index])
         return out
 
 

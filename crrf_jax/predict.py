@@ -11,6 +11,8 @@ Inputs (checked, errors name the file):
                 size). Without it the model runs its degraded SAR-absent mode (a warning says so).
   --cloud-prob  s2cloudless probability on the S2 grid: 1 band, uint8 (x255, crrf_jax.data.cloudprob's cache)
                 or float in [0, 1]. Computed with s2cloudless when absent.
+The S1 and cloud-probability files must lie on the S2 file's grid to a thousandth of a pixel
+(`crrf_jax.data.contract.check_same_grid`, shared with the dataset reader).
 Outputs: `--out` with the model's bands (13 for a full model) as uint16 DN (reflectance x 10000), named by
 band descriptions, and the input's CRS, transform, size and nodata; `--uncertainty` the per-band standard
 deviation over the K samples, float32 reflectance. With `--keep-clear P`, pixels whose cloud probability is
@@ -35,36 +37,16 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from crrf_jax.data import sen12mscr
-from crrf_jax.data.sen12mscr import DataError
+from crrf_jax.data import contract
+from crrf_jax.data.contract import DataError
 from crrf_jax.inference import CloudRemover, TileLayout, pad_to
 
 log = logging.getLogger(__name__)
-
-S1_DTYPES = ("float32", "float64")
-CLOUD_PROB_DTYPES = ("uint8", "float32", "float64")
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Input checks
 # ------------------------------------------------------------------------------------------------------------
-
-
-def _open(path: Path, stack: contextlib.ExitStack, what: str):
-    if not path.is_file():
-        raise DataError(path, f"{what} file does not exist")
-    try:
-        return stack.enter_context(rasterio.open(path))
-    except rasterio.errors.RasterioError as e:
-        raise DataError(path, f"cannot open {what} as a GeoTIFF ({e})") from e
-
-
-def _check_bands(ds, path: Path, what: str, count: int, dtypes: Sequence[str]) -> None:
-    if ds.count != count:
-        raise DataError(path, f"{what} must have {count} bands, found {ds.count}")
-    if len(set(ds.dtypes)) != 1 or ds.dtypes[0] not in dtypes:
-        found = ", ".join(sorted(set(ds.dtypes)))
-        raise DataError(path, f"{what} must be {' or '.join(dtypes)}, found {found}")
 
 
 def _band_name(description: str | None) -> str | None:
@@ -76,27 +58,12 @@ def _band_name(description: str | None) -> str | None:
 def _check_s2_order(ds, path: Path) -> None:
     """When every band is described by a band name, they must be SEN12MS-CR's order."""
     names = [_band_name(d) for d in ds.descriptions]
-    if all(names) and tuple(names) != sen12mscr.S2_BANDS:
+    if all(names) and tuple(names) != contract.S2_BANDS:
         raise DataError(
             path,
             f"bands are described as {', '.join(names)}; expected SEN12MS-CR order "
-            f"{', '.join(sen12mscr.S2_BANDS)}",
+            f"{', '.join(contract.S2_BANDS)}",
         )
-
-
-def _check_same_grid(ds, path: Path, ref, ref_path: Path) -> None:
-    """ds must have ref's size, CRS and transform (within a thousandth of a pixel)."""
-    problem = None
-    if (ds.height, ds.width) != (ref.height, ref.width):
-        problem = f"size {ds.height}x{ds.width} vs {ref.height}x{ref.width}"
-    elif ds.crs != ref.crs:
-        problem = f"CRS {ds.crs} vs {ref.crs}"
-    else:
-        pixel = max(abs(ref.transform.a), abs(ref.transform.e), 1e-12)
-        if not ds.transform.almost_equals(ref.transform, precision=1e-3 * pixel):
-            problem = f"transform {tuple(ds.transform)[:6]} vs {tuple(ref.transform)[:6]}"
-    if problem:
-        raise DataError(path, f"not on the grid of {ref_path}: {problem}; resample it onto the S2 grid first")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -139,7 +106,7 @@ def predict_scene(
     tile, overlap = remover.check_tiling(tile_size, overlap)
     start = time.perf_counter()
     try:
-        with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"), contextlib.ExitStack() as stack:
+        with rasterio.Env(**contract.GDAL_ENV), contextlib.ExitStack() as stack:
             s2, s1, prob = _open_inputs(stack, s2_path, s1_path, cloud_prob_path)
             use_sar = remover.use_sar(s1 is not None)
             layout = TileLayout(s2.height, s2.width, tile, overlap)
@@ -163,18 +130,16 @@ def predict_scene(
 
 def _open_inputs(stack, s2_path: Path, s1_path: Path | None, prob_path: Path | None):
     """The open (s2, s1 or None, cloud probability or None) datasets, checked."""
-    s2 = _open(s2_path, stack, "Sentinel-2")
-    _check_bands(s2, s2_path, "Sentinel-2", len(sen12mscr.S2_BANDS), sen12mscr.S2_DTYPES)
+    s2 = contract.open_geotiff(s2_path, stack, "Sentinel-2", count=len(contract.S2_BANDS),
+                               dtypes=contract.S2_DTYPES)
     _check_s2_order(s2, s2_path)
     s1 = prob = None
     if s1_path is not None:
-        s1 = _open(s1_path, stack, "Sentinel-1")
-        _check_bands(s1, s1_path, "Sentinel-1", 2, S1_DTYPES)
-        _check_same_grid(s1, s1_path, s2, s2_path)
+        s1 = contract.open_geotiff(s1_path, stack, "Sentinel-1", count=len(contract.S1_BANDS),
+                                   dtypes=contract.S1_DTYPES, grid_of=(s2, s2_path))
     if prob_path is not None:
-        prob = _open(prob_path, stack, "cloud probability")
-        _check_bands(prob, prob_path, "cloud probability", 1, CLOUD_PROB_DTYPES)
-        _check_same_grid(prob, prob_path, s2, s2_path)
+        prob = contract.open_geotiff(prob_path, stack, "cloud probability", count=1,
+                                     dtypes=contract.CLOUD_PROB_DTYPES, grid_of=(s2, s2_path))
     return s2, s1, prob
 
 
@@ -205,7 +170,7 @@ class _SceneReader:
         raw = self._read(self.s2, self.s2_path, y0, end).astype(np.float32)
         if not np.all(np.isfinite(raw)):
             raise DataError(self.s2_path, f"NaN or Inf values in rows {y0}..{end}")
-        s2 = sen12mscr.normalize_s2(raw)
+        s2 = contract.normalize_s2(raw)
         if self.nodata is not None:
             s2[np.all(raw == self.nodata, axis=-1)] = 0.0
         if self.prob is None:
@@ -213,19 +178,17 @@ class _SceneReader:
 
             prob = cloudprob.cloud_probability(s2[None])[0]
         else:
-            prob = self._read(self.prob, self.prob_path, y0, end).astype(np.float32)
-            prob = prob / 255.0 if self.prob.dtypes[0] == "uint8" else prob
+            prob = self._read(self.prob, self.prob_path, y0, end)
+            prob = contract.cloud_prob_from_uint8(prob) if prob.dtype == np.uint8 else prob.astype(np.float32)
             if not np.all(np.isfinite(prob)) or prob.min() < 0 or prob.max() > 1:
                 raise DataError(self.prob_path, f"cloud probability outside [0, 1] in rows {y0}..{end}")
         rows = {"s2_cloudy": s2[..., list(self.remover.band_indices)], "cloud_prob": prob}
         if self.s1 is not None:
             db = self._read(self.s1, self.s1_path, y0, end).astype(np.float32)
             bad = ~np.isfinite(db)
-            s1 = sen12mscr.normalize_s1(np.where(bad, sen12mscr.S1_DB_MIN, db))
             if bad.any():
                 log.info("%s: %d non-finite values filled with -25 dB", self.s1_path, int(bad.sum()))
-                s1[bad] = sen12mscr.S1_NONFINITE_FILL
-            rows["s1"] = s1
+            rows["s1"] = contract.normalize_s1_filled(db)
         return {k: pad_to(v, y1 - y0, self.layout.padded_width) for k, v in rows.items()}
 
 
@@ -253,7 +216,7 @@ class _SceneWriter:
 
     def write_rows(self, y0: int, y1: int, mean: np.ndarray, std: np.ndarray) -> None:
         window = Window(0, y0, self.src.width, y1 - y0)
-        dn = sen12mscr.denormalize_s2(mean)
+        dn = contract.denormalize_s2(mean)
         std = std.astype(np.float32)
         if self.nodata is not None:
             raw = np.moveaxis(self.src.read(window=window), 0, -1)

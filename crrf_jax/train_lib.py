@@ -5,7 +5,8 @@ function of `(TrainState, batch, rng)` that merges the graph inside, so it jits 
 donated buffers (see `compile_step`). Frozen networks (the VAEs during the flow stage) travel as a separate
 argument and get no gradients.
 
-Batches hold the data contract of docs/ARCHITECTURE.md (values in [0, 1]); models see `x * 2 - 1`.
+Batches hold the data contract (`crrf_jax.data.contract`: values in [0, 1]); models see `contract.to_model(x)`
+(x * 2 - 1) and their images come back through `contract.from_model`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import optax
 from flax import nnx, struct
 
 from crrf_jax import flow as rf  # noqa
+from crrf_jax.data import contract
 
 Batch = dict[str, jax.Array]
 
@@ -165,7 +167,7 @@ class VaeLossConfig:
 def vae_loss(model, batch: Batch, rng: jax.Array, frozen, *, cfg: VaeLossConfig):
     """Loss of an AutoEncoder on `batch[cfg.key]` (B, H, W, C) in [0, 1]."""
     del frozen
-    x = batch[cfg.key] * 2.0 - 1.0
+    x = contract.to_model(batch[cfg.key])
     recon, posterior = model(x, rng)
     recon = recon.astype(jnp.float32)
     l1 = jnp.mean(jnp.abs(recon - x))
@@ -181,7 +183,7 @@ def vae_loss(model, batch: Batch, rng: jax.Array, frozen, *, cfg: VaeLossConfig)
 
 def spectral_angle_loss(pred: jax.Array, target: jax.Array, eps: float = 1e-6) -> jax.Array:
     """Mean spectral angle (radians) between pixel vectors of (B, H, W, C) images (inputs in [-1, 1])."""
-    p, t = (pred + 1.0) * 0.5, (target + 1.0) * 0.5
+    p, t = contract.from_model(pred), contract.from_model(target)
     cos = jnp.sum(p * t, -1) / (jnp.linalg.norm(p, axis=-1) * jnp.linalg.norm(t, axis=-1) + eps)
     return jnp.mean(jnp.arccos(jnp.clip(cos, -1.0 + 1e-6, 1.0 - 1e-6)))
 
@@ -241,9 +243,9 @@ def encode_batch(vaes: FrozenVaes, batch: Batch) -> dict[str, jax.Array]:
     """Scaled latents (B, H/8, W/8, 16) of the target, the cloudy image and the SAR image (no gradients)."""
     s2_vae, s1_vae = vaes.s2(), vaes.s1()
     out = {
-        "x0": s2_vae.encode(batch["s2"] * 2.0 - 1.0),
-        "cloudy": s2_vae.encode(batch["s2_cloudy"] * 2.0 - 1.0),
-        "sar": s1_vae.encode(batch["s1"] * 2.0 - 1.0),
+        "x0": s2_vae.encode(contract.to_model(batch["s2"])),
+        "cloudy": s2_vae.encode(contract.to_model(batch["s2_cloudy"])),
+        "sar": s1_vae.encode(contract.to_model(batch["s1"])),
     }
     return jax.tree.map(lambda a: jax.lax.stop_gradient(a.astype(jnp.float32)), out)
 
@@ -272,7 +274,7 @@ def flow_loss(model, batch: Batch, rng: jax.Array, vaes: FrozenVaes, *, cfg: Flo
     aux = {"flow_mse": loss}
     if cfg.pixel_loss_weight:
         x0_hat = rf.x0_from_velocity(x_t, t, v)
-        pixels = (vaes.s2().decode(x0_hat).astype(jnp.float32) + 1.0) * 0.5
+        pixels = contract.from_model(vaes.s2().decode(x0_hat).astype(jnp.float32))
         pix = rf.pixel_l1_loss(pixels, batch["s2"], batch["cloud_prob"])
         loss = loss + cfg.pixel_loss_weight * pix
         aux["pixel_l1"] = pix
@@ -310,7 +312,8 @@ def refiner_input(nets, batch: Batch, rng: jax.Array, drop_sar: jax.Array, cfg: 
 
     if cfg.input == "roundtrip":
         vae = nets.vae_s2()
-        pred = (vae.decode(vae.encode(batch["s2_cloudy"] * 2.0 - 1.0)).astype(jnp.float32) + 1.0) * 0.5
+        roundtrip = vae.decode(vae.encode(contract.to_model(batch["s2_cloudy"])))
+        pred = contract.from_model(roundtrip.astype(jnp.float32))
     elif cfg.input == "flow":
         keys = jax.random.split(rng, batch["s2_cloudy"].shape[0])
         pred, _ = inference.sample_patches(
@@ -337,7 +340,7 @@ def refiner_loss(model, batch: Batch, rng: jax.Array, nets, *, cfg: RefinerLossC
     loss = l1 + cfg.ssim_weight * (1.0 - ssim)
     aux = {"l1": l1, "ssim": ssim, "input_l1": jnp.mean(jnp.abs(pred - target)), "trust": jnp.mean(trust)}
     if cfg.sam_weight:
-        sam = spectral_angle_loss(refined * 2.0 - 1.0, target * 2.0 - 1.0)
+        sam = spectral_angle_loss(contract.to_model(refined), contract.to_model(target))
         loss = loss + cfg.sam_weight * sam
         aux["sam"] = sam
     return loss, aux

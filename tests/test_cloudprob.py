@@ -13,6 +13,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from crrf_jax.data import cloudprob as cp
+from crrf_jax.data import contract
 from crrf_jax.data import sen12mscr as sd
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "sen12mscr_sample"
@@ -156,7 +157,7 @@ def _tiny_triplet(root: Path, scene: int) -> sd.Triplet:
 def test_bad_cloudy_file_raises_or_is_skipped(tmp_path, caplog):
     good, bad = _tiny_triplet(tmp_path, 1), _tiny_triplet(tmp_path, 2)
     bad.s2_cloudy.write_bytes(b"not a tiff")
-    with pytest.raises(sd.DataError) as err:
+    with pytest.raises(contract.DataError) as err:
         cp.compute_cloud_probs(tmp_path, workers=0, progress=False)
     assert str(err.value).startswith(str(bad.s2_cloudy))
     assert cp.cloud_prob_path(tmp_path, good).is_file()  # the rest of the failing batch was written

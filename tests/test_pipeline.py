@@ -8,7 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from crrf_jax.data import cloudprob, pipeline, sen12mscr, synthetic
+from crrf_jax.data import cloudprob, contract, pipeline, sen12mscr, synthetic
 from crrf_jax.data.tfds import build_tfds
 
 N_SCENES, SIZE = 16, 32  # 12 train, 2 val, 2 test
@@ -65,7 +65,7 @@ def test_sources_give_the_data_contract(data):
         for key in ("s1", "s2", "s2_cloudy", "cloud_prob"):
             np.testing.assert_array_equal(by_id[triplet.id][key], sample[key], err_msg=key)
     rgb = pipeline.GeoTiffSource(root, "val", bands="rgb")[0]
-    np.testing.assert_array_equal(rgb["s2"], geotiff[0]["s2"][..., list(sen12mscr.RGB)])
+    np.testing.assert_array_equal(rgb["s2"], geotiff[0]["s2"][..., list(contract.RGB)])
     assert pipeline.TfdsSource(data_dir, "val", bands="rgb")[0]["s2"].shape == (SIZE, SIZE, 3)
 
 
@@ -88,7 +88,7 @@ def test_both_sources_give_identical_batches(data):
     for source in ("geotiff", "tfds"):
         batches = list(pipeline.eval_dataset(**_kwargs(data, source, batch_size=5, bands="B02,B8A,B12")))
         per_source[source] = {
-            str(sample_id): {key: b[key][i] for key in pipeline.ARRAY_KEYS}
+            str(sample_id): {key: b[key][i] for key in contract.ARRAY_KEYS}
             for b in batches
             for i, sample_id in enumerate(b["id"])
             if b["mask"][i]
@@ -238,7 +238,7 @@ def test_skip_mode_logs_and_counts_bad_samples(damaged, worker_count, caplog):
 def test_raise_mode_names_the_file(damaged):
     root, bad = damaged
     kwargs = dict(source="geotiff", root=root, split="train", batch_size=4, process_index=0, process_count=1)
-    with pytest.raises(sen12mscr.DataError) as info:
+    with pytest.raises(contract.DataError) as info:
         list(pipeline.eval_dataset(**kwargs))
     assert str(info.value).startswith(tuple(str(p) for p in bad.values()))
 

@@ -11,8 +11,8 @@ from rasterio.transform import Affine
 from test_export import OVERLAP, STEPS, TILE, fake_run
 
 from crrf_jax import inference, predict
-from crrf_jax.data import cloudprob, sen12mscr, synthetic
-from crrf_jax.data.sen12mscr import DataError
+from crrf_jax.data import cloudprob, contract, sen12mscr, synthetic
+from crrf_jax.data.contract import DataError
 from crrf_jax.inference import CloudRemover
 
 OPTIONS = dict(steps=STEPS, num_samples=2, tile_size=TILE, overlap=OVERLAP, progress=False)
@@ -33,7 +33,7 @@ def scene(tmp_path_factory) -> dict[str, Path]:
     """A 150x200 synthetic scene: s1, s2, s2_cloudy and a uint8 cloud-probability file."""
     paths = synthetic.write_synthetic_scene(tmp_path_factory.mktemp("scene"), 150, 200, seed=3)
     with rasterio.open(paths["s2_cloudy"]) as ds:
-        cloudy = sen12mscr.normalize_s2(np.moveaxis(ds.read(), 0, -1))
+        cloudy = contract.normalize_s2(np.moveaxis(ds.read(), 0, -1))
         paths["cloud_prob"] = paths["s2_cloudy"].with_name("cloud_prob.tif")
         cloudprob.write_cloud_prob(paths["cloud_prob"], cloudprob.cloud_probability(cloudy[None])[0], ds.crs,
                                    ds.transform)
@@ -55,7 +55,7 @@ def _check_output(out: Path, ref: Path, n_bands: int = 13) -> np.ndarray:
     with rasterio.open(out) as o, rasterio.open(ref) as r:
         assert (o.crs, o.transform, o.width, o.height) == (r.crs, r.transform, r.width, r.height)
         assert o.count == n_bands and set(o.dtypes) == {"uint16"}
-        assert o.descriptions == sen12mscr.S2_BANDS
+        assert o.descriptions == contract.S2_BANDS
         return o.read()
 
 
@@ -135,7 +135,7 @@ def test_wrong_bands_and_dtypes_name_the_file(remover, scene, tmp_path):
         predict.predict_scene(remover, scene["s2_cloudy"], s1_int, out_path=tmp_path / "o.tif", **OPTIONS)
     shuffled = _rewrite(scene["s2_cloudy"], tmp_path / "shuffled.tif")
     with rasterio.open(shuffled, "r+") as ds:
-        for i, name in enumerate(reversed(sen12mscr.S2_BANDS), start=1):
+        for i, name in enumerate(reversed(contract.S2_BANDS), start=1):
             ds.set_band_description(i, name)
     with pytest.raises(DataError, match="shuffled.tif: bands are described as B12, B11"):
         predict.predict_scene(remover, shuffled, out_path=tmp_path / "o.tif", **OPTIONS)

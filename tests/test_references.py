@@ -17,7 +17,7 @@ from skimage.restoration import inpaint_biharmonic
 from crrf_jax import evaluation
 from crrf_jax import metrics as M
 from crrf_jax import references as R
-from crrf_jax.data import cloudprob, pipeline, sen12mscr, synthetic
+from crrf_jax.data import cloudprob, contract, pipeline, synthetic
 
 
 def _image_and_hole(height=24, width=20, bands=3, seed=0):
@@ -103,7 +103,7 @@ class OracleRemover:
     """Returns each image's cloud-free target (found by its sampling seed); records the options it was given."""
 
     band_indices = tuple(range(13))
-    band_names = tuple(sen12mscr.S2_BANDS)
+    band_names = tuple(contract.S2_BANDS)
     config = {"sampling": {"steps": 1, "guidance_scale": 1.0}}
 
     def __init__(self, root):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from crrf_jax.data import cloudprob, sen12mscr, synthetic
+from crrf_jax.data import cloudprob, contract, sen12mscr, synthetic
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "sen12mscr_sample"
 WATER, VEGETATION, SOIL, URBAN, SNOW = range(5)
@@ -122,6 +122,6 @@ def test_statistics_resemble_the_real_sample():
     fake_s2 = np.median(np.concatenate([f["s2"].reshape(-1, 13) for f in fake]), axis=0).astype(np.float64)
     bands = [b for b in range(13) if b != 10]  # B10 is near zero in both
     assert np.all((fake_s2[bands] > real_s2[bands] / 3) & (fake_s2[bands] < real_s2[bands] * 3))
-    real_vv = np.median(np.concatenate([sen12mscr.denormalize_s1(r["s1"][..., 0]).ravel() for r in real]))
+    real_vv = np.median(np.concatenate([contract.denormalize_s1(r["s1"][..., 0]).ravel() for r in real]))
     fake_vv = np.median(np.concatenate([f["s1"][..., 0].ravel() for f in fake]))
     assert abs(real_vv - fake_vv) < 6

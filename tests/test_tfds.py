@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from crrf_jax.data import cloudprob, sen12mscr, synthetic
+from crrf_jax.data import cloudprob, contract, sen12mscr, synthetic
 from crrf_jax.data.tfds import __main__ as tfds_cli
 from crrf_jax.data.tfds import build_tfds, dataset_name, decode_example
 
@@ -92,7 +92,7 @@ def test_cloud_probabilities_computed_into_the_cache(built):
 def test_band_selection_on_decode(built):
     _, data_dir, _ = built
     stored = tfds.data_source(dataset_name("exact"), data_dir=data_dir, split="val")[0]
-    full, rgb = decode_example(stored), decode_example(stored, sen12mscr.resolve_bands("rgb"))
+    full, rgb = decode_example(stored), decode_example(stored, contract.resolve_bands("rgb"))
     np.testing.assert_array_equal(rgb["s2_cloudy"], full["s2_cloudy"][..., [3, 2, 1]])
 
 
@@ -125,7 +125,7 @@ def test_bad_samples_skipped_and_counted(tmp_path):
     synthetic.write_synthetic_dataset(raw, n_scenes=4, size=16, seed=0)
     broken = sen12mscr.find_triplets(raw, "train")[0]
     broken.s2_cloudy.write_bytes(b"not a tiff")
-    with pytest.raises(sen12mscr.DataError, match=str(broken.s2_cloudy)):
+    with pytest.raises(contract.DataError, match=str(broken.s2_cloudy)):
         build_tfds(raw, tmp_path / "strict", cloud_prob_workers=0)
     builder = build_tfds(raw, tmp_path / "lenient", on_error="skip", cloud_prob_workers=0)
     assert builder.info.splits["train"].num_examples == 1  # 2 train scenes, one broken

@@ -8,7 +8,8 @@ Cache layout, next to the dataset and mirroring it::
 
     <root>/<season>_cloudprob/cloudprob_<n>/<season>_cloudprob_<n>_p<k>.tif
 
-single band, uint8 = round(probability * 255) (quantisation error <= 1/510; a quarter of float32's size),
+single band, uint8 = round(probability * 255) (``contract.cloud_prob_to_uint8``; quantisation error <= 1/510;
+a quarter of float32's size),
 deflate-compressed, same size, CRS and transform as the cloudy S2 patch. Files are written to
 ``<name>.partial`` and renamed, so a file that exists is complete and an interrupted run resumes where it
 stopped.
@@ -21,6 +22,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -36,12 +38,12 @@ import rasterio
 from rasterio.windows import Window
 from tqdm import tqdm
 
-from crrf_jax.data import sen12mscr
-from crrf_jax.data.sen12mscr import BadSampleLog, DataError, Triplet
+from crrf_jax.data import contract, sen12mscr
+from crrf_jax.data.contract import DataError
+from crrf_jax.data.sen12mscr import BadSampleLog, Triplet
 
 logger = logging.getLogger(__name__)
 
-CACHE_SCALE = 255.0
 _PARTIAL = ".partial"
 
 
@@ -65,10 +67,10 @@ def cloud_probability(s2_cloudy: np.ndarray, num_threads: int = 0) -> np.ndarray
     Returns (B, H, W, 1) float32 in [0, 1].
     """
     x = np.asarray(s2_cloudy, dtype=np.float32)
-    if x.ndim != 4 or x.shape[-1] != len(sen12mscr.S2_BANDS):
+    if x.ndim != 4 or x.shape[-1] != len(contract.S2_BANDS):
         raise ValueError(
             f"cloud_probability needs (B, H, W, 13) with all 13 Sentinel-2 bands "
-            f"({', '.join(sen12mscr.S2_BANDS)}); got shape {x.shape}. s2cloudless cannot run on a band "
+            f"({', '.join(contract.S2_BANDS)}); got shape {x.shape}. s2cloudless cannot run on a band "
             "subset: read the cloudy image with bands=None."
         )
     if not np.all(np.isfinite(x)):
@@ -103,7 +105,7 @@ def write_cloud_prob(path: str | os.PathLike, prob: np.ndarray, crs, transform) 
     """Atomically write prob (H, W, 1) or (H, W) in [0, 1] as a uint8 GeoTIFF (x255) with crs/transform."""
     path = Path(path)
     prob = np.asarray(prob, dtype=np.float32).reshape(prob.shape[0], prob.shape[1])
-    data = np.rint(np.clip(prob, 0.0, 1.0) * CACHE_SCALE).astype(np.uint8)
+    data = contract.cloud_prob_to_uint8(prob)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + _PARTIAL)
     profile = dict(
@@ -118,7 +120,7 @@ def write_cloud_prob(path: str | os.PathLike, prob: np.ndarray, crs, transform) 
     )
     with rasterio.open(tmp, "w", **profile) as dst:
         dst.write(data, 1)
-        dst.update_tags(1, meaning="s2cloudless cloud probability", scale=f"1/{CACHE_SCALE:g}")
+        dst.update_tags(1, meaning="s2cloudless cloud probability", scale=f"1/{contract.CLOUD_PROB_SCALE:g}")
     os.replace(tmp, path)
 
 
@@ -134,17 +136,15 @@ def load_cloud_prob(root: str | os.PathLike, triplet: Triplet, window: Window | 
             f"{path}: cloud probability of {triplet.id} not computed; run "
             f"`python -m crrf_jax.data.cloudprob --root {root}` first"
         )
-    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+    with rasterio.Env(**contract.GDAL_ENV), contextlib.ExitStack() as stack:
+        ds = contract.open_geotiff(path, stack, "cached cloud probability", count=1, dtypes=("uint8",))
+        if window is not None:
+            window = sen12mscr.check_window(window, ds.height, ds.width)
         try:
-            with rasterio.open(path) as ds:
-                if ds.count != 1 or ds.dtypes[0] != "uint8":
-                    raise DataError(path, f"expected 1 uint8 band, found {ds.count} {ds.dtypes[0]}")
-                if window is not None:
-                    window = sen12mscr.check_window(window, ds.height, ds.width)
-                data = ds.read(1, window=window)
+            data = ds.read(1, window=window)
         except rasterio.errors.RasterioError as e:
             raise DataError(path, f"cannot read cached cloud probability ({e})") from e
-    return (data.astype(np.float32) / CACHE_SCALE)[..., None]
+    return contract.cloud_prob_from_uint8(data)[..., None]
 
 
 # -------------------------------------------------------------------------------------------------- batch job

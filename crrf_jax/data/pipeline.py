@@ -1,6 +1,7 @@
 """Grain input pipelines over SEN12MS-CR: shuffle, augment, batch, shard per JAX process, checkpointable.
 
-Two sources give the same samples (DESIGN section 3; float32 in [0, 1], channels last):
+Two sources give the same samples (the data contract of `crrf_jax.data.contract`, docs/ARCHITECTURE.md "Data
+contract"; float32 in [0, 1], channels last):
 
 - `GeoTiffSource`: the raw layout, read with `read_triplet` plus the cached cloud probability;
 - `TfdsSource`: the ArrayRecord shards of `crrf_jax.data.tfds` through `tfds.data_source` (no TensorFlow).
@@ -49,12 +50,12 @@ import grain
 import numpy as np
 from grain.python import SharedMemoryArray
 
-from crrf_jax.data import cloudprob, sen12mscr
-from crrf_jax.data.sen12mscr import BadSampleLog, DataError, Triplet
+from crrf_jax.data import cloudprob, contract, sen12mscr
+from crrf_jax.data.contract import ARRAY_KEYS, DataError
+from crrf_jax.data.sen12mscr import BadSampleLog, Triplet
 
 logger = logging.getLogger(__name__)
 
-ARRAY_KEYS = ("s1", "s2", "s2_cloudy", "cloud_prob")
 _BAD = "_bad"  # key of a bad-sample marker: (id, path, reason)
 _SKIPPED = "_skipped"  # batch key carrying the markers met while assembling it
 
@@ -80,7 +81,7 @@ class GeoTiffSource:
     ):
         self.root = Path(root)
         self.split, self.protocol = split, protocol
-        self.bands = sen12mscr.resolve_bands(bands)
+        self.bands = contract.resolve_bands(bands)
         self.cloud_prob_dir = Path(cloud_prob_dir) if cloud_prob_dir is not None else self.root
         self.triplets: list[Triplet] = sen12mscr.find_triplets(self.root, split, protocol)
 
@@ -129,7 +130,7 @@ class TfdsSource:
         decode: bool = True,
     ):
         self.data_dir, self.split, self.protocol = str(data_dir), split, protocol
-        self.bands = sen12mscr.resolve_bands(bands)
+        self.bands = contract.resolve_bands(bands)
         self.decode = decode
         self._reader = None
         self._length = len(self._open())
@@ -161,7 +162,7 @@ class TfdsSource:
         if self.decode:
             return _tfds_modules()[1].decode_example(stored, self.bands)
         sample = {key: stored[key] for key in ARRAY_KEYS}
-        if len(self.bands) != len(sen12mscr.S2_BANDS):
+        if len(self.bands) != len(contract.S2_BANDS):
             sample["s2"], sample["s2_cloudy"] = (
                 stored[k][..., list(self.bands)] for k in ("s2", "s2_cloudy")
             )
@@ -273,13 +274,14 @@ def apply_flip_rotate(image: np.ndarray, turns: int, flip: bool) -> np.ndarray:
 
 
 # Stored dtypes and the divisor that maps them to the data contract's [0, 1] float32.
-_STORED_SCALE = {np.dtype(np.uint16): np.float32(sen12mscr.S2_DN_MAX), np.dtype(np.uint8): np.float32(255.0)}
+_STORED_SCALE = {np.dtype(np.uint16): np.float32(contract.S2_DN_MAX),
+                 np.dtype(np.uint8): np.float32(contract.CLOUD_PROB_SCALE)}
 
 
 def to_float32_into(out: np.ndarray, value: np.ndarray) -> None:
     """Writes `value` into the float32 array `out` in one pass: uint16 S2 DN / 10000, uint8 cloud probability
-    / 255 (the stored forms of the TFDS shards; bit-identical to normalize_s2 and load_cloud_prob), float32
-    copied as is."""
+    / 255 (the stored forms of the TFDS shards; bit-identical to contract.normalize_s2 and
+    contract.cloud_prob_from_uint8), float32 copied as is."""
     scale = _STORED_SCALE.get(value.dtype)
     if scale is None:
         np.copyto(out, value, casting="same_kind")

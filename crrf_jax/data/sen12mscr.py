@@ -23,18 +23,19 @@ Splits. ``TEST_ROIS`` and ``VAL_ROIS`` are the ROI lists of UnCRtainTS / EMRDM; 
   tests the absolute path, which differs only for a root whose own name contains a split entry. Use legacy
   only to reproduce published numbers.
 
-Normalisation (DESIGN section 3): S1 dB clipped to [-25, 0] and mapped to [0, 1]; S2 DN clipped to [0, 10000]
-and divided by 10000. ``denormalize_s2`` inverts to uint16 DN for writing GeoTIFFs.
+Normalisation, band names and selections, and the GeoTIFF checks are the data contract's
+(``crrf_jax.data.contract``; docs/ARCHITECTURE.md, "Data contract"): S1 dB clipped to [-25, 0] and mapped to
+[0, 1]; S2 DN clipped to [0, 10000] and divided by 10000.
 
 Validation. Every problem with a file raises ``DataError`` whose message starts with that file's path: missing
 partner, unreadable or truncated TIFF, wrong band count (S1 2, S2 13), wrong dtype (S1 float32/float64; S2
-uint16, or float32/float64 DN), partners whose size or grid (CRS, pixel size, origin within half a pixel)
-differ, and non-finite pixels under this policy:
+uint16, or float32/float64 DN), partners off the clear S2 file's grid (``contract.check_same_grid``: size,
+CRS, transform within a thousandth of a pixel), and non-finite pixels under this policy:
 
 - S2 (clear or cloudy): any NaN/Inf is an error (the official files are uint16 and cannot hold one).
 - S1: real SEN12MS-CR S1 patches contain NaN pixels (no-data at swath borders). UnCRtainTS maps them, after
   clipping and rescaling, to 0 with ``np.nan_to_num``, i.e. to the -25 dB floor. We do the same, counting
-  every non-finite value (NaN, +-Inf) and filling it with ``S1_NONFINITE_FILL`` (0.0 normalised = -25 dB), as
+  every non-finite value (NaN, +-Inf) and filling it with ``contract.S1_NONFINITE_FILL`` (0.0 = -25 dB), as
   long as the fraction of non-finite values in what was read is at most ``S1_MAX_NONFINITE_FRACTION`` (10 %,
   adjustable per call); above that the patch is mostly no-data and is rejected.
 
@@ -54,7 +55,7 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -63,21 +64,26 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
+from crrf_jax.data.contract import (
+    GDAL_ENV,
+    S1_BANDS,
+    S1_DTYPES,
+    S2_BANDS,
+    S2_DTYPES,
+    DataError,
+    normalize_s1_filled,
+    normalize_s2,
+    open_geotiff,
+    resolve_bands,
+)
+
 logger = logging.getLogger(__name__)
 
-S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
-RGB = (3, 2, 1)
 SEASONS = ("ROIs1158_spring", "ROIs1868_summer", "ROIs1970_fall", "ROIs2017_winter")
 SPLITS = ("train", "val", "test", "all")
 PROTOCOLS = ("exact", "legacy")
 
-S1_DB_MIN, S1_DB_MAX = -25.0, 0.0
-S2_DN_MAX = 10000.0
-S1_NONFINITE_FILL = 0.0
 S1_MAX_NONFINITE_FRACTION = 0.1
-
-S1_DTYPES = ("float32", "float64")
-S2_DTYPES = ("uint16", "float32", "float64")
 
 
 def _rois(numbers: str) -> frozenset[str]:
@@ -113,95 +119,8 @@ LEGACY_TRAIN_ROIS: dict[str, frozenset[str]] = {
     "ROIs2017_winter": _rois("68 25 62 135 42 64 21 55 112 116 8 59 49 104 81 146 75 94 102 61 47"),
 }
 
-# GDAL would list each patch folder (thousands of files) on every open looking for sidecar files.
-_GDAL_ENV = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
-
-
-class DataError(ValueError):
-    """A data file is missing, unreadable or invalid. ``str(err)`` starts with the file path."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-    def __reduce__(self):  # picklable across worker processes despite the two-argument constructor
-        return (type(self), (self.path, self.reason))
-
-
 class EmptySplitError(ValueError):
     """find_triplets: the root holds triplets, but none in the requested split (e.g. a partial copy)."""
-
-
-# ------------------------------------------------------------------------------------------------------ bands
-
-
-def resolve_bands(bands: None | str | Sequence[int | str]) -> tuple[int, ...]:
-    """Band selection -> 0-based indices into ``S2_BANDS``.
-
-    None or "all" -> all 13; "rgb" -> ``RGB`` (B04, B03, B02); a comma-separated string or a sequence of band
-    names ("B02", "b8a") and/or indices (0..12). Order is kept; duplicates, unknown names and out-of-range
-    indices raise ValueError.
-    """
-    if bands is None:
-        return tuple(range(len(S2_BANDS)))
-    if isinstance(bands, str):
-        key = bands.strip().lower()
-        if key == "all":
-            return tuple(range(len(S2_BANDS)))
-        if key == "rgb":
-            return RGB
-        bands = [b for b in bands.split(",") if b.strip()]
-    if not isinstance(bands, Iterable):
-        raise ValueError(f"bands must be None, 'rgb', 'all', or a sequence of names/indices; got {bands!r}")
-    out: list[int] = []
-    for b in bands:
-        if isinstance(b, str):
-            name = b.strip().upper()
-            if name not in S2_BANDS:
-                raise ValueError(f"unknown Sentinel-2 band {b!r}; valid names: {', '.join(S2_BANDS)}")
-            idx = S2_BANDS.index(name)
-        elif isinstance(b, (int, np.integer)) and not isinstance(b, (bool, np.bool_)):
-            idx = int(b)
-            if not 0 <= idx < len(S2_BANDS):
-                raise ValueError(f"band index {idx} out of range [0, {len(S2_BANDS) - 1}]")
-        else:
-            raise ValueError(f"band {b!r} is neither a band name nor an integer index")
-        if idx in out:
-            raise ValueError(f"band {S2_BANDS[idx]} (index {idx}) selected twice in {list(bands)!r}")
-        out.append(idx)
-    if not out:
-        raise ValueError("empty band selection")
-    return tuple(out)
-
-
-# ---------------------------------------------------------------------------------------------- normalisation
-
-
-def normalize_s1(db: np.ndarray) -> np.ndarray:
-    """S1 backscatter in dB -> float32 in [0, 1] (clip to [-25, 0] dB). Non-finite values stay non-finite."""
-    db = np.asarray(db, dtype=np.float32)
-    return ((np.clip(db, S1_DB_MIN, S1_DB_MAX) - S1_DB_MIN) / (S1_DB_MAX - S1_DB_MIN)).astype(np.float32)
-
-
-def denormalize_s1(x: np.ndarray) -> np.ndarray:
-    """Inverse of ``normalize_s1`` on [0, 1] -> float32 dB in [-25, 0]."""
-    x = np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0)
-    return (x * (S1_DB_MAX - S1_DB_MIN) + S1_DB_MIN).astype(np.float32)
-
-
-def normalize_s2(dn: np.ndarray) -> np.ndarray:
-    """S2 L1C digital numbers -> float32 reflectance in [0, 1] (clip to [0, 10000], divide by 10000)."""
-    dn = np.asarray(dn, dtype=np.float32)
-    return (np.clip(dn, 0.0, S2_DN_MAX) / S2_DN_MAX).astype(np.float32)
-
-
-def denormalize_s2(x: np.ndarray) -> np.ndarray:
-    """[0, 1] reflectance (any float array, clipped first) -> uint16 DN in [0, 10000], rounded to nearest."""
-    x = np.asarray(x, dtype=np.float32)
-    if not np.all(np.isfinite(x)):
-        raise ValueError("denormalize_s2: input contains NaN or Inf")
-    return np.rint(np.clip(x, 0.0, 1.0) * S2_DN_MAX).astype(np.uint16)
 
 
 # -------------------------------------------------------------------------------------------- layout & splits
@@ -358,42 +277,6 @@ def _scan_season(root: Path, season: str) -> list[Triplet]:
 # ---------------------------------------------------------------------------------------------------- reading
 
 
-def _open(path: Path, stack: ExitStack) -> rasterio.io.DatasetReader:
-    if not path.is_file():
-        raise DataError(path, "file does not exist")
-    try:
-        return stack.enter_context(rasterio.open(path))
-    except rasterio.errors.RasterioError as e:
-        raise DataError(path, f"cannot open as GeoTIFF ({e})") from e
-
-
-def _check_meta(ds, path: Path, count: int, dtypes: Sequence[str]) -> None:
-    if ds.count != count:
-        raise DataError(path, f"expected {count} bands, found {ds.count}")
-    if ds.dtypes[0] not in dtypes or len(set(ds.dtypes)) != 1:
-        raise DataError(
-            path, f"expected dtype {' or '.join(dtypes)}, found {', '.join(sorted(set(ds.dtypes)))}"
-        )
-
-
-def _check_same_grid(ds, path: Path, ref, ref_path: Path) -> None:
-    """ds (at path) must have the size, CRS, pixel size and origin (within half a pixel) of ref."""
-    if ds.shape != ref.shape:
-        raise DataError(
-            path,
-            f"size {ds.height}x{ds.width} differs from its partner {ref_path} ({ref.height}x{ref.width})",
-        )
-    if ds.crs and ref.crs and ds.crs != ref.crs:
-        raise DataError(path, f"CRS {ds.crs} differs from its partner {ref_path} ({ref.crs})")
-    a, r = ds.transform, ref.transform
-    pixel = max(abs(r.a), abs(r.e), 1e-12)
-    same_scale = all(abs(x - y) <= 1e-6 * pixel for x, y in ((a.a, r.a), (a.b, r.b), (a.d, r.d), (a.e, r.e)))
-    if not same_scale or abs(a.c - r.c) > 0.5 * pixel or abs(a.f - r.f) > 0.5 * pixel:
-        raise DataError(
-            path, f"geotransform {tuple(a)[:6]} differs from its partner {ref_path} ({tuple(r)[:6]})"
-        )
-
-
 def check_window(window: Window | None, height: int, width: int) -> Window:
     """window as an integer Window inside a height x width raster (None: all of it); ValueError if outside."""
     if window is None:
@@ -431,11 +314,9 @@ def _s1_pixels(data: np.ndarray, path: Path, max_nonfinite: float) -> np.ndarray
             path,
             f"{fraction:.1%} of Sentinel-1 values are NaN/Inf (more than the {max_nonfinite:.1%} allowed)",
         )
-    out = normalize_s1(np.where(bad, S1_DB_MIN, data))
     if bad.any():
-        out[bad] = S1_NONFINITE_FILL
-        logger.debug("%s: filled %d non-finite S1 values with %s", path, int(bad.sum()), S1_NONFINITE_FILL)
-    return out
+        logger.debug("%s: filling %d non-finite S1 values", path, int(bad.sum()))
+    return normalize_s1_filled(data)
 
 
 def read_triplet(
@@ -458,15 +339,12 @@ def read_triplet(
     Raises DataError naming the offending file (see the module docstring).
     """
     band_idx = [i + 1 for i in resolve_bands(bands)]
-    with rasterio.Env(**_GDAL_ENV), ExitStack() as stack:
-        s2 = _open(triplet.s2, stack)
-        s1 = _open(triplet.s1, stack)
-        s2c = _open(triplet.s2_cloudy, stack)
-        _check_meta(s2, triplet.s2, len(S2_BANDS), S2_DTYPES)
-        _check_meta(s1, triplet.s1, 2, S1_DTYPES)
-        _check_meta(s2c, triplet.s2_cloudy, len(S2_BANDS), S2_DTYPES)
-        _check_same_grid(s1, triplet.s1, s2, triplet.s2)
-        _check_same_grid(s2c, triplet.s2_cloudy, s2, triplet.s2)
+    with rasterio.Env(**GDAL_ENV), ExitStack() as stack:
+        s2 = open_geotiff(triplet.s2, stack, "Sentinel-2", count=len(S2_BANDS), dtypes=S2_DTYPES)
+        partner = dict(grid_of=(s2, triplet.s2))
+        s1 = open_geotiff(triplet.s1, stack, "Sentinel-1", count=len(S1_BANDS), dtypes=S1_DTYPES, **partner)
+        s2c = open_geotiff(triplet.s2_cloudy, stack, "cloudy Sentinel-2", count=len(S2_BANDS),
+                           dtypes=S2_DTYPES, **partner)
         win = check_window(window, s2.height, s2.width)
         return {
             "s1": _s1_pixels(_read(s1, triplet.s1, [1, 2], win), triplet.s1, s1_max_nonfinite),
@@ -488,9 +366,8 @@ def read_s2_file(
     """
     path = Path(path)
     band_idx = [i + 1 for i in resolve_bands(bands)]
-    with rasterio.Env(**_GDAL_ENV), ExitStack() as stack:
-        ds = _open(path, stack)
-        _check_meta(ds, path, len(S2_BANDS), S2_DTYPES)
+    with rasterio.Env(**GDAL_ENV), ExitStack() as stack:
+        ds = open_geotiff(path, stack, "Sentinel-2", count=len(S2_BANDS), dtypes=S2_DTYPES)
         win = check_window(window, ds.height, ds.width)
         return {
             "s2": _s2_pixels(_read(ds, path, band_idx, win), path),

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from crrf_jax.data import contract
 from crrf_jax.models.layers import DType, default_kernel_init, linear, zeros_init
 from crrf_jax.parallel import with_axes
 
@@ -44,7 +45,7 @@ class CloudProbEncoder(nnx.Module):
     def __call__(self, cloud_prob: jax.Array) -> jax.Array:
         if cloud_prob.ndim != 4 or cloud_prob.shape[-1] != 1:
             raise ValueError(f"cloud_prob must be (B, H, W, 1), got {cloud_prob.shape}")
-        x = cloud_prob.astype(jnp.float32) * 2 - 1
+        x = contract.to_model(cloud_prob.astype(jnp.float32))
         for conv in self.convs:
             x = jax.nn.swish(conv(x))
         return self.out(jnp.mean(x.astype(jnp.float32), axis=(1, 2))).astype(jnp.float32)

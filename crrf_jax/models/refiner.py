@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from crrf_jax.data import contract
 from crrf_jax.models.layers import DType, default_kernel_init, zeros_init
 from crrf_jax.parallel import with_axes
 
@@ -114,9 +115,9 @@ class Refiner(nnx.Module):
         else:
             flags = jnp.ones(pred.shape[:1]) if sar_present is None else jnp.asarray(sar_present, jnp.float32)
             present = jnp.broadcast_to(flags[:, None, None, None], cloud_prob.shape).astype(jnp.float32)
-            sar = (sar.astype(jnp.float32) * 2 - 1) * present
-        x = jnp.concatenate([pred * 2 - 1, cloudy * 2 - 1, cloud_prob.astype(jnp.float32) * 2 - 1, sar, present],
-                            axis=-1)
+            sar = contract.to_model(sar.astype(jnp.float32)) * present
+        x = jnp.concatenate([contract.to_model(pred), contract.to_model(cloudy),
+                             contract.to_model(cloud_prob.astype(jnp.float32)), sar, present], axis=-1)
         h = self.stem(x)
         for block in self.blocks:
             h = block(h)

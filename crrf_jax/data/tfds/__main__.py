@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from crrf_jax.data import sen12mscr
+from crrf_jax.data import contract, sen12mscr
 from crrf_jax.data.tfds.sen12mscr_dataset_builder import build_tfds, dataset_name
 
 
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cloud_prob_workers=args.cloud_prob_workers,
                 compression=args.compression,
             )
-        except (sen12mscr.DataError, FileNotFoundError, ValueError) as err:
+        except (contract.DataError, FileNotFoundError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
         splits = ", ".join(f"{name} {info.num_examples}" for name, info in builder.info.splits.items())

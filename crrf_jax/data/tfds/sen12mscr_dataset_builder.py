@@ -10,11 +10,12 @@ Features, stored compactly (about 4 MB per 256x256 patch instead of 7.6 MB of fl
 | --- | --- | --- |
 | `s1` | (H, W, 2) float32 in [0, 1], already normalised (non-finite pixels filled) | as is |
 | `s2`, `s2_cloudy` | (H, W, 13) uint16 L1C DN (clipped to [0, 10000]) | `normalize_s2` (/ 10000) |
-| `cloud_prob` | (H, W, 1) uint8, probability x 255 (the cache's own quantisation) | / 255 |
+| `cloud_prob` | (H, W, 1) uint8, probability x 255 (the cache's own quantisation) | `cloud_prob_from_uint8` |
 | `id` | text, e.g. `ROIs1158_spring_106_p30` | `.decode()` |
 
-Reading back with `decode_example` gives exactly what `read_triplet` and `load_cloud_prob` give (the DN
-round trip is checked at build time; files with non-integer DN are rounded, with a warning).
+The conversions are the data contract's (`crrf_jax.data.contract`). Reading back with `decode_example` gives
+exactly what `read_triplet` and `load_cloud_prob` give (the DN round trip is checked at build time; files with
+non-integer DN are rounded, with a warning).
 
 Records are written uncompressed by default: reading a 4 MB record is several times faster than with TFDS's
 own zstd (`compression="zstd"` saves about 40 % of the disk on the real sample patches, 55 % on synthetic).
@@ -51,7 +52,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from crrf_jax.data import cloudprob, sen12mscr
+from crrf_jax.data import cloudprob, contract, sen12mscr
+from crrf_jax.data.contract import DataError
 from crrf_jax.data.sen12mscr import BadSampleLog, Triplet
 
 logger = logging.getLogger(__name__)
@@ -61,8 +63,8 @@ SPLITS = ("train", "val", "test")
 # What each feature holds on disk: dtype and channel count.
 FEATURES = {
     "s1": (np.float32, 2),
-    "s2": (np.uint16, len(sen12mscr.S2_BANDS)),
-    "s2_cloudy": (np.uint16, len(sen12mscr.S2_BANDS)),
+    "s2": (np.uint16, len(contract.S2_BANDS)),
+    "s2_cloudy": (np.uint16, len(contract.S2_BANDS)),
     "cloud_prob": (np.uint8, 1),
 }
 
@@ -235,11 +237,11 @@ def encode_triplet(
         return None
     try:
         prob = cloudprob.load_cloud_prob(cache_root, triplet)
-    except (FileNotFoundError, sen12mscr.DataError) as err:
+    except (FileNotFoundError, DataError) as err:
         error = (
             err
-            if isinstance(err, sen12mscr.DataError)
-            else sen12mscr.DataError(cloudprob.cloud_prob_path(cache_root, triplet), str(err))
+            if isinstance(err, DataError)
+            else DataError(cloudprob.cloud_prob_path(cache_root, triplet), str(err))
         )
         if on_error == "raise":
             raise error from err
@@ -247,11 +249,11 @@ def encode_triplet(
         return None
     example = {"s1": sample["s1"], "id": triplet.id}
     for key in ("s2", "s2_cloudy"):
-        dn = np.rint(sample[key] * sen12mscr.S2_DN_MAX).astype(np.uint16)
-        if not np.array_equal(sen12mscr.normalize_s2(dn), sample[key]):
+        dn = contract.denormalize_s2(sample[key])
+        if not np.array_equal(contract.normalize_s2(dn), sample[key]):
             logger.warning("%s: non-integer DN rounded for storage (error <= 0.5 DN)", getattr(triplet, key))
         example[key] = dn
-    example["cloud_prob"] = np.rint(prob * cloudprob.CACHE_SCALE).astype(np.uint8)
+    example["cloud_prob"] = contract.cloud_prob_to_uint8(prob)
     return example
 
 
@@ -260,13 +262,13 @@ def decode_example(example: dict[str, Any], bands: tuple[int, ...] | None = None
 
     s1 (H, W, 2); s2, s2_cloudy (H, W, C) with C = len(bands) (all 13 when None); cloud_prob (H, W, 1).
     """
-    s2_idx = list(bands) if bands is not None and len(bands) != len(sen12mscr.S2_BANDS) else slice(None)
+    s2_idx = list(bands) if bands is not None and len(bands) != len(contract.S2_BANDS) else slice(None)
     sample_id = example["id"]
     return {
         "s1": np.asarray(example["s1"], dtype=np.float32),
-        "s2": sen12mscr.normalize_s2(example["s2"][..., s2_idx]),
-        "s2_cloudy": sen12mscr.normalize_s2(example["s2_cloudy"][..., s2_idx]),
-        "cloud_prob": example["cloud_prob"].astype(np.float32) / cloudprob.CACHE_SCALE,
+        "s2": contract.normalize_s2(example["s2"][..., s2_idx]),
+        "s2_cloudy": contract.normalize_s2(example["s2_cloudy"][..., s2_idx]),
+        "cloud_prob": contract.cloud_prob_from_uint8(example["cloud_prob"]),
         "id": sample_id.decode() if isinstance(sample_id, bytes) else str(sample_id),
     }
 

@@ -1,0 +1,230 @@
+"""The data contract: model range, normalisation, band specs, and the GeoTIFF open-and-check."""
+
+import contextlib
+import pickle
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import Affine, from_origin
+
+from crrf_jax.data import contract
+from crrf_jax.data.contract import DataError
+
+PIXEL = 10.0
+WEST, NORTH = 500000.0, 5600000.0
+ORIGIN = from_origin(WEST, NORTH, PIXEL, PIXEL)
+
+
+def moved(right: float = 0.0, down: float = 0.0, pixel: float = PIXEL) -> Affine:
+    """ORIGIN moved by (right, down) pixels, with another pixel width."""
+    return from_origin(WEST + right * PIXEL, NORTH - down * PIXEL, pixel, PIXEL)
+
+
+def write_tif(path: Path, data: np.ndarray, transform: Affine = ORIGIN, crs: str | None = "EPSG:32631"):
+    """(C, H, W) data as a GeoTIFF with data's dtype."""
+    c, h, w = data.shape
+    with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=c, dtype=data.dtype, crs=crs,
+                       transform=transform) as dst:
+        dst.write(data)
+    return path
+
+
+def s1_tif(path: Path, transform: Affine = ORIGIN, **kwargs) -> Path:
+    return write_tif(path, np.full((2, 16, 16), -10.0, np.float32), transform, **kwargs)
+
+
+def open_pair(ref_path: Path, path: Path):
+    """Opens ref_path as Sentinel-2-like reference and path as an S1 partner that must share its grid."""
+    with rasterio.Env(**contract.GDAL_ENV), contextlib.ExitStack() as stack:
+        ref = contract.open_geotiff(ref_path, stack, "reference", count=2, dtypes=contract.S1_DTYPES)
+        return contract.open_geotiff(path, stack, "Sentinel-1", count=2, dtypes=contract.S1_DTYPES,
+                                     grid_of=(ref, ref_path)).shape
+
+
+def assert_names(err: pytest.ExceptionInfo, path: Path) -> None:
+    assert str(err.value).startswith(f"{path}: "), str(err.value)
+    assert err.value.path == str(path)
+
+
+# ------------------------------------------------------------------------------------------------ model range
+
+
+@pytest.mark.parametrize("xp", [np, jnp])
+def test_to_model_and_from_model_are_inverse(xp):
+    to_model, from_model = contract.to_model, contract.from_model
+    np.testing.assert_allclose(np.asarray(to_model(xp.asarray([0.0, 0.5, 1.0]))), [-1, 0, 1])
+    np.testing.assert_allclose(np.asarray(from_model(xp.asarray([-1.0, 0.0, 1.0]))), [0, 0.5, 1])
+    x = xp.asarray(np.random.default_rng(0).uniform(0, 1, (2, 8, 8, 3)), xp.float32)
+    y = to_model(x)
+    assert y.dtype == x.dtype and float(y.min()) >= -1 and float(y.max()) <= 1
+    np.testing.assert_allclose(np.asarray(from_model(y)), np.asarray(x), atol=1e-7)
+    np.testing.assert_allclose(np.asarray(to_model(from_model(y))), np.asarray(y), atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------- normalisation
+
+
+def test_normalisation_values_and_inverse():
+    np.testing.assert_allclose(
+        contract.normalize_s1(np.array([-40.0, -25.0, -12.5, 0.0, 4.0])), [0, 0, 0.5, 1, 1]
+    )
+    np.testing.assert_allclose(
+        contract.normalize_s2(np.array([0, 2500, 10000, 65535], np.uint16)), [0, 0.25, 1, 1]
+    )
+    dn = np.arange(0, 10001, dtype=np.uint16)
+    back = contract.denormalize_s2(contract.normalize_s2(dn))
+    assert back.dtype == np.uint16 and np.array_equal(back, dn)
+    assert contract.denormalize_s2(np.array([-0.2, 1.7])).tolist() == [0, 10000]
+    np.testing.assert_allclose(
+        contract.denormalize_s1(contract.normalize_s1(np.array([-20.0, -3.0]))), [-20, -3], atol=1e-5
+    )
+    with pytest.raises(ValueError, match="NaN"):
+        contract.denormalize_s2(np.array([np.nan]))
+
+
+def test_s1_fill_and_cloud_probability_cache():
+    filled = contract.normalize_s1_filled(np.array([-12.5, np.nan, np.inf, -np.inf], np.float32))
+    assert filled.dtype == np.float32
+    assert filled.tolist() == [0.5] + [contract.S1_NONFINITE_FILL] * 3
+    assert contract.denormalize_s1(np.float32(contract.S1_NONFINITE_FILL)) == contract.S1_DB_MIN
+    stored = np.arange(256, dtype=np.uint8)
+    prob = contract.cloud_prob_from_uint8(stored)
+    assert prob.dtype == np.float32 and prob[0] == 0 and prob[-1] == 1
+    assert np.array_equal(contract.cloud_prob_to_uint8(prob), stored)
+    assert contract.cloud_prob_to_uint8(np.array([-0.5, 0.3, 1.5])).tolist() == [0, 76, 255]
+
+
+# ------------------------------------------------------------------------------------------------------ bands
+
+
+def test_resolve_bands():
+    assert contract.resolve_bands(None) == tuple(range(13))
+    assert contract.resolve_bands("all") == tuple(range(13))
+    assert contract.resolve_bands("rgb") == contract.RGB == (3, 2, 1)
+    assert contract.resolve_bands("RGB") == (3, 2, 1)
+    assert [contract.S2_BANDS[i] for i in contract.RGB] == ["B04", "B03", "B02"]
+    assert contract.resolve_bands(["B04", "b8a", 0, np.int64(12)]) == (3, 8, 0, 12)
+    assert contract.resolve_bands("B02, B03") == (1, 2)
+    for bad, match in [
+        (["B13"], "unknown"),
+        ([13], "out of range"),
+        ([-1], "out of range"),
+        (["B02", 1], "twice"),
+        ([], "empty"),
+        ([True], "neither"),
+        ([1.0], "neither"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            contract.resolve_bands(bad)
+
+
+@pytest.mark.parametrize(
+    "spec, bands",
+    [
+        (None, tuple(range(13))),
+        ("", tuple(range(13))),  # a config's default
+        ("  ", tuple(range(13))),
+        ("all", tuple(range(13))),
+        ("rgb", (3, 2, 1)),
+        ("B02,B03", (1, 2)),
+        ("3,2,1", (3, 2, 1)),  # indices in a string, as configs write them
+        (" b8a , 3,B12 ", (8, 3, 12)),
+        (["B04", "8"], (3, 8)),
+        (("1", 2), (1, 2)),
+        ((3, 2, 1), (3, 2, 1)),
+    ],
+)
+def test_the_one_band_spec_parser_reads_every_form(spec, bands):
+    assert contract.resolve_bands(spec) == bands
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [("B02,B13", "unknown"), ("3,13", "out of range"), ("B04,3", "twice"), (",", "empty"), (3, "sequence")],
+)
+def test_the_one_band_spec_parser_refuses_bad_specs(spec, match):
+    with pytest.raises(ValueError, match=match):
+        contract.resolve_bands(spec)
+
+
+def test_rgb_channels():
+    assert contract.rgb_channels(None) == contract.RGB
+    assert contract.rgb_channels("rgb") == (0, 1, 2)
+    assert contract.rgb_channels("B02,B03,B04,B08") == (2, 1, 0)
+    assert contract.rgb_channels((7, 1, 2, 3)) == (3, 2, 1)
+    assert contract.rgb_channels("B02,B03") == (0, 0, 0)  # no B04: a grey view of the first band
+
+
+# --------------------------------------------------------------------------------------------------- GeoTIFFs
+
+
+def test_grid_within_the_tolerance_is_accepted(tmp_path):
+    ref = s1_tif(tmp_path / "ref.tif")
+    assert contract.GRID_TOLERANCE == 1e-3
+    nudged = s1_tif(tmp_path / "nudged.tif", moved(0.0005, -0.0003))
+    assert open_pair(ref, nudged) == (16, 16)
+    # A pixel size off by 1e-6 moves the far corner by 16e-6 pixels: still the same grid.
+    scaled = s1_tif(tmp_path / "scaled.tif", moved(pixel=PIXEL * (1 + 1e-6)))
+    assert open_pair(ref, scaled) == (16, 16)
+    assert open_pair(ref, s1_tif(tmp_path / "no_crs.tif", crs=None)) == (16, 16)  # taken to share ref's CRS
+
+
+@pytest.mark.parametrize(
+    "name, transform, match",
+    [
+        ("shifted.tif", moved(0.002), r"\(0.002 pixels apart\)"),
+        ("half.tif", moved(down=0.5), r"\(0.5 pixels apart\)"),  # the old dataset rule took it
+        # 1e-4 of a pixel per pixel adds up to 1.6e-3 pixels at the far corner of 16 pixels.
+        ("scaled.tif", moved(pixel=PIXEL * (1 + 1e-4)), r"\(0.0016 pixels apart\)"),
+    ],
+)
+def test_grid_off_by_more_than_the_tolerance_is_refused_naming_the_file(tmp_path, name, transform, match):
+    ref = s1_tif(tmp_path / "ref.tif")
+    off = s1_tif(tmp_path / name, transform)
+    expected = rf"not on the grid of {re.escape(str(ref))}: transform .* {match}"
+    with pytest.raises(DataError, match=expected) as err:
+        open_pair(ref, off)
+    assert_names(err, off)
+
+
+def test_grid_size_and_crs_are_checked(tmp_path):
+    ref = s1_tif(tmp_path / "ref.tif")
+    small = write_tif(tmp_path / "small.tif", np.zeros((2, 16, 15), np.float32))
+    with pytest.raises(DataError, match="size 16x15 vs 16x16") as err:
+        open_pair(ref, small)
+    assert_names(err, small)
+    utm32 = s1_tif(tmp_path / "utm32.tif", crs="EPSG:32632")
+    with pytest.raises(DataError, match="CRS EPSG:32632 vs EPSG:32631") as err:
+        open_pair(ref, utm32)
+    assert_names(err, utm32)
+
+
+def test_open_geotiff_names_the_file(tmp_path):
+    ref = s1_tif(tmp_path / "ref.tif")
+    (tmp_path / "text.tif").write_text("not a GeoTIFF")
+    one_band = write_tif(tmp_path / "one.tif", np.zeros((1, 16, 16), np.float32))
+    integers = write_tif(tmp_path / "int.tif", np.zeros((2, 16, 16), np.uint16))
+    for path, reason in [
+        (tmp_path / "missing.tif", "Sentinel-1 file does not exist"),
+        (tmp_path / "text.tif", "cannot open Sentinel-1 as a GeoTIFF"),
+        (one_band, "Sentinel-1 must have 2 bands, found 1"),
+        (integers, "Sentinel-1 must be float32 or float64, found uint16"),
+    ]:
+        with pytest.raises(DataError, match=f"^{re.escape(f'{path}: {reason}')}") as err:
+            open_pair(ref, path)
+        assert_names(err, path)
+    with contextlib.ExitStack() as stack:
+        with pytest.raises(DataError, match="cloud probability must have 2 bands, found 1"):
+            contract.open_geotiff(one_band, stack, "cloud probability", count=2, dtypes=("float32",))
+        ds = contract.open_geotiff(one_band, stack, "cloud probability", count=1, dtypes=("float32",))
+        assert (ds.count, ds.dtypes) == (1, ("float32",))
+
+
+def test_data_error_pickles():
+    err = pickle.loads(pickle.dumps(DataError("/a/b.tif", "broken")))
+    assert isinstance(err, DataError) and isinstance(err, ValueError)
+    assert (err.path, err.reason, str(err)) == ("/a/b.tif", "broken", "/a/b.tif: broken")
