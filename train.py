@@ -29,7 +29,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from configs import common
-from crrf_jax import checkpoint, export, inference, parallel, train_lib
+from crrf_jax import checkpoint, export, parallel, sampling, train_lib
 from crrf_jax import flow as rf
 from crrf_jax import visualize as vis
 from crrf_jax.data import sen12mscr
@@ -482,17 +482,17 @@ def _trained_vaes(config, workdir: str) -> list:
     return vaes
 
 
-def load_frozen_vaes(config, workdir: str, mesh) -> train_lib.FrozenVaes:
+def load_frozen_vaes(config, workdir: str, mesh) -> sampling.Networks:
     """The trained VAEs with measured latent statistics, replicated over the mesh (the flow stage's)."""
-    return jax.device_put(train_lib.FrozenVaes.of(*_trained_vaes(config, workdir)), parallel.replicated(mesh))
+    return jax.device_put(sampling.Networks.of_vaes(*_trained_vaes(config, workdir)), parallel.replicated(mesh))
 
 
-def load_frozen_networks(config, workdir: str, mesh) -> inference.Networks:
+def load_frozen_networks(config, workdir: str, mesh) -> sampling.Networks:
     """The trained flow model (EMA) and VAEs, replicated over the mesh (the refiner stage's)."""
     flow = load_final(
         os.path.join(workdir, "flow"), build.cloud_removal_flux(config.model, config.dtype, config.remat_policy)
     )
-    nets = inference.Networks.of(flow, *_trained_vaes(config, workdir))
+    nets = sampling.Networks.of(flow, *_trained_vaes(config, workdir))
     return jax.device_put(nets, parallel.replicated(mesh))
 
 
@@ -595,12 +595,12 @@ def write_preview(config, stage, stage_dir, state, batch, frozen, step, writer) 
     host = {k: np.asarray(jax.device_get(v))[:n] for k, v in batch.items()}
     if stage in ("flow", "refiner"):
         if stage == "flow":
-            nets = dict(flow_model=model, vae_s2=frozen.s2(), vae_s1=frozen.s1(), refiner=None)
+            nets = dict(flow_model=model, vae_s2=frozen.vae_s2(), vae_s1=frozen.vae_s1(), refiner=None)
         else:
             nets = dict(flow_model=frozen.flow(), vae_s2=frozen.vae_s2(), vae_s1=frozen.vae_s1(), refiner=model)
 
         def predict(output):
-            mean, _ = inference.predict_batch(
+            mean, _ = sampling.predict_batch(
                 **nets, batch={k: jnp.asarray(v) for k, v in host.items()}, rng=jax.random.key(step),
                 steps=config.flow.sample_steps, guidance_scale=config.flow.guidance_scale,
                 spec=rf.FlowSpec.from_config(config.flow), output=output,

@@ -16,7 +16,8 @@ def finish(config, workdir: str) -> dict:
     """Runs after training: test-split metrics (model vs cloudy input), a bundle, a tiled scene prediction."""
     from crrf_jax import evaluation, export
     from crrf_jax.data import synthetic
-    from crrf_jax.inference import CloudRemover, predict_scene
+    from crrf_jax.inference import CloudRemover
+    from crrf_jax.predict import predict_scene
 
     if jax.process_index() != 0:
         return {}

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from crrf_jax import train_lib
+from crrf_jax import sampling, train_lib
 from crrf_jax.data.pipeline import apply_flip_rotate
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,11 @@ def cache_dir(workdir: str) -> str:
     return os.path.join(workdir, "flow", "latents", f"p{jax.process_index()}")
 
 
-def build(directory: str, batches, vaes: train_lib.FrozenVaes) -> str:
-    """Encodes every valid sample of `batches` (an evaluation-style pass: no shuffle, one epoch) once."""
+def build(directory: str, batches, vaes: sampling.Networks) -> str:
+    """Encodes every valid sample of `batches` (an evaluation-style pass: no shuffle, one epoch) once.
+
+    vaes: the frozen VAEs (`sampling.Networks.of_vaes`).
+    """
     if os.path.exists(os.path.join(directory, "DONE")):
         return directory
     os.makedirs(directory, exist_ok=True)

@@ -37,7 +37,8 @@ from rasterio.windows import Window
 
 from crrf_jax.data import sen12mscr
 from crrf_jax.data.sen12mscr import DataError
-from crrf_jax.inference import CloudRemover, TileLayout, pad_to
+from crrf_jax.inference import CloudRemover
+from crrf_jax.tiling import TileLayout, pad_to
 
 log = logging.getLogger(__name__)
 
