@@ -1,7 +1,7 @@
 """Cloud removal on whole scenes: `CloudRemover`, trained networks ready for prediction.
 
-- `CloudRemover.from_bundle(path)` or `.from_workdir(workdir)` (crrf_jax.export) loads the networks,
-  replicated over a ('data',) mesh.
+- `CloudRemover.from_bundle(path)` (crrf_jax.bundle) or `.from_workdir(workdir)` (crrf_jax.rundir) loads the
+  networks, replicated over a ('data',) mesh.
 - `remove_clouds(s2_cloudy, s1, ...)` on scenes of any size: overlapping tiles (crrf_jax.tiling), batched over
   the mesh, sampled with crrf_jax.sampling and blended so seams do not show. `process` is the streaming core
   that crrf_jax.predict runs on GeoTIFFs.
@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from crrf_jax import parallel, sampling
+from crrf_jax import bundle, parallel, rundir, sampling
 from crrf_jax import flow as rf
 from crrf_jax.tiling import Arrays, ReadRows, TileLayout, WriteRows, blend_tiles, pad_to
 
@@ -31,7 +31,7 @@ class CloudRemover:
     """Trained networks ready for prediction, replicated over a mesh whose ('data', 'fsdp') axes batch tiles.
 
     Build with `from_bundle(path)` (an exported bundle; no training config needed) or `from_workdir(workdir)`
-    (a finished training run). `config` is the bundle config (export.bundle_config).
+    (a finished training run). `config` is the bundle config (bundle.bundle_config).
     Inference runs in one process (on all its local devices); tiles are host arrays put onto the mesh.
     """
 
@@ -48,11 +48,9 @@ class CloudRemover:
 
     @classmethod
     def from_parts(cls, parts, *, mesh=None, dtype: str | None = None) -> CloudRemover:
-        """From export.ModelParts (weights as host arrays); `dtype` overrides the compute dtype."""
-        from crrf_jax import export
-
+        """From bundle.ModelParts (weights as host arrays); `dtype` overrides the compute dtype."""
         modules = {
-            name: export.fill_state(export.abstract_network(parts.config, name, dtype), parts.states[name],
+            name: bundle.fill_state(bundle.abstract_network(parts.config, name, dtype), parts.states[name],
                                     f"{parts.source} ({name})")
             for name in parts.states
         }
@@ -65,18 +63,14 @@ class CloudRemover:
     def from_bundle(cls, path: str | os.PathLike, *, mesh=None, dtype: str | None = None) -> CloudRemover:
         """From a bundle directory (python -m crrf_jax.export), weights replicated over `mesh` (default: all
         local devices); BundleError naming the file when one is missing or wrong."""
-        from crrf_jax import export
-
-        return cls.from_parts(export.read_bundle(path), mesh=mesh, dtype=dtype)
+        return cls.from_parts(bundle.read_bundle(path), mesh=mesh, dtype=dtype)
 
     @classmethod
     def from_workdir(
         cls, workdir: str | os.PathLike, config=None, *, mesh=None, dtype: str | None = None
     ) -> CloudRemover:
         """From a finished training run; `config` defaults to the run's saved `<workdir>/config.json`."""
-        from crrf_jax import export
-
-        return cls.from_parts(export.read_workdir(workdir, config), mesh=mesh, dtype=dtype)
+        return cls.from_parts(rundir.read_workdir(workdir, config), mesh=mesh, dtype=dtype)
 
     # ---- what the model expects
 

@@ -2,7 +2,8 @@
 
 With frozen VAEs, encoding the same patches every epoch is wasted work: the VAE encoders cost about as much as
 the transformer at CR_RF's sizes. `build` encodes this process's shard of the training split once (posterior
-means, scaled with the measured latent statistics) into NumPy files under `<workdir>/flow/latents/p<process>`:
+means, scaled with the measured latent statistics) into NumPy files in `rundir.latent_cache_dir(workdir)`
+(`<workdir>/flow/latents/p<process>`):
 
     x0.npy, cloudy.npy, sar.npy   (N, h, w, 16) float32 latents of target, cloudy image and SAR
     cloud_prob.npy                (N, H, W, 1) uint8, probability x 255 (the cloud CNN's input)
@@ -33,10 +34,6 @@ log = logging.getLogger(__name__)
 
 LATENT_KEYS = ("x0", "cloudy", "sar")
 PROB_SCALE = 255.0
-
-
-def cache_dir(workdir: str) -> str:
-    return os.path.join(workdir, "flow", "latents", f"p{jax.process_index()}")
 
 
 def build(directory: str, batches, vaes: sampling.Networks) -> str:

@@ -37,6 +37,7 @@ from rasterio.windows import Window
 
 from crrf_jax.data import sen12mscr
 from crrf_jax.data.sen12mscr import DataError
+from crrf_jax.bundle import BundleError
 from crrf_jax.inference import CloudRemover
 from crrf_jax.tiling import TileLayout, pad_to
 
@@ -309,8 +310,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("crrf_jax").setLevel(logging.INFO)
-    from crrf_jax.export import BundleError
-
     try:
         remover = CloudRemover.from_bundle(args.bundle, dtype=args.dtype)
         summary = predict_scene(
