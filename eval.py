@@ -12,8 +12,6 @@ one was used.
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run (uses its config.json and EMA weights).")
@@ -40,14 +38,14 @@ def main(argv) -> None:
         raise app.UsageError("give exactly one of --workdir or --bundle")
     from absl import logging as absl_logging
 
-    from crrf_jax import evaluation, export
+    from crrf_jax import evaluation, rundir
     from crrf_jax.inference import CloudRemover
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax's per-array INFO lines
 
     if _WORKDIR.value:
         remover = CloudRemover.from_workdir(_WORKDIR.value)
-        run_config = export.load_run_config(_WORKDIR.value)
+        run_config = rundir.load_run_config(_WORKDIR.value)
         root = _DATA_ROOT.value or run_config.data.root
         base = _WORKDIR.value
     else:
@@ -55,7 +53,7 @@ def main(argv) -> None:
         root, base = _DATA_ROOT.value, _BUNDLE.value
     if not root:
         raise app.UsageError("--data_root is required with --bundle")
-    out = _OUT.value or os.path.join(base, f"eval_{_SPLIT.value}")
+    out = _OUT.value or rundir.eval_dir(base, _SPLIT.value)
     result = evaluation.evaluate(
         remover, root=root, out=out, split=_SPLIT.value, protocol=_PROTOCOL.value, steps=_STEPS.value,
         num_samples=_SAMPLES.value, guidance_scale=_GUIDANCE.value, batch_size=_BATCH.value,

@@ -29,7 +29,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from configs import common
-from crrf_jax import checkpoint, export, inference, parallel, train_lib
+from crrf_jax import bundle, checkpoint, parallel, rundir, sampling, train_lib
 from crrf_jax import flow as rf
 from crrf_jax import visualize as vis
 from crrf_jax.data import contract, sen12mscr
@@ -110,10 +110,10 @@ def run(config, workdir: str) -> None:
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
     os.makedirs(workdir, exist_ok=True)
     prepare_data(config, workdir)
-    export.save_run_config(config, workdir)
+    rundir.save_run_config(config, workdir)
     stop = _install_sigterm_handler()
     stages = [config.stage] if config.stage else list(common.STAGES)
-    if not export.has_refiner(config.model):
+    if not bundle.has_refiner(config.model):
         stages = [s for s in stages if s != "refiner"]
     for stage in stages:
         if stage == "latent_stats":
@@ -141,7 +141,7 @@ def validate(config) -> None:
         if crop % 16 or crop > config.data.crop_size:
             raise ValueError(f"config.{stage}.crop_size={crop} must be a multiple of 16 and at most "
                              f"config.data.crop_size={config.data.crop_size}")
-    if config.stage == "refiner" and not export.has_refiner(config.model):
+    if config.stage == "refiner" and not bundle.has_refiner(config.model):
         raise ValueError("config.stage='refiner' but config.model.refiner.enabled is False")
     rf.FlowSpec.from_config(config.flow)  # clear error for a bad flow.source / source_sigma
     if config.refiner.input not in ("flow", "roundtrip"):
@@ -211,7 +211,7 @@ def _sync(name: str) -> None:
 def train_stage(config, workdir: str, stage: str, mesh, stop) -> None:
     scfg = config[stage]
     stage_dir = os.path.join(workdir, stage)
-    if os.path.exists(os.path.join(stage_dir, "final", "DONE")):
+    if rundir.stage_finished(stage_dir):
         log.info("%s: already finished (%s/final)", stage, stage_dir)
         return
 
@@ -243,7 +243,7 @@ def train_stage(config, workdir: str, stage: str, mesh, stop) -> None:
             from crrf_jax import latent_cache
 
             cache = latent_cache.build(
-                latent_cache.cache_dir(workdir),
+                rundir.latent_cache_dir(workdir),
                 make_input(config, "train", batch_size, seed=config.seed, train=False),
                 frozen,
             )
@@ -319,7 +319,7 @@ def train_stage(config, workdir: str, stage: str, mesh, stop) -> None:
             raise Preempted
     bar.close()
     ckpt.close()
-    save_final(stage_dir, state)
+    rundir.save_final(stage_dir, state)
     if writer is not None:
         writer.close()
 
@@ -397,45 +397,14 @@ def make_input(config, split: str, batch_size: int, *, seed: int, train: bool = 
 # --------------------------------------------------------------------------------------------------------------
 
 
-def save_final(stage_dir: str, state) -> None:
-    """Writes the EMA weights (and non-trainable state) the later stages and the export use."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.join(stage_dir, "final")
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, "weights"), {"ema": state.ema, "rest": state.rest}, force=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(path, "DONE"), "w") as f:
-            f.write(f"{int(state.step)}\n")
-    _sync(f"final-{stage_dir}")
-
-
-def load_final(stage_dir: str, model):
-    """Loads a finished stage's EMA weights into `model` (built from the same config); returns the model."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.join(stage_dir, "final", "weights")
-    if not os.path.exists(os.path.join(stage_dir, "final", "DONE")):
-        raise FileNotFoundError(f"{stage_dir}: stage not finished (no final/DONE); train it first")
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    target = {"ema": params, "rest": rest}
-    with ocp.StandardCheckpointer() as ckptr:
-        loaded = ckptr.restore(path, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target))
-    return nnx.merge(graphdef, loaded["ema"], loaded["rest"])
-
-
-def latent_stats_path(workdir: str) -> str:
-    return os.path.join(workdir, "latent_stats", "latent_stats.json")
-
-
 def measure_latent_stats(config, workdir: str, mesh) -> dict:
     """Scale and shift of each VAE's latents measured on training data (DESIGN section 4)."""
-    path = latent_stats_path(workdir)
+    path = rundir.latent_stats_path(workdir)
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     vaes = {
-        stage: load_final(os.path.join(workdir, stage), build.autoencoder(config.model, stage, config.dtype))
+        stage: rundir.load_final(os.path.join(workdir, stage), build.autoencoder(config.model, stage, config.dtype))
         for stage in ("vae_s2", "vae_s1")
     }
     cfg = config.latent_stats
@@ -469,30 +438,30 @@ def measure_latent_stats(config, workdir: str, mesh) -> dict:
 
 def _trained_vaes(config, workdir: str) -> list:
     """The trained (S2, S1) VAEs with their measured latent statistics."""
-    path = latent_stats_path(workdir)
+    path = rundir.latent_stats_path(workdir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: latent statistics missing; run the latent_stats stage first")
     with open(path) as f:
         stats = json.load(f)
     vaes = []
     for stage in ("vae_s2", "vae_s1"):
-        vae = load_final(os.path.join(workdir, stage), build.autoencoder(config.model, stage, config.dtype))
+        vae = rundir.load_final(os.path.join(workdir, stage), build.autoencoder(config.model, stage, config.dtype))
         vae.set_latent_stats(stats[stage]["scale_factor"], stats[stage]["shift_factor"])
         vaes.append(vae)
     return vaes
 
 
-def load_frozen_vaes(config, workdir: str, mesh) -> train_lib.FrozenVaes:
+def load_frozen_vaes(config, workdir: str, mesh) -> sampling.Networks:
     """The trained VAEs with measured latent statistics, replicated over the mesh (the flow stage's)."""
-    return jax.device_put(train_lib.FrozenVaes.of(*_trained_vaes(config, workdir)), parallel.replicated(mesh))
+    return jax.device_put(sampling.Networks.of_vaes(*_trained_vaes(config, workdir)), parallel.replicated(mesh))
 
 
-def load_frozen_networks(config, workdir: str, mesh) -> inference.Networks:
+def load_frozen_networks(config, workdir: str, mesh) -> sampling.Networks:
     """The trained flow model (EMA) and VAEs, replicated over the mesh (the refiner stage's)."""
-    flow = load_final(
+    flow = rundir.load_final(
         os.path.join(workdir, "flow"), build.cloud_removal_flux(config.model, config.dtype, config.remat_policy)
     )
-    nets = inference.Networks.of(flow, *_trained_vaes(config, workdir))
+    nets = sampling.Networks.of(flow, *_trained_vaes(config, workdir))
     return jax.device_put(nets, parallel.replicated(mesh))
 
 
@@ -595,12 +564,12 @@ def write_preview(config, stage, stage_dir, state, batch, frozen, step, writer) 
     host = {k: np.asarray(jax.device_get(v))[:n] for k, v in batch.items()}
     if stage in ("flow", "refiner"):
         if stage == "flow":
-            nets = dict(flow_model=model, vae_s2=frozen.s2(), vae_s1=frozen.s1(), refiner=None)
+            nets = dict(flow_model=model, vae_s2=frozen.vae_s2(), vae_s1=frozen.vae_s1(), refiner=None)
         else:
             nets = dict(flow_model=frozen.flow(), vae_s2=frozen.vae_s2(), vae_s1=frozen.vae_s1(), refiner=model)
 
         def predict(output):
-            mean, _ = inference.predict_batch(
+            mean, _ = sampling.predict_batch(
                 **nets, batch={k: jnp.asarray(v) for k, v in host.items()}, rng=jax.random.key(step),
                 steps=config.flow.sample_steps, guidance_scale=config.flow.guidance_scale,
                 spec=rf.FlowSpec.from_config(config.flow), output=output,

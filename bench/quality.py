@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import report  # noqa: E402 (bench/report.py, beside this script)
 
-from crrf_jax import evaluation, export  # noqa: E402
+from crrf_jax import bundle, evaluation, rundir  # noqa: E402
 from crrf_jax import metrics as M  # noqa: E402
 from crrf_jax import references as R  # noqa: E402
 from crrf_jax.data import cloudprob, contract, pipeline, sen12mscr, synthetic  # noqa: E402
@@ -399,10 +399,10 @@ def verdict(result: Mapping[str, Any], rivals: Sequence[str], what: str) -> str:
 
 
 def run_config(workdir: str):
-    """The run's training config (export.load_run_config), or None when the workdir has none."""
+    """The run's training config (rundir.load_run_config), or None when the workdir has none."""
     try:
-        return export.load_run_config(workdir)
-    except export.BundleError:
+        return rundir.load_run_config(workdir)
+    except bundle.BundleError:
         return None
 
 

@@ -32,7 +32,7 @@ import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import common  # noqa: E402
-from crrf_jax import export  # noqa: E402
+from crrf_jax import bundle  # noqa: E402
 from crrf_jax.inference import CloudRemover  # noqa: E402
 
 
@@ -40,13 +40,13 @@ def random_remover(variant: str, dtype: str, seed: int = 0) -> CloudRemover:
     """A CloudRemover of `variant` with random weights drawn on the host (no slow eager initialisation)."""
     config = common.base_config(variant)
     config.dtype = dtype
-    cfg = export.bundle_config(config)
+    cfg = bundle.bundle_config(config)
     rng = np.random.default_rng(seed)
     states = {}
-    for name in export.NETWORKS:
-        _, state = nnx.split(export.abstract_network(cfg, name))
+    for name in bundle.NETWORKS:
+        _, state = nnx.split(bundle.abstract_network(cfg, name))
         flat = {}
-        for path, leaf in export._walk(nnx.to_pure_dict(state)):
+        for path, leaf in bundle._walk(nnx.to_pure_dict(state)):
             shape, last = tuple(leaf.shape), str(path[-1])
             if last in ("scale_factor", "scale"):
                 value = np.ones(shape, np.float32)
@@ -58,7 +58,7 @@ def random_remover(variant: str, dtype: str, seed: int = 0) -> CloudRemover:
             flat["/".join(map(str, path))] = value.astype(leaf.dtype)
         states[name] = flat
     stats = {name: {"scale_factor": 1.0, "shift_factor": 0.0} for name in ("vae_s2", "vae_s1")}
-    return CloudRemover.from_parts(export.ModelParts(cfg, states, stats, f"random {variant}"))
+    return CloudRemover.from_parts(bundle.ModelParts(cfg, states, stats, f"random {variant}"))
 
 
 def measure(remover: CloudRemover, size: int, batch: int, steps: int, samples: int, guidance: float,

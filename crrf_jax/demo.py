@@ -14,16 +14,17 @@ SCENE_SIZE = (300, 400)  # a scene larger than a tile and not a multiple of it
 
 def finish(config, workdir: str) -> dict:
     """Runs after training: test-split metrics (model vs cloudy input), a bundle, a tiled scene prediction."""
-    from crrf_jax import evaluation, export
+    from crrf_jax import evaluation, export, rundir
     from crrf_jax.data import synthetic
-    from crrf_jax.inference import CloudRemover, predict_scene
+    from crrf_jax.inference import CloudRemover
+    from crrf_jax.predict import predict_scene
 
     if jax.process_index() != 0:
         return {}
     bundle = export.export_bundle(workdir, os.path.join(workdir, "bundle"), overwrite=True)
     remover = CloudRemover.from_bundle(bundle)
     result = evaluation.evaluate(
-        remover, root=config.data.root, out=os.path.join(workdir, "eval_test"), split="test",
+        remover, root=config.data.root, out=rundir.eval_dir(workdir, "test"), split="test",
         protocol=config.data.protocol, steps=config.flow.sample_steps, batch_size=config.eval.batch_size,
         num_samples=config.eval.num_samples, cloud_threshold=config.eval.cloud_threshold,
     )

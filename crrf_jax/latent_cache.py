@@ -2,7 +2,8 @@
 
 With frozen VAEs, encoding the same patches every epoch is wasted work: the VAE encoders cost about as much as
 the transformer at CR_RF's sizes. `build` encodes this process's shard of the training split once (posterior
-means, scaled with the measured latent statistics) into NumPy files under `<workdir>/flow/latents/p<process>`:
+means, scaled with the measured latent statistics) into NumPy files in `rundir.latent_cache_dir(workdir)`
+(`<workdir>/flow/latents/p<process>`):
 
     x0.npy, cloudy.npy, sar.npy   (N, h, w, 16) float32 latents of target, cloudy image and SAR
     cloud_prob.npy                (N, H, W, 1) uint8, probability x 255 (the cloud CNN's input)
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from crrf_jax import train_lib
+from crrf_jax import sampling, train_lib
 from crrf_jax.data import contract
 from crrf_jax.data.pipeline import apply_flip_rotate
 
@@ -35,12 +36,11 @@ log = logging.getLogger(__name__)
 LATENT_KEYS = ("x0", "cloudy", "sar")
 
 
-def cache_dir(workdir: str) -> str:
-    return os.path.join(workdir, "flow", "latents", f"p{jax.process_index()}")
+def build(directory: str, batches, vaes: sampling.Networks) -> str:
+    """Encodes every valid sample of `batches` (an evaluation-style pass: no shuffle, one epoch) once.
 
-
-def build(directory: str, batches, vaes: train_lib.FrozenVaes) -> str:
-    """Encodes every valid sample of `batches` (an evaluation-style pass: no shuffle, one epoch) once."""
+    vaes: the frozen VAEs (`sampling.Networks.of_vaes`).
+    """
     if os.path.exists(os.path.join(directory, "DONE")):
         return directory
     os.makedirs(directory, exist_ok=True)

@@ -37,9 +37,11 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
+from crrf_jax.bundle import BundleError
 from crrf_jax.data import contract
 from crrf_jax.data.contract import DataError
-from crrf_jax.inference import CloudRemover, TileLayout, pad_to
+from crrf_jax.inference import CloudRemover
+from crrf_jax.tiling import TileLayout, pad_to
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +273,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("crrf_jax").setLevel(logging.INFO)
-    from crrf_jax.export import BundleError
-
     try:
         remover = CloudRemover.from_bundle(args.bundle, dtype=args.dtype)
         summary = predict_scene(

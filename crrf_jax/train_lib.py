@@ -2,8 +2,8 @@
 
 A model is split once into `graphdef` (static structure) and its `nnx.State`; the train step is a pure
 function of `(TrainState, batch, rng)` that merges the graph inside, so it jits with explicit shardings and
-donated buffers (see `compile_step`). Frozen networks (the VAEs during the flow stage) travel as a separate
-argument and get no gradients.
+donated buffers (see `compile_step`). Frozen networks (a `sampling.Networks`: the VAEs during the flow stage) travel as a
+separate argument and get no gradients.
 
 Batches hold the data contract (`crrf_jax.data.contract`: values in [0, 1]); models see `contract.to_model(x)`
 (x * 2 - 1) and their images come back through `contract.from_model`.
@@ -22,6 +22,7 @@ import optax
 from flax import nnx, struct
 
 from crrf_jax import flow as rf  # noqa
+from crrf_jax import sampling
 from crrf_jax.data import contract
 
 Batch = dict[str, jax.Array]
@@ -217,31 +218,11 @@ def condition_dropout(rng: jax.Array, batch: int, cfg: FlowLossConfig) -> tuple[
     return drop_sar, drop_cloudy
 
 
-@struct.dataclass
-class FrozenVaes:
-    """The frozen autoencoders of the flow stage (graph split from state so they pass through jit)."""
+def encode_batch(vaes: sampling.Networks, batch: Batch) -> dict[str, jax.Array]:
+    """Scaled latents (B, H/8, W/8, 16) of the target, the cloudy image and the SAR image (no gradients).
 
-    s2_graph: nnx.GraphDef = struct.field(pytree_node=False)
-    s2_state: nnx.State
-    s1_graph: nnx.GraphDef = struct.field(pytree_node=False)
-    s1_state: nnx.State
-
-    @classmethod
-    def of(cls, vae_s2, vae_s1) -> FrozenVaes:
-        g2, s2 = nnx.split(vae_s2)
-        g1, s1 = nnx.split(vae_s1)
-        return cls(g2, s2, g1, s1)
-
-    def s2(self):
-        return nnx.merge(self.s2_graph, self.s2_state)
-
-    def s1(self):
-        return nnx.merge(self.s1_graph, self.s1_state)
-
-
-def encode_batch(vaes: FrozenVaes, batch: Batch) -> dict[str, jax.Array]:
-    """Scaled latents (B, H/8, W/8, 16) of the target, the cloudy image and the SAR image (no gradients)."""
-    s2_vae, s1_vae = vaes.s2(), vaes.s1()
+    `vaes`: the frozen networks (`sampling.Networks.of_vaes`; only the VAEs are used)."""
+    s2_vae, s1_vae = vaes.vae_s2(), vaes.vae_s1()
     out = {
         "x0": s2_vae.encode(contract.to_model(batch["s2"])),
         "cloudy": s2_vae.encode(contract.to_model(batch["s2_cloudy"])),
@@ -250,7 +231,7 @@ def encode_batch(vaes: FrozenVaes, batch: Batch) -> dict[str, jax.Array]:
     return jax.tree.map(lambda a: jax.lax.stop_gradient(a.astype(jnp.float32)), out)
 
 
-def flow_loss(model, batch: Batch, rng: jax.Array, vaes: FrozenVaes, *, cfg: FlowLossConfig):
+def flow_loss(model, batch: Batch, rng: jax.Array, vaes: sampling.Networks, *, cfg: FlowLossConfig):
     """Rectified-flow loss of CloudRemovalFlux on one batch. Latents come from the frozen VAEs, or from the
     batch itself when it carries cached latents ("x0", "cloudy", "sar")."""
     lat = {k: batch[k] for k in ("x0", "cloudy", "sar")} if "x0" in batch else encode_batch(vaes, batch)
@@ -274,7 +255,7 @@ def flow_loss(model, batch: Batch, rng: jax.Array, vaes: FrozenVaes, *, cfg: Flo
     aux = {"flow_mse": loss}
     if cfg.pixel_loss_weight:
         x0_hat = rf.x0_from_velocity(x_t, t, v)
-        pixels = contract.from_model(vaes.s2().decode(x0_hat).astype(jnp.float32))
+        pixels = contract.from_model(vaes.vae_s2().decode(x0_hat).astype(jnp.float32))
         pix = rf.pixel_l1_loss(pixels, batch["s2"], batch["cloud_prob"])
         loss = loss + cfg.pixel_loss_weight * pix
         aux["pixel_l1"] = pix
@@ -308,15 +289,13 @@ class RefinerLossConfig:
 
 def refiner_input(nets, batch: Batch, rng: jax.Array, drop_sar: jax.Array, cfg: RefinerLossConfig) -> jax.Array:
     """What the refiner restores, (B, H, W, C) in [0, 1], without gradients: a flow sample or a round trip."""
-    from crrf_jax import inference
-
     if cfg.input == "roundtrip":
         vae = nets.vae_s2()
         roundtrip = vae.decode(vae.encode(contract.to_model(batch["s2_cloudy"])))
         pred = contract.from_model(roundtrip.astype(jnp.float32))
     elif cfg.input == "flow":
         keys = jax.random.split(rng, batch["s2_cloudy"].shape[0])
-        pred, _ = inference.sample_patches(
+        pred, _ = sampling.sample_patches(
             nets, batch["s2_cloudy"], batch["s1"], batch["cloud_prob"], keys, steps=cfg.flow_steps,
             guidance_scale=cfg.guidance_scale, spec=cfg.spec, output="flow", drop_sar=drop_sar,
         )
@@ -326,7 +305,7 @@ def refiner_input(nets, batch: Batch, rng: jax.Array, drop_sar: jax.Array, cfg: 
 
 
 def refiner_loss(model, batch: Batch, rng: jax.Array, nets, *, cfg: RefinerLossConfig):
-    """Loss of the Refiner on `batch` (pixels in [0, 1]); `nets` are the frozen inference.Networks."""
+    """Loss of the Refiner on `batch` (pixels in [0, 1]); `nets` are the frozen sampling.Networks."""
     from crrf_jax import metrics
 
     r_drop, r_input = jax.random.split(rng)

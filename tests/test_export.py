@@ -1,7 +1,7 @@
 """Bundle export: workdir -> bundle -> CloudRemover gives the workdir's predictions, on 1 and 8 devices.
 
 The fake workdir is what train.py leaves behind: `save_run_config`, each stage's EMA weights written by
-train.save_final itself, and latent statistics. Weights are random (the tiny variant, drawn with NumPy: eager
+rundir.save_final itself, and latent statistics. Weights are random (the tiny variant, drawn with NumPy: eager
 initialisation of the networks takes far longer on CPU than the test).
 """
 
@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crrf_jax import export
+from crrf_jax import bundle as bundle_lib
+from crrf_jax import export, rundir
 from crrf_jax.inference import CloudRemover
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,13 +34,13 @@ _CACHE: dict[str, Path] = {}
 
 
 def random_state(abstract_model, seed: int) -> dict[str, np.ndarray]:
-    """Random weights of sensible scale for each state leaf of `abstract_model` (export.abstract_network)."""
+    """Random weights of sensible scale for each state leaf of `abstract_model` (from abstract_network)."""
     from flax import nnx
 
     rng = np.random.default_rng(seed)
     _, state = nnx.split(abstract_model)
     out = {}
-    for path, leaf in export._walk(nnx.to_pure_dict(state)):
+    for path, leaf in bundle_lib._walk(nnx.to_pure_dict(state)):
         name, shape = str(path[-1]), tuple(leaf.shape)
         if name == "scale_factor":
             value = np.ones(shape)
@@ -60,17 +61,16 @@ def make_fake_workdir(workdir: Path, seed: int = 0) -> Path:
     """A finished tiny training run (configs/demo.py) with random weights, as train.py writes it."""
     import optax
 
-    import train
     from configs import demo
     from crrf_jax import train_lib
 
     config = demo.get_config()
-    export.save_run_config(config, workdir)
-    cfg = export.bundle_config(config)
-    for i, stage in enumerate(export.NETWORKS):
-        abstract = export.abstract_network(cfg, stage)
-        model = export.fill_state(abstract, random_state(abstract, seed + i), "random weights")
-        train.save_final(str(workdir / stage), train_lib.create_train_state(model, optax.sgd(0.0)))
+    rundir.save_run_config(config, workdir)
+    cfg = bundle_lib.bundle_config(config)
+    for i, stage in enumerate(bundle_lib.NETWORKS):
+        abstract = bundle_lib.abstract_network(cfg, stage)
+        model = bundle_lib.fill_state(abstract, random_state(abstract, seed + i), "random weights")
+        rundir.save_final(str(workdir / stage), train_lib.create_train_state(model, optax.sgd(0.0)))
     (workdir / "latent_stats").mkdir(parents=True, exist_ok=True)
     (workdir / "latent_stats" / "latent_stats.json").write_text(json.dumps(LATENT_STATS))
     return workdir
@@ -107,7 +107,8 @@ def _predict(remover: CloudRemover, scene: dict, **kw) -> tuple[np.ndarray, np.n
 def test_bundle_contents(run):
     _, bundle = run
     names = sorted(p.name for p in bundle.iterdir())
-    assert names == sorted(["README.txt", "config.json", "latent_stats.json", *export.WEIGHT_FILES.values()])
+    assert names == sorted(["README.txt", "config.json", "latent_stats.json",
+                            *bundle_lib.WEIGHT_FILES.values()])
     cfg = json.loads((bundle / "config.json").read_text())
     assert cfg["model"]["variant"] == "tiny" and cfg["model"]["flux"]["hidden_size"] == 64
     assert cfg["bands"]["names"][8] == "B8A" and len(cfg["bands"]["indices"]) == 13
@@ -178,14 +179,14 @@ def test_bundle_without_refiner(tmp_path):
 
     config = demo.get_config()
     config.model.refiner.enabled = False
-    cfg = export.bundle_config(config)
-    assert export.networks(cfg) == ("vae_s2", "vae_s1", "flow") and "refiner" not in cfg["weights"]
+    cfg = bundle_lib.bundle_config(config)
+    assert bundle_lib.networks(cfg) == ("vae_s2", "vae_s1", "flow") and "refiner" not in cfg["weights"]
     states = {}
-    for i, name in enumerate(export.networks(cfg)):
-        states[name] = random_state(export.abstract_network(cfg, name), i)
+    for i, name in enumerate(bundle_lib.networks(cfg)):
+        states[name] = random_state(bundle_lib.abstract_network(cfg, name), i)
     stats = {k: {"scale_factor": v["scale_factor"], "shift_factor": v["shift_factor"]}
              for k, v in LATENT_STATS.items()}
-    bundle = export.write_bundle(export.ModelParts(cfg, states, stats, "random"), tmp_path / "bundle")
+    bundle = bundle_lib.write_bundle(bundle_lib.ModelParts(cfg, states, stats, "random"), tmp_path / "bundle")
     assert not (bundle / "refiner.safetensors").exists()
     remover = CloudRemover.from_bundle(bundle)
     assert not remover.has_refiner
@@ -204,9 +205,9 @@ def test_eight_devices_match_one(run, tmp_path):
     one, one_std = _predict(CloudRemover.from_bundle(bundle), scene, num_samples=2, batch_size=8)
     script = textwrap.dedent(f"""
         import jax, numpy as np
-        from crrf_jax.export import load_bundle
+        from crrf_jax.inference import CloudRemover
         assert jax.device_count() == 8, jax.devices()
-        remover = load_bundle({str(bundle)!r})
+        remover = CloudRemover.from_bundle({str(bundle)!r})
         assert remover.num_devices == 8
         leaf = jax.tree.leaves(remover.nets)[0]
         assert len(leaf.sharding.device_set) == 8 and leaf.sharding.is_fully_replicated
@@ -228,9 +229,9 @@ def test_run_config_round_trip(tmp_path):
     from configs import demo
 
     config = demo.get_config()
-    export.save_run_config(config, tmp_path)
-    loaded = export.load_run_config(tmp_path)
-    assert export.bundle_config(loaded) == export.bundle_config(config)
+    rundir.save_run_config(config, tmp_path)
+    loaded = rundir.load_run_config(tmp_path)
+    assert bundle_lib.bundle_config(loaded) == bundle_lib.bundle_config(config)
 
 
 def test_missing_files_are_named(run, tmp_path):
@@ -238,24 +239,24 @@ def test_missing_files_are_named(run, tmp_path):
     broken = tmp_path / "bundle"
     shutil.copytree(bundle, broken)
     (broken / "cloud_cnn.safetensors").unlink()
-    with pytest.raises(export.BundleError, match="cloud_cnn.safetensors"):
-        export.read_bundle(broken)
+    with pytest.raises(bundle_lib.BundleError, match="cloud_cnn.safetensors"):
+        bundle_lib.read_bundle(broken)
     (broken / "config.json").unlink()
-    with pytest.raises(export.BundleError, match=r"config.json: bundle config missing"):
-        export.load_bundle(broken)
-    with pytest.raises(export.BundleError, match="does not exist"):
-        export.read_bundle(tmp_path / "nowhere")
+    with pytest.raises(bundle_lib.BundleError, match=r"config.json: bundle config missing"):
+        CloudRemover.from_bundle(broken)
+    with pytest.raises(bundle_lib.BundleError, match="does not exist"):
+        bundle_lib.read_bundle(tmp_path / "nowhere")
 
     stale = tmp_path / "workdir"
     shutil.copytree(workdir, stale)
     (stale / "flow" / "final" / "DONE").unlink()
-    with pytest.raises(export.BundleError, match=r"flow/final/DONE: stage flow not finished"):
-        export.read_workdir(stale)
+    with pytest.raises(bundle_lib.BundleError, match=r"flow/final/DONE: stage flow not finished"):
+        rundir.read_workdir(stale)
     (stale / "latent_stats" / "latent_stats.json").unlink()
-    with pytest.raises(export.BundleError, match="latent_stats.json: latent statistics missing"):
-        export.read_workdir(stale)
+    with pytest.raises(bundle_lib.BundleError, match="latent_stats.json: latent statistics missing"):
+        rundir.read_workdir(stale)
     (stale / "config.json").unlink()
-    with pytest.raises(export.BundleError, match="config.json: training config missing"):
+    with pytest.raises(bundle_lib.BundleError, match="config.json: training config missing"):
         export.export_bundle(stale, tmp_path / "out")
 
 
@@ -266,7 +267,7 @@ def test_weights_of_another_model_are_refused(run, tmp_path):
     cfg = json.loads((other / "config.json").read_text())
     cfg["model"]["cloud_cnn"]["channels"] = [8, 16, 32]
     (other / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(export.BundleError, match=r"flow\).*missing cloud_encoder/convs/2/bias"):
+    with pytest.raises(bundle_lib.BundleError, match=r"flow\).*missing cloud_encoder/convs/2/bias"):
         CloudRemover.from_bundle(other)
 
 
@@ -284,6 +285,6 @@ def test_cli(run, tmp_path, capsys, monkeypatch):
 
 def test_config_file_spec():
     config = export.load_config_file(f"{ROOT / 'configs' / 'demo.py'}")
-    assert export.bundle_config(config)["model"]["variant"] == "tiny"
+    assert bundle_lib.bundle_config(config)["model"]["variant"] == "tiny"
     with pytest.raises(FileNotFoundError, match="nope.py: config file does not exist"):
         export.load_config_file("nope.py:base")

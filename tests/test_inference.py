@@ -18,8 +18,9 @@ from flax import nnx
 from test_export import OVERLAP, STEPS, TILE, fake_run, random_scene
 
 from crrf_jax import flow as rf
-from crrf_jax import inference
-from crrf_jax.inference import CloudRemover, TileLayout, blend_tiles
+from crrf_jax import sampling, tiling
+from crrf_jax.inference import CloudRemover
+from crrf_jax.tiling import TileLayout, blend_tiles
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def remover(tmp_path_factory) -> CloudRemover:
 @pytest.mark.parametrize("length,tile,overlap", [(500, 64, 16), (700, 64, 16), (256, 256, 32), (40, 64, 16),
                                                  (1000, 256, 32), (65, 64, 0)])
 def test_tile_starts_cover_with_overlap(length, tile, overlap):
-    starts = inference.tile_starts(length, tile, overlap)
+    starts = tiling.tile_starts(length, tile, overlap)
     assert starts[0] == 0 and starts[-1] + tile == max(length, tile)
     gaps = np.diff(starts)
     assert np.all(gaps > 0) and np.all(tile - gaps >= overlap)  # consecutive tiles overlap by >= overlap
@@ -46,7 +47,7 @@ def test_tile_starts_cover_with_overlap(length, tile, overlap):
 
 def _run(layout: TileLayout, scene: dict, predict, batch_size: int = 7):
     """blend_tiles over an in-memory scene; returns (mean, std, events)."""
-    padded = {k: inference.pad_to(v, layout.padded_height, layout.padded_width) for k, v in scene.items()}
+    padded = {k: tiling.pad_to(v, layout.padded_height, layout.padded_width) for k, v in scene.items()}
     c = scene["s2_cloudy"].shape[-1]
     mean = np.full((layout.height, layout.width, c), np.nan, np.float32)
     std = np.full_like(mean, np.nan)
@@ -188,7 +189,7 @@ def test_predict_batch_matches_flow_euler_sampler_with_guidance(remover):
     scene = random_scene(64, 64, seed=2)
     batch = {k: jnp.asarray(np.stack([v, v[::-1]])) for k, v in scene.items()}
     rng, scale = jax.random.key(7), 2.0
-    mean, std = inference.predict_batch(flow_model, vae_s2, vae_s1, batch, rng, steps=STEPS,
+    mean, std = sampling.predict_batch(flow_model, vae_s2, vae_s1, batch, rng, steps=STEPS,
                                         guidance_scale=scale, num_samples=1)
 
     cloudy = vae_s2.encode(batch["s2_cloudy"] * 2 - 1)

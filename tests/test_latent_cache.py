@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 
 from configs import common
-from crrf_jax import latent_cache, train_lib
+from crrf_jax import latent_cache, sampling, train_lib
 from crrf_jax.models import build
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     model = common.model_config("tiny")
-    vaes = train_lib.FrozenVaes.of(build.autoencoder(model, "vae_s2"), build.autoencoder(model, "vae_s1"))
+    vaes = sampling.Networks.of_vaes(build.autoencoder(model, "vae_s2"), build.autoencoder(model, "vae_s1"))
     rng = np.random.default_rng(0)
 
     def batch(start, n, valid):

@@ -10,7 +10,7 @@ import rasterio
 from rasterio.transform import Affine
 from test_export import OVERLAP, STEPS, TILE, fake_run
 
-from crrf_jax import inference, predict
+from crrf_jax import predict
 from crrf_jax.data import cloudprob, contract, sen12mscr, synthetic
 from crrf_jax.data.contract import DataError
 from crrf_jax.inference import CloudRemover
@@ -62,7 +62,7 @@ def _check_output(out: Path, ref: Path, n_bands: int = 13) -> np.ndarray:
 def test_real_sample_scene_keeps_georeferencing(remover, sample_root, tmp_path):
     t = sen12mscr.make_triplet(sample_root, "ROIs1970_fall", 139, 839)  # the cloudy test-split patch
     out, unc = tmp_path / "clear.tif", tmp_path / "std.tif"
-    summary = inference.predict_scene(remover, t.s2_cloudy, t.s1, out_path=out, uncertainty_path=unc, **OPTIONS)
+    summary = predict.predict_scene(remover, t.s2_cloudy, t.s1, out_path=out, uncertainty_path=unc, **OPTIONS)
     assert summary["tiles"] == 25 and summary["use_sar"]
     dn = _check_output(out, t.s2_cloudy)
     assert dn.max() <= 10000 and dn.std() > 0

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from crrf_jax import flow as rf
-from crrf_jax import inference, train_lib
+from crrf_jax import inference, sampling, train_lib
 from crrf_jax.models.refiner import Refiner, RefinerConfig, blend
 
 B, H, W, C = 2, 16, 16, 5
@@ -99,7 +99,7 @@ def test_refiner_loss_gradients_reach_the_refiner_only():
     vae_s2 = build.autoencoder(config.model, "vae_s2")
     vae_s1 = build.autoencoder(config.model, "vae_s1")
     flow_model = build.cloud_removal_flux(config.model)
-    nets = inference.Networks.of(flow_model, vae_s2, vae_s1)
+    nets = sampling.Networks.of(flow_model, vae_s2, vae_s1)
     refiner = build.refiner(config.model)
     pred, cloudy, prob, sar = _inputs(5)
     batch = {"s2": pred, "s2_cloudy": cloudy, "cloud_prob": prob, "s1": sar}
@@ -125,17 +125,17 @@ def test_cloudy_source_sampler_starts_from_the_cloudy_latent():
     vae_s2 = build.autoencoder(config.model, "vae_s2", seed=1)
     vae_s1 = build.autoencoder(config.model, "vae_s1", seed=2)
     flow_model = CloudRemovalFlux(config.model.flux.to_dict(), config.model.cloud_cnn.to_dict(), zero_init=True)
-    nets = inference.Networks.of(flow_model, vae_s2, vae_s1)
+    nets = sampling.Networks.of(flow_model, vae_s2, vae_s1)
     rng = np.random.default_rng(0)
     cloudy = jnp.asarray(rng.uniform(0, 1, (1, 32, 32, 13)), jnp.float32)
     prob = jnp.asarray(rng.uniform(0, 1, (1, 32, 32, 1)), jnp.float32)
     keys = jax.random.split(jax.random.key(3), 1)
     roundtrip = (vae_s2.decode(vae_s2.encode(cloudy * 2 - 1)) + 1) / 2
     for steps in (1, 4):
-        out, _ = inference.sample_patches(nets, cloudy, None, prob, keys, steps=steps,
+        out, _ = sampling.sample_patches(nets, cloudy, None, prob, keys, steps=steps,
                                           spec=rf.FlowSpec("cloudy", 0.0))
         np.testing.assert_allclose(out, roundtrip, atol=1e-5)
-    noise_out, _ = inference.sample_patches(nets, cloudy, None, prob, keys, steps=1, spec=rf.FlowSpec("noise"))
+    noise_out, _ = sampling.sample_patches(nets, cloudy, None, prob, keys, steps=1, spec=rf.FlowSpec("noise"))
     assert float(jnp.abs(noise_out - roundtrip).max()) > 1e-2
 
 

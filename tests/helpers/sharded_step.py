@@ -15,7 +15,7 @@ import numpy as np
 
 from configs import common
 from crrf_jax import flow as rf
-from crrf_jax import inference, parallel, train_lib
+from crrf_jax import parallel, sampling, train_lib
 from crrf_jax.models import build
 
 
@@ -67,12 +67,12 @@ def main():
     spec = rf.FlowSpec("cloudy", 0.2)
     flow_loss = functools.partial(train_lib.flow_loss, cfg=train_lib.FlowLossConfig(joint_dropout=0.1, spec=spec))
     vaes = build.autoencoder(model, "vae_s2"), build.autoencoder(model, "vae_s1")
-    frozen = train_lib.FrozenVaes.of(*vaes)
+    frozen = sampling.Networks.of_vaes(*vaes)
     refiner_fn = functools.partial(build.refiner, model)
     refiner_loss = functools.partial(
         train_lib.refiner_loss, cfg=train_lib.RefinerLossConfig(sam_weight=0.2, flow_steps=1, spec=spec)
     )
-    nets = inference.Networks.of(build.cloud_removal_flux(model), *vaes)
+    nets = sampling.Networks.of(build.cloud_removal_flux(model), *vaes)
     stages = (("vae", vae_fn, vae_loss, None), ("flow", flow_fn, flow_loss, frozen),
               ("refiner", refiner_fn, refiner_loss, nets))
     for name, model_fn, loss_fn, fr in stages:

@@ -1,0 +1,174 @@
+"""The run directory (train.py's --workdir): the one place that knows where a training run keeps what.
+
+    <workdir>/config.json                      the training config, written at start (`save_run_config`)
+    <workdir>/<stage>/                         one folder per stage (`stage_path`): vae_s2, vae_s1, flow,
+                                               refiner, each with
+        final/weights                          its EMA weights and non-trainable state {"ema", "rest"} (Orbax)
+        final/DONE                             written last, holds the final step (`save_final`)
+        checkpoints/ metrics.jsonl tb/ previews/   resumable state and logs (train.py)
+    <workdir>/latent_stats/latent_stats.json   latent scale and shift of each VAE (`latent_stats_path`)
+    <workdir>/flow/latents/p<process>/         the flow stage's latent cache (`latent_cache_dir`)
+    <workdir>/eval_<split>/                    evaluation outputs (`eval_dir`; also beside a bundle)
+
+`read_workdir` reads a finished run into crrf_jax.bundle.ModelParts, the form the export and
+`CloudRemover.from_workdir` take it in. Problems are reported as bundle.BundleError naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from crrf_jax import bundle
+from crrf_jax.bundle import BundleError
+
+RUN_CONFIG_FILE = "config.json"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Paths
+# ------------------------------------------------------------------------------------------------------------
+
+
+def run_config_path(workdir: str | os.PathLike) -> str:
+    return os.path.join(workdir, RUN_CONFIG_FILE)
+
+
+def stage_path(workdir: str | os.PathLike, stage: str) -> str:
+    return os.path.join(workdir, stage)
+
+
+def latent_stats_path(workdir: str | os.PathLike) -> str:
+    return os.path.join(workdir, "latent_stats", "latent_stats.json")
+
+
+def latent_cache_dir(workdir: str | os.PathLike) -> str:
+    """This process's shard of the flow stage's latent cache (crrf_jax.latent_cache)."""
+    return os.path.join(workdir, "flow", "latents", f"p{jax.process_index()}")
+
+
+def eval_dir(base: str | os.PathLike, split: str) -> str:
+    """Where eval.py writes its results for `split` by default, in a workdir or a bundle directory."""
+    return os.path.join(base, f"eval_{split}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The run config
+# ------------------------------------------------------------------------------------------------------------
+
+
+def save_run_config(config, workdir: str | os.PathLike) -> Path:
+    """Writes the training config as `<workdir>/config.json` (process 0 only); returns the path."""
+    path = Path(run_config_path(workdir))
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(config.to_json_best_effort(indent=2) + "\n")
+        os.replace(tmp, path)
+    return path
+
+
+def load_run_config(workdir: str | os.PathLike):
+    """The training config saved by `save_run_config`, as an ml_collections.ConfigDict."""
+    import ml_collections
+
+    path = Path(run_config_path(workdir))
+    if not path.is_file():
+        raise BundleError(
+            f"{path}: training config missing (train.py writes it at start). For an older run pass the "
+            "config: `python -m crrf_jax.export --config=configs/<the one you trained with>.py ...`"
+        )
+    return ml_collections.ConfigDict(bundle.read_json(path))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A stage's final weights
+# ------------------------------------------------------------------------------------------------------------
+
+
+def stage_finished(stage_dir: str | os.PathLike) -> bool:
+    """Whether a stage folder holds its final weights (final/DONE is written last)."""
+    return os.path.exists(os.path.join(stage_dir, "final", "DONE"))
+
+
+def save_final(stage_dir: str | os.PathLike, state) -> None:
+    """Writes a train state's EMA weights and non-trainable state into `<stage_dir>/final`, then DONE.
+
+    Every process takes part (Orbax writes the shards of each); DONE comes from process 0.
+    """
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(stage_dir, "final")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(path, "weights"), {"ema": state.ema, "rest": state.rest}, force=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(path, "DONE"), "w") as f:
+            f.write(f"{int(state.step)}\n")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"final-{stage_dir}")
+
+
+def restore_final(stage_dir: str | os.PathLike, model):
+    """(graphdef, ema, rest) of a finished stage folder, shaped like `model`.
+
+    `model` is built from the run's config, concrete or abstract (nnx.eval_shape): only its structure,
+    shapes and dtypes are used. Raises BundleError naming the file when the stage is not finished or its
+    weights do not fit `model`.
+    """
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    stage = Path(stage_dir).resolve()  # Orbax wants absolute paths
+    done, weights = stage / "final" / "DONE", stage / "final" / "weights"
+    if not done.is_file():
+        raise BundleError(f"{done}: stage {stage.name} not finished (no final/DONE); train it first")
+    if not weights.is_dir():
+        raise BundleError(f"{weights}: EMA weights of stage {stage.name} missing")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {"ema": params, "rest": rest})
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            loaded = ckptr.restore(weights, target)
+    except Exception as e:  # noqa: BLE001 - any failure means the files do not hold this model
+        raise BundleError(
+            f"{weights}: cannot restore the {stage.name} weights ({type(e).__name__}: {e})"
+        ) from e
+    return graphdef, loaded["ema"], loaded["rest"]
+
+
+def load_final(stage_dir: str | os.PathLike, model):
+    """`model` with the EMA weights of a finished stage folder (see `restore_final`)."""
+    from flax import nnx
+
+    return nnx.merge(*restore_final(stage_dir, model))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A finished run as model parts
+# ------------------------------------------------------------------------------------------------------------
+
+
+def read_workdir(workdir: str | os.PathLike, config=None) -> bundle.ModelParts:
+    """The EMA weights and latent statistics of a finished training run (all its stages done).
+
+    config: the training config; default `<workdir>/config.json`. Raises BundleError naming the missing file.
+    """
+    workdir = Path(workdir).resolve()
+    if not workdir.is_dir():
+        raise BundleError(f"{workdir}: workdir does not exist")
+    run_config = load_run_config(workdir) if config is None else config
+    cfg = bundle.bundle_config(run_config)
+    stats = bundle.read_latent_stats(latent_stats_path(workdir))
+    states = {}
+    for name in bundle.networks(cfg):
+        _, ema, rest = restore_final(stage_path(workdir, name), bundle.abstract_network(cfg, name))
+        states[name] = bundle.flatten_state(ema) | bundle.flatten_state(rest)
+    for name in ("vae_s2", "vae_s1"):  # the stage saved its VAE before the statistics were measured
+        for key, value in stats[name].items():
+            states[name][key] = np.asarray(value, np.float32)
+    return bundle.ModelParts(cfg, states, stats, str(workdir))

@@ -1,0 +1,201 @@
+"""Latent sampling with trained networks: patches in, the per-pixel mean and spread of K samples out.
+
+- `Networks`: the networks split into static graphs and array states, so they pass through jit. The flow
+  stage's frozen VAEs are a `Networks` without flow (`Networks.of_vaes`), the refiner stage's frozen flow and
+  VAEs one without refiner.
+- `sample_patches(nets, s2_cloudy, s1, cloud_prob, keys, ...)`: K Euler samples per patch, each decoded (and
+  refined); `sample_patches_jit` is its jitted form (CloudRemover, the refiner stage and `predict_batch`).
+- `predict_batch(flow_model, vae_s2, vae_s1, batch, rng, ...)`: modules and a batch in, (mean, std) out
+  (train.py's previews use it).
+
+Tiling whole scenes is crrf_jax.tiling's job, loading a model crrf_jax.inference's.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from crrf_jax import flow as rf
+from crrf_jax.data import contract
+
+
+@struct.dataclass
+class Networks:
+    """The networks split into static graphs and array states, so they pass through jit.
+
+    The VAEs are always there; the flow model is optional (None: only the VAEs, as the flow stage freezes
+    them) and so is the refiner (None: the flow's decoded prediction is the output).
+    """
+
+    s2_graph: nnx.GraphDef = struct.field(pytree_node=False)
+    s2_state: nnx.State
+    s1_graph: nnx.GraphDef = struct.field(pytree_node=False)
+    s1_state: nnx.State
+    flow_graph: nnx.GraphDef | None = struct.field(pytree_node=False, default=None)
+    flow_state: nnx.State | None = None
+    refiner_graph: nnx.GraphDef | None = struct.field(pytree_node=False, default=None)
+    refiner_state: nnx.State | None = None
+
+    @classmethod
+    def of(cls, flow_model, vae_s2, vae_s1, refiner=None) -> Networks:
+        """From modules; `flow_model` and `refiner` may be None."""
+        flow = nnx.split(flow_model) if flow_model is not None else (None, None)
+        refine = nnx.split(refiner) if refiner is not None else (None, None)
+        return cls(*nnx.split(vae_s2), *nnx.split(vae_s1), *flow, *refine)
+
+    @classmethod
+    def of_vaes(cls, vae_s2, vae_s1) -> Networks:
+        """The autoencoders alone: what the flow stage keeps frozen."""
+        return cls.of(None, vae_s2, vae_s1)
+
+    @property
+    def has_flow(self) -> bool:
+        return self.flow_graph is not None
+
+    @property
+    def has_refiner(self) -> bool:
+        return self.refiner_graph is not None
+
+    def vae_s2(self):
+        return nnx.merge(self.s2_graph, self.s2_state)
+
+    def vae_s1(self):
+        return nnx.merge(self.s1_graph, self.s1_state)
+
+    def flow(self):
+        return nnx.merge(self.flow_graph, self.flow_state) if self.has_flow else None
+
+    def refiner(self):
+        return nnx.merge(self.refiner_graph, self.refiner_state) if self.has_refiner else None
+
+
+# What a prediction returns: "final" (the refined image when there is a refiner), "flow" (the flow's decoded
+# prediction alone) or "roundtrip_refined" (the refiner fed with the cloudy image's VAE round trip instead of
+# the flow's prediction: an ablation that shows what the latent flow itself adds).
+OUTPUTS = ("final", "flow", "roundtrip_refined")
+
+
+def sample_patches(
+    nets: Networks,
+    s2_cloudy: jax.Array,
+    s1: jax.Array | None,
+    cloud_prob: jax.Array,
+    keys: jax.Array,
+    *,
+    steps: int,
+    num_samples: int = 1,
+    guidance_scale: float = 1.0,
+    spec: rf.FlowSpec = rf.FlowSpec(),
+    output: str = "final",
+    drop_cloudy: bool = False,
+    drop_sar: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """K Euler samples of the cloud-free image of each patch -> per-pixel mean and standard deviation.
+
+    Args:
+      s2_cloudy: (B, H, W, C) reflectance in [0, 1]; s1: (B, H, W, 2) in [0, 1] or None (the model's
+        SAR-absent mode); cloud_prob: (B, H, W, 1) in [0, 1]. H, W multiples of 16.
+      keys: (B,) PRNG keys, one per patch; sample k of patch i starts from noise drawn with
+        `fold_in(keys[i], k)`, so a patch's result does not depend on the rest of the batch.
+      steps: Euler steps; guidance_scale: classifier-free guidance (1 = off; the unconditional branch
+        replaces SAR and cloudy tokens with the learned null tokens); spec: the flow's source and schedule.
+      output: one of OUTPUTS; each sample is refined before the statistics, so std covers the refiner too.
+      drop_cloudy: replace the cloudy tokens by the null token (an ablation; the source still starts there).
+      drop_sar: optional (B,) bool, True = that patch runs the SAR-absent mode (the refiner stage's training
+        uses it; `s1=None` does it for the whole batch).
+    Returns:
+      (mean, std): (B, H, W, C) float32 reflectance (not clipped); std is the population standard deviation
+      over the K samples (0 for K = 1).
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    flow_model, vae_s2, refiner = nets.flow(), nets.vae_s2(), nets.refiner()
+    if output == "roundtrip_refined" and refiner is None:
+        raise ValueError("output='roundtrip_refined' needs a refiner; this model has none")
+    if output != "roundtrip_refined" and flow_model is None:
+        raise ValueError(f"output={output!r} needs a flow model; these networks hold only the VAEs")
+    cloudy = vae_s2.encode(contract.to_model(s2_cloudy)).astype(jnp.float32)
+    sar = None if s1 is None else nets.vae_s1().encode(contract.to_model(s1)).astype(jnp.float32)
+    b, h, w, z = cloudy.shape
+
+    sar_present = None if drop_sar is None else ~jnp.asarray(drop_sar, bool)
+
+    def refine(pixels):
+        if output == "flow" or refiner is None:
+            return pixels
+        return refiner(pixels, s2_cloudy, cloud_prob, s1, sar_present)[0]
+
+    def decode(x0):
+        return refine(contract.from_model(vae_s2.decode(x0).astype(jnp.float32)))
+
+    if output == "roundtrip_refined":
+        return decode(cloudy), jnp.zeros(s2_cloudy.shape, jnp.float32)
+
+    cond_drop = jnp.full((b,), bool(drop_cloudy))
+    cond_drop_sar = jnp.zeros((b,), bool) if drop_sar is None else jnp.asarray(drop_sar, bool)
+
+    def velocity(x, t):
+        if guidance_scale == 1.0:
+            return flow_model(x, t, cloudy, sar, cloud_prob, drop_sar=cond_drop_sar,
+                              drop_cloudy=cond_drop).astype(jnp.float32)
+        # Conditional and unconditional branches in one call of twice the batch.
+        def both(a):
+            return None if a is None else jnp.concatenate([a, a])
+
+        ones = jnp.ones((b,), bool)
+        v = flow_model(both(x), both(t), both(cloudy), both(sar), both(cloud_prob),
+                       drop_sar=jnp.concatenate([cond_drop_sar, ones]),
+                       drop_cloudy=jnp.concatenate([cond_drop, ones])).astype(jnp.float32)
+        v_cond, v_uncond = v[:b], v[b:]
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+    def start(k):
+        eps = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, k), (h, w, z)))(keys)
+        return spec.start(eps, cloudy)
+
+    schedule = spec.schedule(steps, (h // 2) * (w // 2))
+    return rf.ensemble_sample(velocity, keys[0], (b, h, w, z), schedule, num_samples, decode_fn=decode,
+                              noise_fn=start)
+
+
+sample_patches_jit = jax.jit(
+    sample_patches, static_argnames=("steps", "num_samples", "guidance_scale", "spec", "output", "drop_cloudy")
+)
+
+
+def predict_batch(
+    flow_model,
+    vae_s2,
+    vae_s1,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    steps: int = 8,
+    guidance_scale: float = 1.0,
+    num_samples: int = 1,
+    use_sar: bool = True,
+    spec: rf.FlowSpec = rf.FlowSpec(),
+    refiner=None,
+    output: str = "final",
+) -> tuple[jax.Array, jax.Array]:
+    """Cloud-free estimates of a batch of patches.
+
+    Args:
+      batch: `s2_cloudy` (B, H, W, C) and `cloud_prob` (B, H, W, 1) in [0, 1], `s1` (B, H, W, 2) in [0, 1]
+        (ignored when `use_sar` is False: the model's trained SAR-absent mode). H, W multiples of 16.
+      rng: one PRNG key for the batch (split into one key per patch).
+      steps, guidance_scale, num_samples, spec, output: see `sample_patches`; refiner: optional Refiner.
+    Returns:
+      (mean, std): (B, H, W, C) float32 reflectance; the mean is clipped to [0, 1], the std is the per-pixel
+      standard deviation over the K samples (0 for K = 1).
+    """
+    nets = Networks.of(flow_model, vae_s2, vae_s1, refiner)
+    keys = jax.random.split(rng, batch["s2_cloudy"].shape[0])
+    mean, std = sample_patches_jit(
+        nets, batch["s2_cloudy"], batch["s1"] if use_sar else None, batch["cloud_prob"], keys,
+        steps=int(steps), num_samples=int(num_samples), guidance_scale=float(guidance_scale), spec=spec,
+        output=output,
+    )
+    return jnp.clip(mean, 0.0, 1.0), std

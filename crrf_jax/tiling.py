@@ -1,0 +1,205 @@
+"""Scenes of any size as overlapping tiles, blended back with a raised-cosine window so seams do not show.
+
+- `TileLayout(height, width, tile, overlap)`: where the tiles lie (`tile_starts`) and their blend weights
+  (`blend_ramp`); scenes smaller than a tile are reflect-padded (`pad_to`) and cropped back.
+- `blend_tiles(layout, read_rows, predict, write_rows)`: the streaming tiler, which reads and writes rows of
+  tiles so memory stays bounded on large scenes. It knows nothing of models: `predict` is any function of a
+  batch of tiles (CloudRemover.process passes its sampler, the tests deterministic fakes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+Arrays = dict[str, np.ndarray]
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> tuple[int, ...]:
+    """Start offsets of tiles of `tile` pixels covering max(length, tile) pixels, overlapping >= `overlap`.
+
+    The first tile starts at 0, the last ends at the edge, the others are spread evenly between.
+    """
+    span = max(length, tile)
+    if span == tile:
+        return (0,)
+    n = math.ceil((span - tile) / (tile - overlap)) + 1
+    return tuple(int(round(s)) for s in np.linspace(0, span - tile, n))
+
+
+def blend_ramp(tile: int, overlap: int, taper_start: bool = True, taper_end: bool = True) -> np.ndarray:
+    """1-D blend weights (tile,) float32: a raised-cosine rise over the first `overlap` pixels and fall over
+    the last (only on tapered sides: a side on the scene border keeps weight 1), 1 in between, > 0 everywhere.
+    """
+    w = np.ones(tile, np.float32)
+    if overlap > 0:
+        rise = np.sin(0.5 * np.pi * (np.arange(overlap) + 0.5) / overlap) ** 2
+        if taper_start:
+            w[:overlap] = np.minimum(w[:overlap], rise)
+        if taper_end:
+            w[tile - overlap :] = np.minimum(w[tile - overlap :], rise[::-1])
+    return w
+
+
+def pad_to(array: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """(h, w, ...) -> (max(h, rows), max(w, cols), ...) by reflection at the bottom and right edges."""
+    pad_r, pad_c = max(rows - array.shape[0], 0), max(cols - array.shape[1], 0)
+    if not pad_r and not pad_c:
+        return array
+    widths = [(0, pad_r), (0, pad_c)] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, widths, mode="reflect")
+
+
+@dataclasses.dataclass(frozen=True)
+class TileLayout:
+    """Where the tiles of a height x width scene lie (on the reflect-padded grid of at least one tile)."""
+
+    height: int
+    width: int
+    tile: int
+    overlap: int
+
+    def __post_init__(self):
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"scene size {self.height}x{self.width} is empty")
+        if not 0 <= self.overlap <= self.tile // 2:
+            raise ValueError(f"overlap {self.overlap} must be in [0, tile/2 = {self.tile // 2}]")
+
+    @functools.cached_property
+    def ys(self) -> tuple[int, ...]:
+        return tile_starts(self.height, self.tile, self.overlap)
+
+    @functools.cached_property
+    def xs(self) -> tuple[int, ...]:
+        return tile_starts(self.width, self.tile, self.overlap)
+
+    @property
+    def padded_height(self) -> int:
+        return max(self.height, self.tile)
+
+    @property
+    def padded_width(self) -> int:
+        return max(self.width, self.tile)
+
+    @property
+    def num_tiles(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+    def window(self, row: int, col: int) -> np.ndarray:
+        """Blend weights (tile, tile) float32 of tile (row, col); no taper on the scene's outer edges."""
+        wy = blend_ramp(self.tile, self.overlap, row > 0, row < len(self.ys) - 1)
+        wx = blend_ramp(self.tile, self.overlap, col > 0, col < len(self.xs) - 1)
+        return np.outer(wy, wx)
+
+
+ReadRows = Callable[[int, int], Arrays]  # (y0, y1) on the padded grid -> name: (y1 - y0, padded_width, C)
+PredictTiles = Callable[[Arrays, np.ndarray], tuple[np.ndarray, np.ndarray]]  # tiles, ids -> mean, std
+WriteRows = Callable[[int, int, np.ndarray, np.ndarray], None]  # y0, y1, mean/std (y1 - y0, width, C)
+
+
+class _RowAccumulator:
+    """Weighted sums of blended tiles over a band of rows [start, start + len) of the padded grid."""
+
+    def __init__(self, width: int):
+        self.start, self.width = 0, width
+        self.mean = self.std = self.weight = None
+
+    def add(self, y: int, x: int, mean: np.ndarray, std: np.ndarray, weight: np.ndarray) -> None:
+        t, c = mean.shape[0], mean.shape[-1]
+        if self.mean is None:
+            self.mean = np.zeros((0, self.width, c), np.float32)
+            self.std = np.zeros((0, self.width, c), np.float32)
+            self.weight = np.zeros((0, self.width), np.float32)
+        grow = y + t - self.start - self.weight.shape[0]
+        if grow > 0:
+            self.mean = np.concatenate([self.mean, np.zeros((grow, self.width, c), np.float32)])
+            self.std = np.concatenate([self.std, np.zeros((grow, self.width, c), np.float32)])
+            self.weight = np.concatenate([self.weight, np.zeros((grow, self.width), np.float32)])
+        rows = slice(y - self.start, y - self.start + t)
+        self.mean[rows, x : x + t] += weight[..., None] * mean
+        self.std[rows, x : x + t] += weight[..., None] * std
+        self.weight[rows, x : x + t] += weight
+
+    def pop(self, until: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [start, until), finished: weighted means of the tiles' mean and std; they leave the band."""
+        n = until - self.start
+        w = self.weight[:n, :, None]
+        if np.any(w <= 0):
+            raise AssertionError("blend_tiles: a pixel was covered by no tile")
+        out = self.mean[:n] / w, self.std[:n] / w
+        self.mean, self.std, self.weight = self.mean[n:], self.std[n:], self.weight[n:]
+        self.start = until
+        return out
+
+
+def blend_tiles(
+    layout: TileLayout,
+    read_rows: ReadRows,
+    predict: PredictTiles,
+    write_rows: WriteRows,
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> None:
+    """Predicts a scene tile by tile and writes the blended result row band by row band.
+
+    Tiles are read one row of tiles at a time (`read_rows(y, y + tile)`), predicted `batch_size` at a time
+    (`predict(tiles, tile_ids)` with tiles name -> (n, tile, tile, C) and ids the row-major tile indices), and
+    blended with `layout.window`: every output pixel is the weight-normalised mean of the tiles covering it.
+    As soon as no later tile reaches a row, it is written (`write_rows(y0, y1, mean, std)`, cropped to the
+    scene), so memory holds about two rows of tiles whatever the scene size.
+    """
+    from tqdm.auto import tqdm
+
+    t = layout.tile
+    acc = _RowAccumulator(layout.padded_width)
+    remaining = [len(layout.xs)] * len(layout.ys)  # tiles of each tile row not yet blended
+    next_row = 0  # first tile row not yet complete
+
+    def tiles() -> Iterator[tuple[int, int, Arrays]]:
+        for r, y in enumerate(layout.ys):
+            band = read_rows(y, y + t)
+            for c, x in enumerate(layout.xs):
+                yield r, c, {k: v[:, x : x + t] for k, v in band.items()}
+
+    def flush() -> None:
+        nonlocal next_row
+        while next_row < len(layout.ys) and remaining[next_row] == 0:
+            next_row += 1
+        until = layout.ys[next_row] if next_row < len(layout.ys) else layout.padded_height
+        if until > acc.start:
+            y0 = acc.start
+            mean, std = acc.pop(until)
+            end = min(until, layout.height)
+            if end > y0:
+                write_rows(y0, end, mean[: end - y0, : layout.width], std[: end - y0, : layout.width])
+
+    n_batches = math.ceil(layout.num_tiles / batch_size)
+    bar = tqdm(total=n_batches, desc="tile batches", unit="batch", disable=not progress, dynamic_ncols=True)
+    batch: list[tuple[int, int, Arrays]] = []
+    stream = tiles()
+    try:
+        while True:
+            item = next(stream, None)
+            if item is not None:
+                batch.append(item)
+            if batch and (len(batch) == batch_size or item is None):
+                stacked = {k: np.stack([b[2][k] for b in batch]) for k in batch[0][2]}
+                ids = np.asarray([r * len(layout.xs) + c for r, c, _ in batch], np.int32)
+                mean, std = predict(stacked, ids)
+                for i, (r, c, _) in enumerate(batch):
+                    acc.add(layout.ys[r], layout.xs[c], mean[i], std[i], layout.window(r, c))
+                    remaining[r] -= 1
+                batch = []
+                flush()
+                bar.update(1)
+            if item is None:
+                break
+    finally:
+        bar.close()
+    if acc.start != layout.padded_height:
+        raise AssertionError(f"blend_tiles: rows {acc.start}..{layout.height} were never written")
