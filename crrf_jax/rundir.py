@@ -1,0 +1,1 @@
+"""The one owner of a training run's directory layout (placeholder in this branch; see the merge)."""
