@@ -54,7 +54,7 @@ from configs import common  # noqa: E402
 from crrf_jax import parallel, train_lib  # noqa: E402
 from crrf_jax.models import build  # noqa: E402
 from crrf_jax.models.flux import FluxConfig  # noqa: E402
-from train import PEAK_TFLOPS  # noqa: E402  (dense bf16 peak per device kind, as train.py's MFU)
+from crrf_jax.trainer import PEAK_TFLOPS  # noqa: E402  (dense bf16 peak per device kind, as training's MFU)
 
 CPU_FLOP_PER_CYCLE = 32  # FP32: two 256-bit FMA pipes x 8 lanes x 2
 

@@ -121,7 +121,6 @@ def _check(variant: str) -> None:
 # Training defaults
 # --------------------------------------------------------------------------------------------------------------
 
-STAGES = ("vae_s2", "vae_s1", "latent_stats", "flow", "refiner")
 
 
 def optim_config(*, steps: int, lr: float, batch_size: int, warmup_steps: int = 500) -> ml_collections.ConfigDict:
@@ -153,12 +152,12 @@ def base_config(variant: str = "base", s2_bands=None) -> ml_collections.ConfigDi
     """Everything but the data location; configs/sen12mscr.py and configs/demo.py start from this."""
     # The band count sizes the networks, so the spec is parsed here, by the data contract's one parser (a
     # NumPy-only module).
-    from crrf_jax.data.contract import resolve_bands  # noqa: PLC0415
+    from crrf_jax.config import resolve_bands  # noqa: PLC0415 - keeps configs importable cheaply
 
     bands = resolve_bands(s2_bands)
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.stage = ""  # "" runs every stage in STAGES order; or one of STAGES
+    c.stage = ""  # "" runs every stage in order (crrf_jax/config.py STAGES); or one of them
     c.model = model_config(variant, len(bands))
     c.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU (parameters stay float32)
     c.remat_policy = "none"  # transformer blocks: none | full | dots_saveable | nothing_saveable

@@ -50,9 +50,6 @@ class StageCheckpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
     def restore(self, abstract_state, data_iterator=None) -> tuple[Any, int] | None:
         """Restores the newest restorable checkpoint into the shardings of `abstract_state`.
 
@@ -79,9 +76,6 @@ class StageCheckpointer:
             data_iterator.set_state(initial)
         return None
 
-    def wait(self) -> None:
-        """Blocks until pending async saves are complete."""
-        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

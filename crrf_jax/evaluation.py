@@ -27,6 +27,7 @@ on batch size, ordering or device count.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import os
@@ -126,14 +127,8 @@ def evaluate(
     *,
     root: str,
     out: str,
-    split: str = "test",
-    protocol: str = "exact",
-    source: str = "geotiff",
-    data_dir: str | None = None,
-    steps: int | None = None,
-    num_samples: int = 1,
-    guidance_scale: float | None = None,
-    batch_size: int = 8,
+    split: str = "test", protocol: str = "exact", source: str = "geotiff", data_dir: str | None = None,
+    steps: int | None = None, num_samples: int = 1, guidance_scale: float | None = None, batch_size: int = 8,
     cloud_threshold: float = 0.5,
     max_images: int = 0,
     write_geotiff: bool = False,
@@ -148,14 +143,11 @@ def evaluate(
 ) -> dict[str, Any]:
     """Scores `remover` (an inference.CloudRemover) on a split; returns what it writes to metrics.json.
 
-    Args beyond the data and sampling settings:
-      references: also score the learning-free references (`crrf_jax.references.REFERENCES`).
-      use_sar: False runs the model in its SAR-absent mode (an ablation).
-      zero_cloud_prob: feed the model an all-zero cloud probability map (an ablation); the real map still
-        decides which pixels are scored as cloudy.
-      write_examples: write the example grids (a second pass over the images they show).
-      **predict_options: passed on to `remover.predict_tiles` (e.g. `output=`, `drop_cloudy=`) and recorded in
-        metrics.json as "predict_options".
+    Beyond the data and sampling settings: `references` also scores the learning-free references;
+    `use_sar=False` runs the SAR-absent mode and `zero_cloud_prob` feeds the model a zero cloud map (ablations;
+    the real map still decides which pixels are cloudy); `write_examples` draws the example grids (a second
+    pass); `**predict_options` go to `remover.predict_tiles` (`output=`, `drop_cloudy=`, `keep_clear=`) and
+    into metrics.json.
     """
     steps = int(steps or remover.config["sampling"]["steps"])
     guidance = float(remover.config["sampling"]["guidance_scale"] if guidance_scale is None else guidance_scale)
@@ -163,85 +155,94 @@ def evaluate(
     os.makedirs(out, exist_ok=True)
 
     def batches():
-        dataset = pipeline.make_dataset(
+        return iter(pipeline.make_dataset(
             source=source, root=root, data_dir=data_dir, split=split, protocol=protocol,
             bands=list(remover.band_indices), batch_size=batch_size, crop_size=None, augment=False,
             shuffle=False, num_epochs=1, drop_remainder=False, worker_count=worker_count, on_error=on_error,
-        )
-        return iter(dataset)
+        ))
 
-    def predict(batch):
-        ids = np.array([image_seed(str(i)) for i in batch["id"]], np.uint32)
-        cloud_prob = np.asarray(batch["cloud_prob"], np.float32)
-        tiles = {"s2_cloudy": batch["s2_cloudy"],
-                 "cloud_prob": np.zeros_like(cloud_prob) if zero_cloud_prob else cloud_prob}
-        if use_sar:
-            tiles["s1"] = batch["s1"]
-        return remover.predict_tiles(tiles, ids, steps=steps, num_samples=num_samples, guidance_scale=guidance,
-                                     seed=seed, pad_batch_to=batch_size, **predict_options)
+    predict = functools.partial(
+        _predict, remover, use_sar=use_sar, zero_cloud_prob=zero_cloud_prob, steps=steps, num_samples=num_samples,
+        guidance_scale=guidance, seed=seed, pad_batch_to=batch_size, **predict_options,
+    )
 
     methods = ["model", "cloudy_input", *(R.REFERENCES if references else ())]
     running = {group: M.RunningMean() for method in methods for group in method_groups(method)}
     wall_s = {name: 0.0 for name in methods if name != "cloudy_input"}  # host seconds (model: with compiling)
     rows: list[dict[str, Any]] = []
     data = batches()
-    total = max_images or None
-    with tqdm(total=total, desc=f"eval {split}", unit="img", dynamic_ncols=True) as bar:
+    with tqdm(total=max_images or None, desc=f"eval {split}", unit="img", dynamic_ncols=True) as bar:
         for batch in data:
             valid = np.asarray(batch["mask"], bool)
             if not valid.any():
                 continue
-            t0 = time.perf_counter()
-            mean, std = predict(batch)
-            wall_s["model"] += time.perf_counter() - t0
-            preds = {"model": mean, "cloudy_input": batch["s2_cloudy"]}
-            if references:
-                preds |= reference_fills(batch, valid, cloud_threshold, wall_s)
-            scores = score_methods(preds, batch["s2"], batch["cloud_prob"], cloud_threshold)
-            for i in np.flatnonzero(valid):
-                row = {"id": str(batch["id"][i]), "cloud_fraction": float(scores["cloud_fraction"][i])}
-                for group, acc in running.items():
-                    one = {k: float(v[i]) for k, v in scores[group].items()}
-                    acc.update(one)
-                    prefix = "" if group == "model" else f"{group}/"
-                    row.update({f"{prefix}{k}": v for k, v in one.items()})
-                rows.append(row)
+            mean, scores = _predict_and_score(batch, valid, predict, references, cloud_threshold, wall_s)
+            keep = np.flatnonzero(valid)[: (max_images - len(rows)) if max_images else None]
+            for i in keep:
+                rows.append(_image_row(str(batch["id"][i]), scores, i, running))
                 if write_geotiff:
-                    _write_prediction(root, out, row["id"], mean[i], remover.band_indices, split, protocol)
-                bar.update(1)
-                if max_images and len(rows) >= max_images:
-                    break
+                    _write_prediction(root, out, rows[-1]["id"], mean[i], remover.band_indices, split, protocol)
+            bar.update(len(keep))
             if max_images and len(rows) >= max_images:
                 break
     if not rows:
         raise ValueError(f"{root}: no images in split {split!r} (protocol {protocol!r})")
 
-    bad = getattr(data, "bad_sample_count", 0)
     result = {
-        "split": split,
-        "protocol": protocol,
-        "num_images": len(rows),
-        "bad_samples_skipped": int(bad),
-        "steps": steps,
-        "guidance_scale": guidance,
-        "num_samples": num_samples,
-        "use_sar": use_sar,
-        "zero_cloud_prob": zero_cloud_prob,
-        "predict_options": dict(predict_options),
-        "bands": list(remover.band_names),
-        "clipped_to_unit_range": True,
-        "cloud_threshold": cloud_threshold,
-        "mean_cloud_fraction": float(np.mean([r["cloud_fraction"] for r in rows])),
-        "methods": methods,
-        "wall_s": wall_s,
-        **summarize(running),
+        "split": split, "protocol": protocol, "num_images": len(rows),
+        "bad_samples_skipped": int(getattr(data, "bad_sample_count", 0)), "steps": steps,
+        "guidance_scale": guidance, "num_samples": num_samples, "use_sar": use_sar,
+        "zero_cloud_prob": zero_cloud_prob, "predict_options": dict(predict_options),
+        "bands": list(remover.band_names), "clipped_to_unit_range": True, "cloud_threshold": cloud_threshold,
+        "mean_cloud_fraction": float(np.mean([r["cloud_fraction"] for r in rows])), "methods": methods,
+        "wall_s": wall_s, **summarize(running),
     }
-    result = json.loads(json.dumps(result, default=float))  # plain floats (NaN/inf kept as JSON tokens)
+    result = _write_tables(out, result, rows)
+    result["examples"] = _write_examples(remover, out, rows, batches, predict) if write_examples else {}
+    return result
+
+
+def _write_tables(out: str, result: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """metrics.json (plain floats; NaN/inf kept as JSON tokens) and per_image.csv; returns what was written."""
+    result = json.loads(json.dumps(result, default=float))
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
     _write_csv(os.path.join(out, "per_image.csv"), rows)
-    result["examples"] = _write_examples(remover, out, rows, batches, predict) if write_examples else {}
     return result
+
+
+def _predict(remover, batch, *, use_sar: bool, zero_cloud_prob: bool, **options):
+    """The model's (mean, std) of an eval batch; each image's noise is seeded by its id (`image_seed`)."""
+    ids = np.array([image_seed(str(i)) for i in batch["id"]], np.uint32)
+    cloud_prob = np.asarray(batch["cloud_prob"], np.float32)
+    tiles = {"s2_cloudy": batch["s2_cloudy"],
+             "cloud_prob": np.zeros_like(cloud_prob) if zero_cloud_prob else cloud_prob}
+    if use_sar:
+        tiles["s1"] = batch["s1"]
+    return remover.predict_tiles(tiles, ids, **options)
+
+
+def _predict_and_score(batch, valid, predict, references: bool, threshold: float, wall_s: dict):
+    """The model's prediction of a batch (host seconds into wall_s) and the per-image scores of every method."""
+    t0 = time.perf_counter()
+    mean, _ = predict(batch)
+    wall_s["model"] += time.perf_counter() - t0
+    preds = {"model": mean, "cloudy_input": batch["s2_cloudy"]}
+    if references:
+        preds |= reference_fills(batch, valid, threshold, wall_s)
+    return mean, score_methods(preds, batch["s2"], batch["cloud_prob"], threshold)
+
+
+def _image_row(image_id: str, scores: dict, i: int, running: dict[str, M.RunningMean]) -> dict[str, Any]:
+    """Image i's CSV row (the model's metrics unprefixed, other groups as "<group>/<metric>"); adds its
+    metrics to the running means."""
+    row = {"id": image_id, "cloud_fraction": float(scores["cloud_fraction"][i])}
+    for group, acc in running.items():
+        one = {k: float(v[i]) for k, v in scores[group].items()}
+        acc.update(one)
+        prefix = "" if group == "model" else f"{group}/"
+        row.update({f"{prefix}{k}": v for k, v in one.items()})
+    return row
 
 
 def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:

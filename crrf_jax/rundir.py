@@ -107,10 +107,32 @@ def save_final(stage_dir: str | os.PathLike, state) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(path, "DONE"), "w") as f:
             f.write(f"{int(state.step)}\n")
+    sync(f"final-{stage_dir}")
+
+
+def sync(name: str) -> None:
+    """A barrier across processes (nothing with one process): what process 0 wrote is there for all."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(f"final-{stage_dir}")
+        multihost_utils.sync_global_devices(name)
+
+
+def read_latent_stats(workdir: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """The measured latent scale and shift of each autoencoder (BundleError naming the file if missing)."""
+    return bundle.read_latent_stats(latent_stats_path(workdir))
+
+
+def write_latent_stats(workdir: str | os.PathLike, stats: dict) -> None:
+    """Writes the latent statistics (process 0), then waits for every process."""
+    import json
+
+    if jax.process_index() == 0:
+        path = latent_stats_path(workdir)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(stats, f, indent=2)
+    sync("latent-stats")
 
 
 def restore_final(stage_dir: str | os.PathLike, model):

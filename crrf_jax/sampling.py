@@ -133,6 +133,21 @@ def sample_patches(
     if output == "roundtrip_refined":
         return decode(cloudy), jnp.zeros(s2_cloudy.shape, jnp.float32)
 
+    velocity = _velocity_fn(flow_model, cloudy, sar, cloud_prob, guidance_scale, drop_cloudy, drop_sar)
+
+    def start(k):
+        eps = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, k), (h, w, z)))(keys)
+        return spec.start(eps, cloudy)
+
+    schedule = spec.schedule(steps, (h // 2) * (w // 2))
+    return rf.ensemble_sample(velocity, keys[0], (b, h, w, z), schedule, num_samples, decode_fn=decode,
+                              noise_fn=start)
+
+
+def _velocity_fn(flow_model, cloudy, sar, cloud_prob, guidance_scale: float, drop_cloudy: bool, drop_sar):
+    """v(x_t, t) of the conditioned flow model; with guidance, v_u + s (v_c - v_u), both branches in one call
+    of twice the batch (the unconditional one with SAR and cloudy tokens replaced by the null tokens)."""
+    b = cloudy.shape[0]
     cond_drop = jnp.full((b,), bool(drop_cloudy))
     cond_drop_sar = jnp.zeros((b,), bool) if drop_sar is None else jnp.asarray(drop_sar, bool)
 
@@ -140,7 +155,7 @@ def sample_patches(
         if guidance_scale == 1.0:
             return flow_model(x, t, cloudy, sar, cloud_prob, drop_sar=cond_drop_sar,
                               drop_cloudy=cond_drop).astype(jnp.float32)
-        # Conditional and unconditional branches in one call of twice the batch.
+
         def both(a):
             return None if a is None else jnp.concatenate([a, a])
 
@@ -151,13 +166,7 @@ def sample_patches(
         v_cond, v_uncond = v[:b], v[b:]
         return v_uncond + guidance_scale * (v_cond - v_uncond)
 
-    def start(k):
-        eps = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, k), (h, w, z)))(keys)
-        return spec.start(eps, cloudy)
-
-    schedule = spec.schedule(steps, (h // 2) * (w // 2))
-    return rf.ensemble_sample(velocity, keys[0], (b, h, w, z), schedule, num_samples, decode_fn=decode,
-                              noise_fn=start)
+    return velocity
 
 
 sample_patches_jit = jax.jit(

@@ -84,7 +84,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_graph_is_read():
     graph = import_graph()
     assert {"crrf_jax.bundle", "crrf_jax.rundir"} <= graph["crrf_jax.inference"]
-    assert "crrf_jax.data.sen12mscr" in graph["crrf_jax.predict"]  # `from crrf_jax.data import sen12mscr`
+    assert "crrf_jax.data.contract" in graph["crrf_jax.predict"]  # `from crrf_jax.data import contract`
     assert "crrf_jax.models.autoencoder" in graph["crrf_jax.models.build"]  # an import inside a function
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
@@ -101,14 +101,8 @@ def test_only_entry_points_import_inference():
     assert importers <= {"crrf_jax.predict", "crrf_jax.demo"}, importers
 
 
-def config_files() -> list:
-    follow_up = pytest.mark.xfail(
-        strict=True,
-        reason="configs/common.py imports crrf_jax.data.sen12mscr (resolve_bands); the follow-up of "
-        "'One owner per concern' moves the config helpers into crrf_jax/config.py",
-    )
-    return [pytest.param(p.name, marks=follow_up if p.name == "common.py" else ())
-            for p in sorted((ROOT / "configs").glob("*.py"))]
+def config_files() -> list[str]:
+    return [p.name for p in sorted((ROOT / "configs").glob("*.py"))]
 
 
 @pytest.mark.parametrize("filename", config_files())

@@ -103,11 +103,6 @@ class GeoTiffSource:
             "id": sample["id"],
         }
 
-    def compute_missing_cloud_probs(self, indices: Sequence[int] | None = None, workers: int | None = None):
-        """Fills the cloud-probability cache for triplets `indices` (default all); returns the report."""
-        triplets = self.triplets if indices is None else [self.triplets[i] for i in indices]
-        return cloudprob.compute_cloud_probs(self.cloud_prob_dir, triplets, workers=workers, progress=False)
-
     def __repr__(self) -> str:
         return f"GeoTiffSource({self.root}, split={self.split}, protocol={self.protocol}, n={len(self)})"
 
@@ -501,7 +496,6 @@ def make_dataset(
     process_count: int | None = None,
     on_error: str = "raise",
     cloud_prob_dir: str | os.PathLike | None = None,
-    compute_cloud_prob: bool = False,
 ) -> grain.IterDataset:
     """The batched grain pipeline; `iter()` of it is a checkpointable PipelineIterator.
 
@@ -517,15 +511,9 @@ def make_dataset(
       worker_count: grain worker processes (0: read in this process with read_threads threads).
       process_index, process_count: this process's shard (default: jax.process_index() / process_count()).
       on_error: "raise" (a DataError naming the file) or "skip" (logged and counted, see the module docs).
-      cloud_prob_dir: cloud-probability cache of the geotiff source (default root).
-      compute_cloud_prob: compute missing cache entries of this process's shard before starting (geotiff).
+      cloud_prob_dir: cloud-probability cache of the geotiff source (default root; train.py fills it first).
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if batch_size < 1 or (crop_size is not None and crop_size < 1) or worker_count < 0:
-        raise ValueError(f"bad batch_size {batch_size}, crop_size {crop_size} or worker_count {worker_count}")
-    if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
+    _check_options(on_error, batch_size, crop_size, worker_count, num_epochs)
     if process_index is None or process_count is None:
         import jax
 
@@ -549,10 +537,23 @@ def make_dataset(
         raise ValueError(
             f"{src!r}: {length} samples x {num_epochs} epochs cannot fill a batch of {batch_size}"
         )
-    if compute_cloud_prob and isinstance(src, GeoTiffSource):
-        src.compute_missing_cloud_probs(indices)
-
     ds = grain.MapDataset.source(_ShardReader(src, indices, length, on_error))
+    return _batched(ds, batch_size, crop_size, augment, shuffle, seed, num_epochs, drop_remainder, worker_count,
+                    worker_buffer_size, read_threads)
+
+
+def _check_options(on_error: str, batch_size: int, crop_size: int | None, worker_count: int, num_epochs) -> None:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if batch_size < 1 or (crop_size is not None and crop_size < 1) or worker_count < 0:
+        raise ValueError(f"bad batch_size {batch_size}, crop_size {crop_size} or worker_count {worker_count}")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
+
+
+def _batched(ds, batch_size, crop_size, augment, shuffle, seed, num_epochs, drop_remainder, worker_count,
+             worker_buffer_size, read_threads) -> grain.IterDataset:
+    """Shuffle, repeat, augment, read, batch (padding or dropping the remainder), workers, bad-sample count."""
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
@@ -580,11 +581,6 @@ def _ensure_absl_flags_parsed() -> None:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-
-
-def make_iterator(**kwargs: Any) -> PipelineIterator:
-    """`iter(make_dataset(**kwargs))`."""
-    return iter(make_dataset(**kwargs))
 
 
 def eval_dataset(**kwargs: Any) -> grain.IterDataset:

@@ -18,8 +18,7 @@ import signal
 def install_hooks() -> None:
     import jax
 
-    import train
-    from crrf_jax import checkpoint
+    from crrf_jax import checkpoint, trainer
 
     kill_after = os.environ.get("CRRF_TEST_KILL_AFTER_SAVE")
     if kill_after:
@@ -36,7 +35,7 @@ def install_hooks() -> None:
     sigterm_at = os.environ.get("CRRF_TEST_SIGTERM_AT_STEP")
     trace_all = os.environ.get("CRRF_TEST_TRACE_ALL") == "1"
     if sigterm_at or trace_all:
-        base = train.MetricsTrace
+        base = trainer.MetricsTrace
 
         class HookedTrace(base):
             def __init__(self, path: str, start_step: int):
@@ -53,7 +52,7 @@ def install_hooks() -> None:
                 if sigterm_at and step == int(sigterm_at):
                     os.kill(os.getpid(), signal.SIGTERM)
 
-        train.MetricsTrace = HookedTrace
+        trainer.MetricsTrace = HookedTrace
 
 
 def main() -> None:

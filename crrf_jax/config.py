@@ -1,0 +1,63 @@
+"""What a training config may say: the stages, and the checks train.py, eval and export share.
+
+Configs (configs/*.py) are data: ml_collections ConfigDicts built by `configs.common`. This module holds the
+code that reads them, so every entry point validates the same way.
+"""
+
+from __future__ import annotations
+
+from crrf_jax.data.contract import resolve_bands  # noqa: F401  (configs size the S2 networks with it)
+
+# The stages of a run, in order; `config.stage` picks one ("" runs them all).
+STAGES = ("vae_s2", "vae_s1", "latent_stats", "flow", "refiner")
+AUTOENCODER_STAGES = ("vae_s2", "vae_s1")
+
+
+def has_refiner(model_cfg) -> bool:
+    """Whether a model config (a run's `config.model` or a bundle's "model") includes the refiner."""
+    refiner = model_cfg.get("refiner")
+    return bool(refiner and refiner.get("enabled", True))
+
+
+def stages_to_run(config) -> list[str]:
+    """The configured stage, or every stage in order; the refiner only when the model has one."""
+    stages = [config.stage] if config.stage else list(STAGES)
+    return [s for s in stages if s != "refiner" or has_refiner(config.model)]
+
+
+def stage_crop(config, stage: str) -> int:
+    """A stage's training crop: `config.<stage>.crop_size` where set (the autoencoders, which are fully
+    convolutional, may learn on smaller crops), else `config.data.crop_size`."""
+    section = config.get(stage)
+    crop = section.get("crop_size", 0) if section is not None else 0
+    return int(crop or config.data.crop_size)
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"config.{name}={value!r}: choose one of {tuple(choices)}")
+
+
+def validate(config) -> None:
+    """Clear errors (naming the key) for config values that would otherwise fail deep inside."""
+    from crrf_jax import flow as rf
+    from crrf_jax.models import build
+
+    if config.stage:
+        _choice("stage", config.stage, STAGES)
+    _choice("data.source", config.data.source, ("geotiff", "tfds"))
+    _choice("data.protocol", config.data.protocol, ("exact", "legacy"))
+    _choice("refiner.input", config.refiner.input, ("flow", "roundtrip"))
+    if config.data.crop_size % 16:
+        raise ValueError(f"config.data.crop_size={config.data.crop_size} must be a multiple of 16")
+    for stage in AUTOENCODER_STAGES:
+        crop = stage_crop(config, stage)
+        if crop % 16 or crop > config.data.crop_size:
+            raise ValueError(f"config.{stage}.crop_size={crop} must be a multiple of 16 and at most "
+                             f"config.data.crop_size={config.data.crop_size}")
+    if config.stage == "refiner" and not has_refiner(config.model):
+        raise ValueError("config.stage='refiner' but config.model.refiner.enabled is False")
+    rf.FlowSpec.from_config(config.flow)  # a bad flow.source / source_sigma
+    build.compute_dtype(config.dtype)
+    if not config.get("demo") and not config.data.root and not config.data.tfds_data_dir:
+        raise ValueError("no data: set --config.data.root=/path/to/SEN12MSCR (the official layout)")

@@ -1,0 +1,280 @@
+"""The stages of a training run, one small class each: model, loss, frozen networks, input, preview, FLOPs.
+
+The trainer (crrf_jax/trainer.py) runs any `TrainedStage` with the same loop; adding a stage adds a class here
+and its name to `crrf_jax.config.STAGES`. `LatentStats` is the one stage that trains nothing: it measures the
+autoencoders' latent scale and shift on training data.
+
+    stage = make_stage("flow", config, workdir)
+    stage.model_fn()          -> a fresh nnx.Module (built inside jit, directly in its shardings)
+    stage.loss_fn()           -> loss(model, batch, rng, frozen) -> (loss, aux)
+    stage.frozen(mesh)        -> the trained networks the loss reads (None, or replicated over the mesh)
+    stage.input(batch_size)   -> (training iterator, preview iterator or None)
+    stage.preview(...)        -> (rows of RGB panels, column labels)
+    stage.flops(compiled)     -> FLOPs of one step per device (for MFU), or None
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from crrf_jax import config as C
+from crrf_jax import flow as rf
+from crrf_jax import parallel, rundir, sampling, train_lib
+from crrf_jax import visualize as vis
+from crrf_jax.data import contract
+from crrf_jax.models import build
+
+log = logging.getLogger("crrf_jax.train")
+
+
+def make_input(config, split: str, batch_size: int, *, seed: int, train: bool = True, crop_size: int = 0):
+    """The grain iterator of `split` for this process (shuffled, augmented and repeated when `train`).
+
+    Training crops are `crop_size` pixels, or `config.data.crop_size` when it is 0.
+    """
+    from crrf_jax.data import pipeline
+
+    d = config.data
+    dataset = pipeline.make_dataset(
+        source=d.source, root=d.root, data_dir=d.tfds_data_dir or None, split=split, protocol=d.protocol,
+        bands=contract.resolve_bands(d.bands), batch_size=batch_size,
+        crop_size=(crop_size or d.crop_size) if train else None, augment=train, shuffle=train,
+        num_epochs=None if train else 1, drop_remainder=train, seed=seed, worker_count=d.worker_count,
+        on_error=d.on_error,
+    )
+    return iter(dataset)
+
+
+def rgb_indices(config) -> tuple[int, int, int]:
+    return contract.rgb_channels(config.data.bands)
+
+
+def per_process_batch(global_batch: int, mesh) -> int:
+    """This process's share of a global batch; an error unless it splits evenly over shards and processes."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % shards or global_batch % jax.process_count():
+        raise ValueError(
+            f"batch_size {global_batch} must divide evenly over the {shards} data-parallel shards and "
+            f"{jax.process_count()} processes"
+        )
+    return global_batch // jax.process_count()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Trained stages
+# --------------------------------------------------------------------------------------------------------------
+
+
+class TrainedStage:
+    """A stage trained by the trainer's loop; subclasses say what is trained and how."""
+
+    def __init__(self, name: str, config, workdir: str):
+        self.name, self.config, self.workdir = name, config, workdir
+        self.cfg = config[name]  # the stage's optimisation section (steps, lr, batch_size, ...)
+
+    @property
+    def index(self) -> int:
+        return C.STAGES.index(self.name)
+
+    def model_fn(self):
+        raise NotImplementedError
+
+    def loss_fn(self):
+        raise NotImplementedError
+
+    def frozen(self, mesh):
+        return None
+
+    def input(self, batch_size: int, frozen=None):
+        """(training batches, preview batches or None: the preview then uses the first training batch)."""
+        data = make_input(self.config, "train", batch_size, seed=self.config.seed + self.index,
+                          crop_size=C.stage_crop(self.config, self.name))
+        return data, None
+
+    def preview(self, model, batch: dict, frozen, step: int):
+        raise NotImplementedError
+
+    def flops(self, compiled) -> float | None:
+        """FLOPs of one step per device as counted by XLA (None where the backend does not say)."""
+        try:
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            return float(cost["flops"]) if cost and cost.get("flops") else None
+        except Exception:  # noqa: BLE001 - cost analysis is best effort
+            return None
+
+
+class AutoencoderStage(TrainedStage):
+    """The Sentinel-2 (`vae_s2`) or Sentinel-1 (`vae_s1`) autoencoder: L1 + KL (+ spectral angle)."""
+
+    @property
+    def key(self) -> str:
+        return "s2" if self.name == "vae_s2" else "s1"
+
+    def model_fn(self):
+        return functools.partial(build.autoencoder, self.config.model, self.name, self.config.dtype,
+                                 self.config.seed)
+
+    def loss_fn(self):
+        cfg = train_lib.VaeLossConfig(self.key, self.cfg.kl_weight, self.cfg.sam_weight)
+        return functools.partial(train_lib.vae_loss, cfg=cfg)
+
+    def preview(self, model, batch, frozen, step):
+        recon = np.asarray(_vae_roundtrip(*nnx.split(model), jnp.asarray(batch[self.key])))
+        recon = np.clip(contract.from_model(recon), 0, 1)
+        rgb = rgb_indices(self.config)
+        show = (lambda x: vis.s2_rgb(x, rgb)) if self.key == "s2" else vis.sar_rgb
+        return [[show(batch[self.key][i]), show(recon[i])] for i in range(len(recon))], ["input", "reconstruction"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vae_roundtrip(graphdef, state, x):
+    """decode(encode(x)) of an autoencoder split into (graphdef, state): compiled once per stage, not per
+    preview (a closure over the module would embed its weights and compile anew each time)."""
+    vae = nnx.merge(graphdef, state)
+    return vae.decode(vae.encode(contract.to_model(x)))
+
+
+class _SamplingStage(TrainedStage):
+    """Shared by the stages whose previews sample the cloud-free image (flow, refiner)."""
+
+    def sample(self, nets: dict, batch: dict, step: int, output: str) -> np.ndarray:
+        f = self.config.flow
+        mean, _ = sampling.predict_batch(
+            **nets, batch={k: jnp.asarray(v) for k, v in batch.items()}, rng=jax.random.key(step),
+            steps=f.sample_steps, guidance_scale=f.guidance_scale, spec=rf.FlowSpec.from_config(f), output=output,
+        )
+        return np.asarray(mean)
+
+    def panels(self, batch: dict, outputs: dict):
+        rgb = rgb_indices(self.config)
+        rows = [[vis.s2_rgb(batch["s2_cloudy"][i], rgb), vis.sar_rgb(batch["s1"][i])]
+                + [vis.s2_rgb(p[i], rgb) for p in outputs.values()] + [vis.s2_rgb(batch["s2"][i], rgb)]
+                for i in range(len(batch["s2"]))]
+        return rows, ["cloudy", "SAR", *outputs, "target"]
+
+
+class FlowStage(_SamplingStage):
+    """The rectified-flow transformer on the frozen VAEs' latents (optionally cached once)."""
+
+    def model_fn(self):
+        c = self.config
+        return functools.partial(build.cloud_removal_flux, c.model, c.dtype, c.remat_policy, c.seed)
+
+    def loss_fn(self):
+        return functools.partial(train_lib.flow_loss, cfg=train_lib.FlowLossConfig.from_config(self.cfg))
+
+    def frozen(self, mesh):
+        return jax.device_put(sampling.Networks.of_vaes(*trained_vaes(self.config, self.workdir)),
+                              parallel.replicated(mesh))
+
+    def input(self, batch_size, frozen=None):
+        data, _ = super().input(batch_size)
+        if not self.cfg.cache_latents:
+            return data, None
+        from crrf_jax import latent_cache  # encode the training set once; train on latents
+
+        cache = latent_cache.build(
+            rundir.latent_cache_dir(self.workdir),
+            make_input(self.config, "train", batch_size, seed=self.config.seed, train=False), frozen,
+        )
+        latents = latent_cache.iterator(cache, batch_size=batch_size, crop_size=self.config.data.crop_size,
+                                        seed=self.config.seed + self.index)
+        return latents, data  # pixel batches for the preview pictures
+
+    def preview(self, model, batch, frozen, step):
+        nets = dict(flow_model=model, vae_s2=frozen.vae_s2(), vae_s1=frozen.vae_s1(), refiner=None)
+        return self.panels(batch, {"flow": self.sample(nets, batch, step, "flow")})
+
+    def flops(self, compiled):
+        """The transformer analytically: XLA's count of the step counts the scanned blocks' body once. Model
+        FLOPs, without the frozen VAE encoders."""
+        c = self.config
+        n = (c.data.crop_size // 16) ** 2  # tokens per stream: latent = crop / 8, 2x2 patches
+        per_sample = train_lib.flux_train_flops(c.model.flux, n_img=2 * n, n_txt=n)
+        return per_sample * c.flow.batch_size / jax.device_count()
+
+
+class RefinerStage(_SamplingStage):
+    """The pixel-space refiner on the frozen flow's sampled predictions (or the cloudy VAE round trip)."""
+
+    def model_fn(self):
+        return functools.partial(build.refiner, self.config.model, self.config.dtype, self.config.seed)
+
+    def loss_fn(self):
+        return functools.partial(train_lib.refiner_loss, cfg=train_lib.RefinerLossConfig.from_config(self.config))
+
+    def frozen(self, mesh):
+        c = self.config
+        flow = rundir.load_final(rundir.stage_path(self.workdir, "flow"),
+                                 build.cloud_removal_flux(c.model, c.dtype, c.remat_policy))
+        nets = sampling.Networks.of(flow, *trained_vaes(c, self.workdir))
+        return jax.device_put(nets, parallel.replicated(mesh))
+
+    def preview(self, model, batch, frozen, step):
+        nets = dict(flow_model=frozen.flow(), vae_s2=frozen.vae_s2(), vae_s1=frozen.vae_s1(), refiner=model)
+        outputs = {"flow": self.sample(nets, batch, step, "flow"), "refined": self.sample(nets, batch, step, "final")}
+        return self.panels(batch, outputs)
+
+
+TRAINED = {"vae_s2": AutoencoderStage, "vae_s1": AutoencoderStage, "flow": FlowStage, "refiner": RefinerStage}
+
+
+def make_stage(name: str, config, workdir: str) -> TrainedStage:
+    return TRAINED[name](name, config, workdir)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Latent statistics and the trained autoencoders
+# --------------------------------------------------------------------------------------------------------------
+
+
+def trained_vaes(config, workdir: str) -> list:
+    """The trained (S2, S1) autoencoders with their measured latent statistics."""
+    stats = rundir.read_latent_stats(workdir)
+    vaes = []
+    for stage in C.AUTOENCODER_STAGES:
+        vae = rundir.load_final(rundir.stage_path(workdir, stage),
+                                build.autoencoder(config.model, stage, config.dtype))
+        vae.set_latent_stats(stats[stage]["scale_factor"], stats[stage]["shift_factor"])
+        vaes.append(vae)
+    return vaes
+
+
+def measure_latent_stats(config, workdir: str, mesh, progress) -> dict:
+    """Scale and shift of each autoencoder's latents measured on training data (written once, then read)."""
+    path = rundir.latent_stats_path(workdir)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    vaes = {stage: rundir.load_final(rundir.stage_path(workdir, stage),
+                                     build.autoencoder(config.model, stage, config.dtype))
+            for stage in C.AUTOENCODER_STAGES}
+    cfg = config.latent_stats
+    data = make_input(config, "train", per_process_batch(cfg.batch_size, mesh), seed=config.seed)
+    moments = {stage: train_lib.LatentMoments() for stage in vaes}
+
+    @jax.jit
+    def posterior_means(batch):
+        return {stage: vae.encode_posterior(contract.to_model(batch[key])).mean
+                for (stage, vae), key in zip(vaes.items(), ("s2", "s1"), strict=True)}
+
+    for _ in progress("latent_stats", cfg.batches):
+        local = next(data)
+        for stage, z in posterior_means({k: jnp.asarray(local[k]) for k in ("s2", "s1")}).items():
+            moments[stage].update(z)
+    stats = {}
+    for stage, m in moments.items():
+        scale, shift = m.scale_shift()
+        stats[stage] = {"scale_factor": scale, "shift_factor": shift, "values": m.n}
+    log.info("latent statistics: %s", stats)
+    rundir.write_latent_stats(workdir, stats)
+    return stats

@@ -1,0 +1,309 @@
+"""The stage loop: input, shard, step, checkpoint, log; and the run around it (data, stages, the demo's tail).
+
+`run(config, workdir)` is what train.py calls. Each stage of `crrf_jax.stages` is trained by `train_stage`:
+a per-process grain iterator turned into global arrays, a train state created directly in its shardings, one
+jitted step with explicit shardings and donated buffers, Orbax checkpoints that resume exactly (model,
+optimizer, EMA, data iterator), TensorBoard scalars, a metrics.jsonl trace, preview PNGs and a progress bar.
+SIGTERM (preemption) saves a checkpoint and raises `Preempted`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+
+from crrf_jax import checkpoint, parallel, rundir, stages, train_lib
+from crrf_jax import config as C
+from crrf_jax import visualize as vis
+
+log = logging.getLogger("crrf_jax.train")
+
+PREVIEW_ROWS = 4
+
+
+class Preempted(Exception):
+    """Raised after SIGTERM once the checkpoint is saved."""
+
+
+def run(config, workdir: str) -> None:
+    """The whole job (or the configured stage): demo data, stages, and the demo's evaluation tail."""
+    C.validate(config)
+    maybe_initialize_distributed(config)
+    mesh = parallel.make_mesh(config.mesh.to_dict())
+    log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
+    os.makedirs(workdir, exist_ok=True)
+    prepare_data(config, workdir)
+    rundir.save_run_config(config, workdir)
+    stop = install_sigterm_handler()
+    for name in C.stages_to_run(config):
+        if name == "latent_stats":
+            stages.measure_latent_stats(config, workdir, mesh, progress_range)
+        else:
+            train_stage(stages.make_stage(name, config, workdir), mesh, stop)
+    if config.get("demo") and not config.stage:
+        from crrf_jax import demo
+
+        demo.finish(config, workdir)
+
+
+def maybe_initialize_distributed(config) -> None:
+    """jax.distributed.initialize() when config.distributed or JAX_COORDINATOR_ADDRESS is set.
+
+    The coordinator address, process count and process id come from JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID where set (GPU clusters, CPU tests); on TPU pods and SLURM JAX finds
+    them itself. CPU processes talk through gloo collectives.
+    """
+    if not (config.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        if os.environ.get(env):
+            try:
+                kwargs[key] = int(os.environ[env])
+            except ValueError:
+                raise ValueError(f"{env}={os.environ[env]!r} in the environment is not an integer") from None
+    jax.distributed.initialize(os.environ.get("JAX_COORDINATOR_ADDRESS") or None, **kwargs)
+
+
+def prepare_data(config, workdir: str) -> None:
+    """Resolves the data root; the demo writes synthetic scenes; missing cloud probabilities are computed."""
+    from crrf_jax.data import cloudprob, sen12mscr, synthetic
+
+    if config.get("demo") and not config.data.root:
+        config.data.root = os.path.join(workdir, "data")
+        if jax.process_index() == 0 and not _has_triplets(config.data.root):
+            log.info("writing %d synthetic scenes to %s", config.data.synthetic_scenes, config.data.root)
+            synthetic.write_synthetic_dataset(
+                config.data.root, n_scenes=config.data.synthetic_scenes, size=config.data.synthetic_size, seed=0
+            )
+    if config.data.source == "geotiff":
+        triplets = sen12mscr.find_triplets(config.data.root, "all", config.data.protocol)  # clear error if empty
+        if config.data.compute_cloud_prob and jax.process_index() == 0:
+            cloudprob.compute_cloud_probs(config.data.root, triplets, workers=max(1, config.data.worker_count))
+    rundir.sync("data-ready")
+
+
+def _has_triplets(root: str) -> bool:
+    from crrf_jax.data import sen12mscr
+
+    try:
+        return bool(sen12mscr.find_triplets(root, "all"))
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One stage
+# --------------------------------------------------------------------------------------------------------------
+
+
+def train_stage(stage: stages.TrainedStage, mesh, stop) -> None:
+    """Trains `stage` to its configured steps (resuming from its newest checkpoint), then writes its final
+    EMA weights for the next stages and the export."""
+    stage_dir = rundir.stage_path(stage.workdir, stage.name)
+    if rundir.stage_finished(stage_dir):
+        log.info("%s: already finished (%s/final)", stage.name, stage_dir)
+        return
+    cfg = stage.cfg
+    # --- Input and frozen networks; model, loss and optimizer.
+    frozen = stage.frozen(mesh)
+    data, preview_source = stage.input(stages.per_process_batch(cfg.batch_size, mesh), frozen)
+    tx = train_lib.make_optimizer(cfg)
+    # --- Shard: the train state is created directly in its shardings.
+    state = train_lib.init_train_state(stage.model_fn(), tx, mesh)
+    state_shardings = train_lib.train_state_shardings(state, tx, mesh)
+    log.info("%s: %s trainable parameters", stage.name, f"{_count(state.params):,}")
+    # --- Checkpoint: resume from the newest restorable checkpoint (model and data iterator).
+    ckpt = checkpoint.StageCheckpointer(os.path.join(stage_dir, "checkpoints"), keep=cfg.keep_checkpoints)
+    restored = ckpt.restore(state, data)
+    start = 0
+    if restored is not None:
+        state, start = restored
+        log.info("%s: resumed from step %d", stage.name, start)
+    # --- Step: one jit with explicit shardings; the state buffers are donated.
+    step_fn = functools.partial(train_lib.train_step, loss_fn=stage.loss_fn(), tx=tx, ema_decay=cfg.ema_decay)
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen) if frozen is not None else None
+    loop = _Loop(stage, mesh, stage_dir, start)
+    try:
+        state = loop.run(state, data, preview_source, frozen, ckpt, stop,
+                         lambda batch_shardings: train_lib.compile_step(
+                             step_fn, state_shardings, batch_shardings, frozen_shardings, mesh))
+    finally:
+        loop.close()
+        ckpt.close()
+    rundir.save_final(stage_dir, state)
+
+
+class _Loop:
+    """The steps of one stage, with what it logs: trace, TensorBoard, progress bar, previews."""
+
+    def __init__(self, stage, mesh, stage_dir: str, start: int):
+        self.stage, self.mesh, self.stage_dir, self.start = stage, mesh, stage_dir, start
+        self.trace = MetricsTrace(os.path.join(stage_dir, "metrics.jsonl"), start)
+        self.writer = _summary_writer(os.path.join(stage_dir, "tb"))
+        self.schedule = train_lib.lr_schedule(stage.cfg)
+        self.bar = progress_bar(stage.name, stage.cfg.steps, start)
+        self.flops = None
+
+    def run(self, state, data, preview_source, frozen, ckpt, stop, jit_step):
+        cfg = self.stage.cfg
+        base_rng = jax.random.key(self.stage.config.seed + 1000 * self.stage.index)
+        batch_shardings = compiled = preview = None
+        t_last, since = time.perf_counter(), 0
+        for step in range(self.start, cfg.steps):
+            local = next(data)
+            if compiled is None:
+                batch_shardings = {k: parallel.batch_sharding(self.mesh, np.ndim(v)) for k, v in _arrays(local).items()}
+                batch = _global_batch(local, batch_shardings)
+                compiled = jit_step(batch_shardings).lower(state, batch, base_rng, frozen).compile()
+                self.flops = self.stage.flops(compiled)
+                preview = _host_rows(batch if preview_source is None else _arrays(next(preview_source)))
+            else:
+                batch = _global_batch(local, batch_shardings)
+            state, metrics = compiled(state, batch, jax.random.fold_in(base_rng, step), frozen)
+            done, since = step + 1, since + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                train_lib.check_finite(state.opt_state, cfg.max_bad_steps)
+                dt, t_last = (time.perf_counter() - t_last) / since, time.perf_counter()
+                self.log(done, step, jax.device_get(metrics), dt)
+                since = 0
+            if cfg.preview_every and (done % cfg.preview_every == 0 or done == cfg.steps):
+                self.write_preview(state, preview, frozen, done)
+            stopping = stop()
+            if stopping or done % cfg.checkpoint_every == 0 or done == cfg.steps:  # each step saved once
+                ckpt.save(done, state, data, force=True)
+            self.bar.update(1)
+            if stopping:
+                raise Preempted
+        return state
+
+    def log(self, done: int, step: int, metrics: dict, dt: float) -> None:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics.update(lr=float(self.schedule(step)), step_time_s=dt, samples_per_s=self.stage.cfg.batch_size / dt)
+        mfu = _mfu(self.flops, dt, self.stage.config.peak_tflops)
+        if mfu is not None:
+            metrics["mfu"] = mfu
+        self.trace.write(done, metrics)
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"train/{k}", v, done)
+            self.writer.flush()
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+
+    def write_preview(self, state, batch: dict, frozen, step: int) -> None:
+        """A PNG grid (and TensorBoard image) of the preview images: inputs, outputs and target."""
+        rows, cols = self.stage.preview(state.model(use_ema=True), batch, frozen, step)
+        image = vis.grid(rows, col_labels=cols)
+        if jax.process_index() == 0:
+            vis.save_png(image, os.path.join(self.stage_dir, "previews", f"{step:07d}.png"))
+            if self.writer is not None:
+                self.writer.add_image(f"{self.stage.name}/preview", image, step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _host_rows(batch: dict) -> dict[str, np.ndarray]:
+    """The first PREVIEW_ROWS images of a (global or host) batch, on the host."""
+    return {k: np.asarray(jax.device_get(v))[:PREVIEW_ROWS] for k, v in batch.items()}
+
+
+def _arrays(batch: dict) -> dict[str, np.ndarray]:
+    """The numeric entries of a batch (ids and other strings stay on the host)."""
+    return {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype.kind in "fiub"}
+
+
+def _global_batch(local: dict, shardings: dict) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in _arrays(local).items()}
+
+
+def _count(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MetricsTrace:
+    """metrics.jsonl of one stage; on resume, entries past the restored step are dropped."""
+
+    def __init__(self, path: str, start_step: int):
+        self.path = path
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        kept = []
+        if os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def _summary_writer(path: str):
+    if jax.process_index() != 0:
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(path)
+
+
+def progress_bar(stage: str, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=stage, disable=jax.process_index() != 0, dynamic_ncols=True,
+                smoothing=0.1)
+
+
+def progress_range(desc: str, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(range(total), desc=desc, disable=jax.process_index() != 0, dynamic_ncols=True)
+
+
+# Dense bf16 peak TFLOP/s per device by jax device_kind substring.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "v5p": 459.0, "v5 lite": 197.0,
+               "v5e": 197.0, "v4": 275.0, "v6": 918.0}
+
+
+def _mfu(flops: float | None, step_time: float, peak_tflops: float) -> float | None:
+    """Model FLOPs utilisation from the FLOPs of one step per device and the peak of one device."""
+    if not flops:
+        return None
+    peak = peak_tflops
+    if not peak:
+        kind = jax.devices()[0].device_kind
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k.lower() in kind.lower()), 0.0)
+    if not peak:
+        return None
+    return flops / step_time / (peak * 1e12)
+
+
+def install_sigterm_handler():
+    """SIGTERM sets a flag the loop checks after each step (save, then exit 0); returns the flag's reader."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        del signum, frame
+        flag["stop"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: flag["stop"]
