@@ -165,7 +165,7 @@ class _Loop:
                 batch = _global_batch(local, batch_shardings)
                 compiled = jit_step(batch_shardings).lower(state, batch, base_rng, frozen).compile()
                 self.flops = self.stage.flops(compiled)
-                preview = _host_rows(batch if preview_source is None else _arrays(next(preview_source)))
+                preview = _host_rows(local if preview_source is None else next(preview_source))
             else:
                 batch = _global_batch(local, batch_shardings)
             state, metrics = compiled(state, batch, jax.random.fold_in(base_rng, step), frozen)
@@ -213,9 +213,10 @@ class _Loop:
             self.writer.close()
 
 
-def _host_rows(batch: dict) -> dict[str, np.ndarray]:
-    """The first PREVIEW_ROWS images of a (global or host) batch, on the host."""
-    return {k: np.asarray(jax.device_get(v))[:PREVIEW_ROWS] for k, v in batch.items()}
+def _host_rows(local: dict) -> dict[str, np.ndarray]:
+    """The first PREVIEW_ROWS images of this process's part of a batch (host arrays: nothing is gathered
+    across processes)."""
+    return {k: v[:PREVIEW_ROWS] for k, v in _arrays(local).items()}
 
 
 def _arrays(batch: dict) -> dict[str, np.ndarray]:

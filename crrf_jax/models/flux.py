@@ -3,7 +3,7 @@
 `Flux` has BFL's parameters and call semantics (black-forest-labs/flux `src/flux/model.py`); its double and
 single blocks are each one stacked module (leading 'layers' axis, built with nnx.vmap) run by nnx.scan, so
 compile time does not grow with depth. `CloudRemovalFlux` turns latents, SAR and the cloud-probability map
-into Flux's image and context streams (DESIGN section 4).
+into Flux's image and context streams (docs/ARCHITECTURE.md, "Models").
 """
 
 from __future__ import annotations
