@@ -48,6 +48,16 @@ def _check(cloudy: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return cloudy, mask
 
 
+def _fill(cloudy: np.ndarray, mask: np.ndarray, values) -> np.ndarray:
+    """`cloudy` with its masked pixels set to `values(cloudy, mask)` (the fill of those pixels, or one value
+    per band); unchanged when the image has no masked or no clear pixel."""
+    cloudy, mask = _check(cloudy, mask)
+    out = cloudy.copy()
+    if mask.any() and (~mask).any():
+        out[mask] = np.asarray(values(cloudy, mask)).astype(cloudy.dtype)
+    return out
+
+
 def mean_fill(cloudy: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Cloudy pixels replaced by the per-band mean of the image's clear pixels.
 
@@ -58,12 +68,7 @@ def mean_fill(cloudy: np.ndarray, mask: np.ndarray) -> np.ndarray:
       (H, W, C), the dtype of `cloudy`: clear pixels bit-identical to `cloudy`; the cloudy image unchanged
       when no pixel is clear.
     """
-    cloudy, mask = _check(cloudy, mask)
-    out = cloudy.copy()
-    clear = ~mask
-    if clear.any() and mask.any():
-        out[mask] = cloudy[clear].mean(axis=0, dtype=np.float64).astype(cloudy.dtype)
-    return out
+    return _fill(cloudy, mask, lambda image, m: image[~m].mean(axis=0, dtype=np.float64))
 
 
 def biharmonic_fill(cloudy: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -78,12 +83,7 @@ def biharmonic_fill(cloudy: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """
     from skimage.restoration import inpaint_biharmonic
 
-    cloudy, mask = _check(cloudy, mask)
-    out = cloudy.copy()
-    if (~mask).any() and mask.any():
-        filled = inpaint_biharmonic(cloudy, mask, channel_axis=-1)
-        out[mask] = np.clip(filled[mask], 0.0, 1.0).astype(cloudy.dtype)
-    return out
+    return _fill(cloudy, mask, lambda image, m: np.clip(inpaint_biharmonic(image, m, channel_axis=-1)[m], 0, 1))
 
 
 REFERENCES: dict[str, Reference] = {"mean_fill": mean_fill, "biharmonic": biharmonic_fill}
