@@ -21,24 +21,25 @@ def finish(config, workdir: str) -> dict:
 
     if jax.process_index() != 0:
         return {}
-    bundle = export.export_bundle(workdir, os.path.join(workdir, "bundle"), overwrite=True)
+    bundle = export.export_bundle(workdir, rundir.bundle_dir(workdir), overwrite=True)
     remover = CloudRemover.from_bundle(bundle)
     result = evaluation.evaluate(
         remover, root=config.data.root, out=rundir.eval_dir(workdir, "test"), split="test",
         protocol=config.data.protocol, steps=config.flow.sample_steps, batch_size=config.eval.batch_size,
         num_samples=config.eval.num_samples, cloud_threshold=config.eval.cloud_threshold,
     )
-    scene = synthetic.write_synthetic_scene(os.path.join(workdir, "scene"), *SCENE_SIZE, seed=123)
-    prediction = os.path.join(workdir, "scene", "prediction.tif")
-    uncertainty = os.path.join(workdir, "scene", "uncertainty.tif")
+    scene = synthetic.write_synthetic_scene(rundir.scene_dir(workdir), *SCENE_SIZE, seed=123)
+    prediction = os.path.join(rundir.scene_dir(workdir), "prediction.tif")
+    uncertainty = os.path.join(rundir.scene_dir(workdir), "uncertainty.tif")
     predict_scene(remover, scene["s2_cloudy"], s1_path=scene["s1"], out_path=prediction,
                   uncertainty_path=uncertainty, steps=config.flow.sample_steps, num_samples=2)
-    preview = _scene_preview(scene, prediction, remover.band_indices, os.path.join(workdir, "scene", "scene.png"))
+    preview = _scene_preview(scene, prediction, remover.band_indices,
+                             os.path.join(rundir.scene_dir(workdir), "scene.png"))
     print("\n" + evaluation.format_table(result))
     print(
         f"\nbundle:        {bundle}\n"
-        f"metrics:       {workdir}/eval_test/metrics.json, per_image.csv\n"
-        f"pictures:      {workdir}/eval_test/examples_{{best,median,worst}}.png, {preview}\n"
+        f"metrics:       {rundir.eval_dir(workdir, 'test')}/metrics.json, per_image.csv\n"
+        f"pictures:      {rundir.eval_dir(workdir, 'test')}/examples_{{best,median,worst}}.png, {preview}\n"
         f"scene:         {prediction} (uncertainty: {uncertainty})\n"
         f"training logs: tensorboard --logdir {workdir}"
     )

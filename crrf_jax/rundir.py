@@ -5,10 +5,12 @@
                                                refiner, each with
         final/weights                          its EMA weights and non-trainable state {"ema", "rest"} (Orbax)
         final/DONE                             written last, holds the final step (`save_final`)
-        checkpoints/ metrics.jsonl tb/ previews/   resumable state and logs (train.py)
+        checkpoints/ metrics.jsonl tb/ previews/   resumable state and logs (`checkpoints_dir`,
+                                               `metrics_path`, `tensorboard_dir`, `preview_path`)
     <workdir>/latent_stats/latent_stats.json   latent scale and shift of each VAE (`latent_stats_path`)
     <workdir>/flow/latents/p<process>/         the flow stage's latent cache (`latent_cache_dir`)
     <workdir>/eval_<split>/                    evaluation outputs (`eval_dir`; also beside a bundle)
+    <workdir>/data/ bundle/ scene/             the demo's synthetic data, bundle and scene prediction
 
 `read_workdir` reads a finished run into crrf_jax.bundle.ModelParts, the form the export and
 `CloudRemover.from_workdir` take it in. Problems are reported as bundle.BundleError naming the file.
@@ -39,6 +41,37 @@ def run_config_path(workdir: str | os.PathLike) -> str:
 
 def stage_path(workdir: str | os.PathLike, stage: str) -> str:
     return os.path.join(workdir, stage)
+
+
+def checkpoints_dir(stage_dir: str | os.PathLike) -> str:
+    return os.path.join(stage_dir, "checkpoints")
+
+
+def metrics_path(stage_dir: str | os.PathLike) -> str:
+    return os.path.join(stage_dir, "metrics.jsonl")
+
+
+def tensorboard_dir(stage_dir: str | os.PathLike) -> str:
+    return os.path.join(stage_dir, "tb")
+
+
+def preview_path(stage_dir: str | os.PathLike, step: int) -> str:
+    return os.path.join(stage_dir, "previews", f"{step:07d}.png")
+
+
+def demo_data_dir(workdir: str | os.PathLike) -> str:
+    """Where the demo writes its synthetic SEN12MS-CR scenes (when config.data.root is empty)."""
+    return os.path.join(workdir, "data")
+
+
+def bundle_dir(workdir: str | os.PathLike) -> str:
+    """Where the demo exports its bundle."""
+    return os.path.join(workdir, "bundle")
+
+
+def scene_dir(workdir: str | os.PathLike) -> str:
+    """The demo's tiled scene prediction (s1/s2/s2_cloudy, prediction, uncertainty, scene.png)."""
+    return os.path.join(workdir, "scene")
 
 
 def latent_stats_path(workdir: str | os.PathLike) -> str:

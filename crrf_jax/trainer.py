@@ -78,7 +78,7 @@ def prepare_data(config, workdir: str) -> None:
     from crrf_jax.data import cloudprob, sen12mscr, synthetic
 
     if config.get("demo") and not config.data.root:
-        config.data.root = os.path.join(workdir, "data")
+        config.data.root = rundir.demo_data_dir(workdir)
         if jax.process_index() == 0 and not _has_triplets(config.data.root):
             log.info("writing %d synthetic scenes to %s", config.data.synthetic_scenes, config.data.root)
             synthetic.write_synthetic_dataset(
@@ -122,7 +122,7 @@ def train_stage(stage: stages.TrainedStage, mesh, stop) -> None:
     state_shardings = train_lib.train_state_shardings(state, tx, mesh)
     log.info("%s: %s trainable parameters", stage.name, f"{_count(state.params):,}")
     # --- Checkpoint: resume from the newest restorable checkpoint (model and data iterator).
-    ckpt = checkpoint.StageCheckpointer(os.path.join(stage_dir, "checkpoints"), keep=cfg.keep_checkpoints)
+    ckpt = checkpoint.StageCheckpointer(rundir.checkpoints_dir(stage_dir), keep=cfg.keep_checkpoints)
     restored = ckpt.restore(state, data)
     start = 0
     if restored is not None:
@@ -147,8 +147,8 @@ class _Loop:
 
     def __init__(self, stage, mesh, stage_dir: str, start: int):
         self.stage, self.mesh, self.stage_dir, self.start = stage, mesh, stage_dir, start
-        self.trace = MetricsTrace(os.path.join(stage_dir, "metrics.jsonl"), start)
-        self.writer = _summary_writer(os.path.join(stage_dir, "tb"))
+        self.trace = MetricsTrace(rundir.metrics_path(stage_dir), start)
+        self.writer = _summary_writer(rundir.tensorboard_dir(stage_dir))
         self.schedule = train_lib.lr_schedule(stage.cfg)
         self.bar = progress_bar(stage.name, stage.cfg.steps, start)
         self.flops = None
@@ -203,7 +203,7 @@ class _Loop:
         rows, cols = self.stage.preview(state.model(use_ema=True), batch, frozen, step)
         image = vis.grid(rows, col_labels=cols)
         if jax.process_index() == 0:
-            vis.save_png(image, os.path.join(self.stage_dir, "previews", f"{step:07d}.png"))
+            vis.save_png(image, rundir.preview_path(self.stage_dir, step))
             if self.writer is not None:
                 self.writer.add_image(f"{self.stage.name}/preview", image, step, dataformats="HWC")
 
