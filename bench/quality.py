@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -52,10 +51,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import report  # noqa: E402 (bench/report.py, beside this script)
 
-from crrf_jax import bundle, evaluation, rundir  # noqa: E402
+from crrf_jax import bundle, evaluation, rundir, sampling  # noqa: E402
 from crrf_jax import metrics as M  # noqa: E402
 from crrf_jax import references as R  # noqa: E402
-from crrf_jax.data import cloudprob, contract, pipeline, sen12mscr, synthetic  # noqa: E402
+from crrf_jax.data import cloudprob, pipeline, sen12mscr, synthetic  # noqa: E402
 
 REAL_SAMPLE = REPO.parent / "shared" / "data" / "sen12mscr_sample"
 LEARNING_FREE = ("cloudy_input", *R.REFERENCES)
@@ -196,14 +195,6 @@ def sar_regression_reference(regression: SarRegression, heldout: Iterator[Mappin
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _roundtrip_fn(graph, state, x):
-    vae = nnx.merge(graph, state)
-    return jnp.clip(contract.from_model(vae.decode(vae.encode(contract.to_model(x)))), 0.0, 1.0)
-
-
-_roundtrip_jit = jax.jit(_roundtrip_fn, static_argnums=0)
-
-
 def vae_roundtrip(vae, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
     """decode(encode(x)) of an NNX AutoEncoder (latent statistics included) on (N, H, W, C) reflectance on
     [0, 1] -> (N, H, W, C) float32 clipped to [0, 1].
@@ -225,7 +216,8 @@ def vae_roundtrip(vae, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
         fill = batch_size - len(chunk)
         if fill:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fill, axis=0)])
-        out.append(np.asarray(_roundtrip_jit(graph, state, jnp.asarray(chunk)))[:batch_size - fill])
+        roundtrip = sampling.vae_roundtrip_jit(graph, state, jnp.asarray(chunk))
+        out.append(np.clip(np.asarray(roundtrip), 0.0, 1.0)[:batch_size - fill])
     return np.concatenate(out)[:, :h, :w].astype(np.float32)
 
 

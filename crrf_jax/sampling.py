@@ -13,6 +13,8 @@ Tiling whole scenes is crrf_jax.tiling's job, loading a model crrf_jax.inference
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -142,6 +144,19 @@ def sample_patches(
     schedule = spec.schedule(steps, (h // 2) * (w // 2))
     return rf.ensemble_sample(velocity, keys[0], (b, h, w, z), schedule, num_samples, decode_fn=decode,
                               noise_fn=start)
+
+
+def vae_roundtrip(vae, pixels: jax.Array) -> jax.Array:
+    """decode(encode(x)) of an autoencoder on images (B, H, W, C) in [0, 1] -> float32 in about [0, 1] (not
+    clipped): the latent ceiling, the refiner's flow-free input, the autoencoder stages' previews."""
+    return contract.from_model(vae.decode(vae.encode(contract.to_model(pixels))).astype(jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def vae_roundtrip_jit(graphdef, state, pixels: jax.Array) -> jax.Array:
+    """`vae_roundtrip` of an autoencoder split into (graphdef, state): compiled once per model and shape (a
+    closure over the module would embed its weights and compile anew each call)."""
+    return vae_roundtrip(nnx.merge(graphdef, state), pixels)
 
 
 def _velocity_fn(flow_model, cloudy, sar, cloud_prob, guidance_scale: float, drop_cloudy: bool, drop_sar):

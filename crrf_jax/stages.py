@@ -16,7 +16,6 @@ autoencoders' latent scale and shift on training data.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 
@@ -128,19 +127,11 @@ class AutoencoderStage(TrainedStage):
         return functools.partial(train_lib.vae_loss, cfg=cfg)
 
     def preview(self, model, batch, frozen, step):
-        recon = np.asarray(_vae_roundtrip(*nnx.split(model), jnp.asarray(batch[self.key])))
-        recon = np.clip(contract.from_model(recon), 0, 1)
+        recon = sampling.vae_roundtrip_jit(*nnx.split(model), jnp.asarray(batch[self.key]))
+        recon = np.clip(np.asarray(recon), 0, 1)
         rgb = rgb_indices(self.config)
         show = (lambda x: vis.s2_rgb(x, rgb)) if self.key == "s2" else vis.sar_rgb
         return [[show(batch[self.key][i]), show(recon[i])] for i in range(len(recon))], ["input", "reconstruction"]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _vae_roundtrip(graphdef, state, x):
-    """decode(encode(x)) of an autoencoder split into (graphdef, state): compiled once per stage, not per
-    preview (a closure over the module would embed its weights and compile anew each time)."""
-    vae = nnx.merge(graphdef, state)
-    return vae.decode(vae.encode(contract.to_model(x)))
 
 
 class _SamplingStage(TrainedStage):
@@ -251,10 +242,8 @@ def trained_vaes(config, workdir: str) -> list:
 
 def measure_latent_stats(config, workdir: str, mesh, progress) -> dict:
     """Scale and shift of each autoencoder's latents measured on training data (written once, then read)."""
-    path = rundir.latent_stats_path(workdir)
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+    if os.path.exists(rundir.latent_stats_path(workdir)):
+        return rundir.read_latent_stats(workdir)
     vaes = {stage: rundir.load_final(rundir.stage_path(workdir, stage),
                                      build.autoencoder(config.model, stage, config.dtype))
             for stage in C.AUTOENCODER_STAGES}

@@ -290,9 +290,7 @@ class RefinerLossConfig:
 def refiner_input(nets, batch: Batch, rng: jax.Array, drop_sar: jax.Array, cfg: RefinerLossConfig) -> jax.Array:
     """What the refiner restores, (B, H, W, C) in [0, 1], without gradients: a flow sample or a round trip."""
     if cfg.input == "roundtrip":
-        vae = nets.vae_s2()
-        roundtrip = vae.decode(vae.encode(contract.to_model(batch["s2_cloudy"])))
-        pred = contract.from_model(roundtrip.astype(jnp.float32))
+        pred = sampling.vae_roundtrip(nets.vae_s2(), batch["s2_cloudy"])
     elif cfg.input == "flow":
         keys = jax.random.split(rng, batch["s2_cloudy"].shape[0])
         pred, _ = sampling.sample_patches(
