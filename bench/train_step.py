@@ -131,7 +131,8 @@ def bench_jax(variant: str, size: int, batch: int, steps: int, dtype: str, remat
     model_fn = functools.partial(build.cloud_removal_flux, config.model, dtype, remat, 0)
     loss_cfg = train_lib.FlowLossConfig(scfg.t_sampling, scfg.sar_dropout, scfg.cloudy_dropout, True, 0.0)
     loss_fn = functools.partial(train_lib.flow_loss, cfg=loss_cfg)
-    step_fn = functools.partial(train_lib.train_step, loss_fn=loss_fn, tx=tx, ema_decay=scfg.ema_decay)
+    step_fn = functools.partial(train_lib.train_step, loss_fn=loss_fn, tx=tx,
+                                cfg=train_lib.StepConfig.from_config(scfg))
 
     t0 = time.perf_counter()
     state = train_lib.init_train_state(model_fn, tx, mesh)

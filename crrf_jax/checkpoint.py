@@ -85,7 +85,7 @@ class StageCheckpointer:
 def _savable(state) -> dict[str, Any]:
     """The array-valued fields of a TrainState (its graphdef is rebuilt from the config, not saved)."""
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "ema": state.ema,
-            "rest": state.rest}
+            "rest": state.rest, "updates": state.updates, "guard": state.guard}
 
 
 def _abstract(x):

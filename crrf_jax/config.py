@@ -11,6 +11,7 @@ from crrf_jax.data.contract import resolve_bands  # noqa: F401  (configs size th
 # The stages of a run, in order; `config.stage` picks one ("" runs them all).
 STAGES = ("vae_s2", "vae_s1", "latent_stats", "flow", "refiner")
 AUTOENCODER_STAGES = ("vae_s2", "vae_s1")
+TRAINED_STAGES = ("vae_s2", "vae_s1", "flow", "refiner")  # the stages with an optimizer section
 
 
 def has_refiner(model_cfg) -> bool:
@@ -55,6 +56,19 @@ def validate(config) -> None:
         if crop % 16 or crop > config.data.crop_size:
             raise ValueError(f"config.{stage}.crop_size={crop} must be a multiple of 16 and at most "
                              f"config.data.crop_size={config.data.crop_size}")
+    for stage in TRAINED_STAGES:
+        section = config[stage]
+        accum = int(section.get("grad_accum", 1))
+        if accum < 1 or section.batch_size % accum:
+            raise ValueError(f"config.{stage}.grad_accum={accum} must be >= 1 and divide "
+                             f"config.{stage}.batch_size={section.batch_size}")
+        if int(section.max_bad_steps) < 1:
+            raise ValueError(f"config.{stage}.max_bad_steps={section.max_bad_steps} must be >= 1")
+    if config.flow.cache_latents and config.flow.pixel_loss_weight:
+        raise ValueError(
+            "config.flow.cache_latents=True with config.flow.pixel_loss_weight > 0: cached batches hold "
+            "latents, not the pixels the pixel loss compares against; turn one of them off"
+        )
     if config.stage == "refiner" and not has_refiner(config.model):
         raise ValueError("config.stage='refiner' but config.model.refiner.enabled is False")
     rf.FlowSpec.from_config(config.flow)  # a bad flow.source / source_sigma

@@ -56,13 +56,14 @@ def rgb_indices(config) -> tuple[int, int, int]:
     return contract.rgb_channels(config.data.bands)
 
 
-def per_process_batch(global_batch: int, mesh) -> int:
-    """This process's share of a global batch; an error unless it splits evenly over shards and processes."""
+def per_process_batch(global_batch: int, mesh, grad_accum: int = 1) -> int:
+    """This process's share of a global batch; an error unless each of its `grad_accum` micro-batches splits
+    evenly over the data-parallel shards and the processes."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if global_batch % shards or global_batch % jax.process_count():
+    if global_batch % (grad_accum * shards) or global_batch % (grad_accum * jax.process_count()):
         raise ValueError(
-            f"batch_size {global_batch} must divide evenly over the {shards} data-parallel shards and "
-            f"{jax.process_count()} processes"
+            f"batch_size {global_batch} must divide evenly into grad_accum={grad_accum} micro-batches over "
+            f"the {shards} data-parallel shards and {jax.process_count()} processes"
         )
     return global_batch // jax.process_count()
 

@@ -34,8 +34,24 @@ Batch = dict[str, jax.Array]
 
 
 @struct.dataclass
+class Guard:
+    """The non-finite guard's counters, on device: `consecutive` and `total` skipped (non-finite) steps, and
+    `halted_at`, the step count at which `max_bad_steps` consecutive skips stopped training (0 = running)."""
+
+    consecutive: jax.Array
+    total: jax.Array
+    halted_at: jax.Array
+
+    @classmethod
+    def create(cls) -> Guard:
+        zero = jnp.zeros((), jnp.int32)
+        return cls(zero, zero, zero)
+
+
+@struct.dataclass
 class TrainState:
-    """Everything a step changes. `params` are the trainable nnx.Param leaves; `ema` their moving average."""
+    """Everything a step changes. `params` are the trainable nnx.Param leaves; `ema` their moving average;
+    `updates` counts the optimizer updates applied (the schedule's clock)."""
 
     step: jax.Array
     params: nnx.State
@@ -43,6 +59,8 @@ class TrainState:
     ema: nnx.State
     graphdef: nnx.GraphDef = struct.field(pytree_node=False)
     rest: nnx.State = struct.field(default=None)  # non-trainable variables (e.g. latent statistics)
+    updates: jax.Array = struct.field(default=None)
+    guard: Guard = struct.field(default=None)
 
     def model(self, use_ema: bool = False) -> nnx.Module:
         """The module with the current (or EMA) parameters."""
@@ -50,23 +68,21 @@ class TrainState:
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
-    """AdamW on a warmup + cosine schedule, gradient clipping, accumulation, and a non-finite guard.
+    """AdamW on a warmup + cosine schedule (`lr_schedule`) after global-norm gradient clipping.
 
-    cfg fields: lr, warmup_steps, steps, min_lr_ratio, weight_decay, b1, b2, eps, grad_clip, grad_accum,
-    max_bad_steps. A step whose gradients are not finite is skipped by `optax.apply_if_finite`; after
-    `max_bad_steps` consecutive ones the host loop stops with a clear message (`check_finite`).
+    cfg fields: lr, warmup_steps, steps, min_lr_ratio, weight_decay, b1, b2, eps, grad_clip. Gradient
+    accumulation and the non-finite guard are part of the step (`train_step`), so the schedule's clock is the
+    number of applied updates, one per step.
     """
-    schedule = lr_schedule(cfg)
-    tx = optax.chain(
+    return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
-        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.get("eps", 1e-8), weight_decay=cfg.weight_decay),
+        optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.get("eps", 1e-8),
+                    weight_decay=cfg.weight_decay),
     )
-    if cfg.grad_accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
-    return optax.apply_if_finite(tx, max_consecutive_errors=cfg.max_bad_steps)
 
 
 def lr_schedule(cfg) -> optax.Schedule:
+    """Warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio` at `steps` (in optimizer updates)."""
     steps = max(int(cfg.steps), 1)
     warmup = min(int(cfg.warmup_steps), steps - 1) if steps > 1 else 0
     return optax.warmup_cosine_decay_schedule(
@@ -79,7 +95,7 @@ def lr_schedule(cfg) -> optax.Schedule:
 
 
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> TrainState:
-    """Splits `model` into graph, trainable params and the rest, and initialises optimizer and EMA."""
+    """Splits `model` into graph, trainable params and the rest, and initialises optimizer, EMA and guard."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -88,24 +104,25 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> T
         ema=jax.tree.map(jnp.copy, params),
         graphdef=graphdef,
         rest=rest,
+        updates=jnp.zeros((), jnp.int32),
+        guard=Guard.create(),
     )
-
-
-def bad_step_counts(opt_state) -> tuple[int, int]:
-    """(consecutive, total) non-finite steps recorded by the optimizer's `apply_if_finite` guard."""
-    return int(opt_state.notfinite_count), int(opt_state.total_notfinite)
 
 
 class NonFiniteError(RuntimeError):
     pass
 
 
-def check_finite(opt_state, max_bad_steps: int) -> None:
-    """Raises after `max_bad_steps` consecutive skipped (non-finite) steps."""
-    consecutive, total = bad_step_counts(opt_state)
-    if consecutive >= max_bad_steps:
+def check_finite(state: TrainState, max_bad_steps: int) -> None:
+    """Raises once the step's guard has halted training (`max_bad_steps` consecutive non-finite steps).
+
+    One scalar read; the trainer calls it where it syncs anyway (logging, checkpoints). The weights stay as
+    they were before the first of those steps: no non-finite update is ever applied."""
+    halted_at = int(state.guard.halted_at)
+    if halted_at:
         raise NonFiniteError(
-            f"{consecutive} consecutive steps had non-finite loss or gradients ({total} in all); stopping. "
+            f"{max_bad_steps} consecutive steps had non-finite loss or gradients, the last at step {halted_at} "
+            f"({int(state.guard.total)} in all); training stopped there and no non-finite update was applied. "
             "Lower the learning rate, enable gradient clipping, or check the data for NaN/Inf."
         )
 
@@ -117,6 +134,20 @@ def check_finite(opt_state, max_bad_steps: int) -> None:
 LossFn = Callable[[nnx.Module, Batch, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What a step needs besides the loss and the optimizer (one stage's config section)."""
+
+    ema_decay: float = 0.999
+    grad_accum: int = 1  # micro-batches per step: the batch is split, gradients averaged, one update
+    max_bad_steps: int = 10  # consecutive non-finite steps that halt training
+    schedule: optax.Schedule | None = None  # logged as `lr`: the rate of the update this step applied
+
+    @classmethod
+    def from_config(cls, cfg) -> StepConfig:
+        return cls(float(cfg.ema_decay), int(cfg.get("grad_accum", 1)), int(cfg.max_bad_steps), lr_schedule(cfg))
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -125,30 +156,76 @@ def train_step(
     *,
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
-    ema_decay: float,
+    cfg: StepConfig,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step: loss and gradients, update (skipped if non-finite), EMA. Pure."""
+    """One optimizer step: loss and gradients (over `cfg.grad_accum` micro-batches), update, EMA. Pure.
 
-    def objective(params):
-        model = nnx.merge(state.graphdef, params, state.rest)
-        return loss_fn(model, batch, rng, frozen)
-
-    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    The guard runs on device: a step whose loss or gradients are not finite changes nothing but the guard's
+    counters; after `max_bad_steps` consecutive ones the state is frozen (`guard.halted_at`) and every later
+    step is a no-op until the host notices (`check_finite`)."""
+    loss, aux, grads = _gradients(state, batch, rng, frozen, loss_fn, cfg.grad_accum)
+    grad_norm = optax.global_norm(grads)
+    guard = state.guard
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    apply = finite & (guard.halted_at == 0)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    # EMA moves only on applied steps: a skipped (non-finite) step leaves params, and so the EMA, unchanged.
-    applied = jnp.asarray(opt_state.last_finite) & _accumulation_boundary(opt_state)
-    decay = jnp.where(applied, ema_decay, 1.0)
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+    ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * p, state.ema, params)
+    keep = functools.partial(_select, apply)
+    consecutive = jnp.where(finite, 0, guard.consecutive + 1)
+    halt = (guard.halted_at == 0) & (consecutive >= cfg.max_bad_steps) if cfg.max_bad_steps else False
+    guard = Guard(
+        consecutive=jnp.where(guard.halted_at == 0, consecutive, guard.consecutive),
+        total=guard.total + jnp.where(guard.halted_at == 0, (~finite).astype(jnp.int32), 0),
+        halted_at=jnp.where(halt, state.step + 1, guard.halted_at),
+    )
+    metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": (~apply).astype(jnp.float32), **aux}
+    if cfg.schedule is not None:
+        metrics["lr"] = jnp.asarray(cfg.schedule(state.updates), jnp.float32)
+    new = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        ema=keep(ema, state.ema),
+        updates=state.updates + apply.astype(jnp.int32),
+        guard=guard,
+    )
+    return new, metrics
 
 
-def _accumulation_boundary(opt_state) -> jax.Array:
-    inner = opt_state.inner_state
-    if isinstance(inner, optax.MultiStepsState):
-        return inner.mini_step == 0  # just applied the accumulated update
-    return jnp.asarray(True)
+def _select(pred: jax.Array, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def _gradients(state: TrainState, batch: Batch, rng: jax.Array, frozen, loss_fn: LossFn, micro_batches: int):
+    """(loss, aux, grads), averaged over `micro_batches` equal parts of the batch, scanned one after another
+    so only one part's activations are live. Part i takes rows i, i + k, i + 2k, ... (k = micro_batches), so
+    a batch sharded over devices in contiguous blocks gives every device its share of every part."""
+
+    def value_and_grad(micro: Batch, key: jax.Array):
+        def objective(params):
+            return loss_fn(nnx.merge(state.graphdef, params, state.rest), micro, key, frozen)
+
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        return loss, aux, grads
+
+    if micro_batches == 1:
+        return value_and_grad(batch, rng)
+    rows = {k: v.shape[0] for k, v in batch.items()}
+    if any(n % micro_batches for n in rows.values()):
+        raise ValueError(f"batch rows {rows} do not split into grad_accum={micro_batches} equal micro-batches")
+    parts = {k: jnp.swapaxes(v.reshape(v.shape[0] // micro_batches, micro_batches, *v.shape[1:]), 0, 1)
+             for k, v in batch.items()}
+
+    def body(total, xs):
+        micro, i = xs
+        loss, aux, grads = value_and_grad(micro, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, total, (loss, aux, grads)), None
+
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(value_and_grad, jax.tree.map(lambda v: v[0], parts), rng))
+    total, _ = jax.lax.scan(body, zeros, (parts, jnp.arange(micro_batches)))
+    return jax.tree.map(lambda x: x / micro_batches, total)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -412,6 +489,8 @@ def train_state_shardings(state: TrainState, tx: optax.GradientTransformation, m
     )
     return state.replace(
         step=parallel.replicated(mesh),
+        updates=parallel.replicated(mesh),
+        guard=jax.tree.map(lambda _: parallel.replicated(mesh), state.guard),
         params=params,
         opt_state=opt,
         ema=params,

@@ -115,7 +115,7 @@ def train_stage(stage: stages.TrainedStage, mesh, stop) -> None:
     cfg = stage.cfg
     # --- Input and frozen networks; model, loss and optimizer.
     frozen = stage.frozen(mesh)
-    data, preview_source = stage.input(stages.per_process_batch(cfg.batch_size, mesh), frozen)
+    data, preview_source = stage.input(stages.per_process_batch(cfg.batch_size, mesh, cfg.get("grad_accum", 1)), frozen)
     tx = train_lib.make_optimizer(cfg)
     # --- Shard: the train state is created directly in its shardings.
     state = train_lib.init_train_state(stage.model_fn(), tx, mesh)
@@ -129,7 +129,8 @@ def train_stage(stage: stages.TrainedStage, mesh, stop) -> None:
         state, start = restored
         log.info("%s: resumed from step %d", stage.name, start)
     # --- Step: one jit with explicit shardings; the state buffers are donated.
-    step_fn = functools.partial(train_lib.train_step, loss_fn=stage.loss_fn(), tx=tx, ema_decay=cfg.ema_decay)
+    step_fn = functools.partial(train_lib.train_step, loss_fn=stage.loss_fn(), tx=tx,
+                                cfg=train_lib.StepConfig.from_config(cfg))
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen) if frozen is not None else None
     loop = _Loop(stage, mesh, stage_dir, start)
     try:
@@ -149,7 +150,6 @@ class _Loop:
         self.stage, self.mesh, self.stage_dir, self.start = stage, mesh, stage_dir, start
         self.trace = MetricsTrace(rundir.metrics_path(stage_dir), start)
         self.writer = _summary_writer(rundir.tensorboard_dir(stage_dir))
-        self.schedule = train_lib.lr_schedule(stage.cfg)
         self.bar = progress_bar(stage.name, stage.cfg.steps, start)
         self.flops = None
 
@@ -170,24 +170,27 @@ class _Loop:
                 batch = _global_batch(local, batch_shardings)
             state, metrics = compiled(state, batch, jax.random.fold_in(base_rng, step), frozen)
             done, since = step + 1, since + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                train_lib.check_finite(state.opt_state, cfg.max_bad_steps)
+            stopping = stop()
+            saving = stopping or done % cfg.checkpoint_every == 0 or done == cfg.steps  # each step saved once
+            logging_step = done % cfg.log_every == 0 or done == cfg.steps
+            if logging_step:
                 dt, t_last = (time.perf_counter() - t_last) / since, time.perf_counter()
-                self.log(done, step, jax.device_get(metrics), dt)
+                self.log(done, jax.device_get(metrics), dt)
                 since = 0
+            if saving or logging_step:  # where the host syncs anyway; a halted state is never checkpointed
+                train_lib.check_finite(state, cfg.max_bad_steps)
             if cfg.preview_every and (done % cfg.preview_every == 0 or done == cfg.steps):
                 self.write_preview(state, preview, frozen, done)
-            stopping = stop()
-            if stopping or done % cfg.checkpoint_every == 0 or done == cfg.steps:  # each step saved once
+            if saving:
                 ckpt.save(done, state, data, force=True)
             self.bar.update(1)
             if stopping:
                 raise Preempted
         return state
 
-    def log(self, done: int, step: int, metrics: dict, dt: float) -> None:
+    def log(self, done: int, metrics: dict, dt: float) -> None:
         metrics = {k: float(v) for k, v in metrics.items()}
-        metrics.update(lr=float(self.schedule(step)), step_time_s=dt, samples_per_s=self.stage.cfg.batch_size / dt)
+        metrics.update(step_time_s=dt, samples_per_s=self.stage.cfg.batch_size / dt)
         mfu = _mfu(self.flops, dt, self.stage.config.peak_tflops)
         if mfu is not None:
             metrics["mfu"] = mfu

@@ -85,6 +85,26 @@ def test_refiner_stage_resumes_exactly(pipeline, tmp_path_factory):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_nan_batches_stop_the_run_with_finite_checkpointed_weights(tmp_path_factory):
+    """From step 7 on every batch is NaN: steps 7 and 8 are skipped on device (checkpoint 8 saved), step 9
+    is the third in a row and halts training; the run exits with the message and checkpoint 8 is finite."""
+    base = tmp_path_factory.getbasetemp()
+    workdir = tmp_path_factory.mktemp("nan_run")
+    flags = tr.base_flags(tr.write_dataset(base / "synthetic"), workdir, "vae_s1")
+    flags += tr.stage_flags("vae_s1", **tr.VAE_S1) + ["--config.vae_s1.max_bad_steps=3"]
+    out = tr.run_train(flags, tr.test_env(base / "jax_cache", CRRF_TEST_NAN_FROM_STEP="7"))
+    assert out.returncode != 0
+    assert "3 consecutive steps had non-finite loss or gradients, the last at step 9" in out.stderr
+    assert "Traceback" not in out.stderr
+    checkpoints = sorted(int(p.name) for p in (workdir / "vae_s1" / "checkpoints").iterdir() if p.name.isdigit())
+    assert checkpoints == [4, 8] and not (workdir / "vae_s1" / "final").exists()
+    state = tr.read_checkpoint_state(workdir / "vae_s1" / "checkpoints" / "8")
+    assert int(state["updates"]) == 6 and int(state["guard"]["consecutive"]) == 2
+    assert all(np.isfinite(a).all() for a in jax_leaves((state["params"], state["ema"], state["opt_state"])))
+    trace = tr.read_trace(workdir / "vae_s1" / "metrics.jsonl")
+    assert [trace[s]["skipped"] for s in range(1, 10)] == [0] * 6 + [1] * 3
+
+
 def jax_leaves(tree):
     import jax
 

@@ -41,7 +41,7 @@ def run_step(mesh, model_fn, loss_fn, frozen, data):
     if frozen is not None:
         frozen = jax.device_put(frozen, parallel.replicated(mesh))
     fsh = jax.tree.map(lambda x: x.sharding, frozen) if frozen is not None else None
-    step = functools.partial(train_lib.train_step, loss_fn=loss_fn, tx=tx, ema_decay=0.9)
+    step = functools.partial(train_lib.train_step, loss_fn=loss_fn, tx=tx, cfg=train_lib.StepConfig(ema_decay=0.9))
     f = train_lib.compile_step(step, shardings, bsh, fsh, mesh)
     gb = {k: jax.device_put(v, bsh[k]) for k, v in data.items()}
     state, metrics = f(state, gb, jax.random.key(1), frozen)

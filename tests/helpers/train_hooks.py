@@ -4,6 +4,7 @@ CRRF_TEST_KILL_AFTER_SAVE=N   SIGKILL this process right after the (asynchronous
                               so that checkpoint N is left partial on disk.
 CRRF_TEST_SIGTERM_AT_STEP=N   send SIGTERM to this process once step N's metrics are logged (a preemption).
 CRRF_TEST_TRACE_ALL=1         every process writes its own metrics trace, metrics.p<process index>.jsonl.
+CRRF_TEST_NAN_FROM_STEP=N     from step N on (1-based) every floating-point batch array is NaN (bad data).
 
 The signals are real: the process receives them from the kernel exactly as from an outside sender; sending
 them from inside only pins the step at which they arrive.
@@ -31,6 +32,21 @@ def install_hooks() -> None:
             return started
 
         checkpoint.StageCheckpointer.save = save_then_die
+
+    nan_from = os.environ.get("CRRF_TEST_NAN_FROM_STEP")
+    if nan_from:
+        import numpy as np
+
+        global_batch, calls = trainer._global_batch, [0]
+
+        def poisoned(local, shardings):
+            calls[0] += 1
+            if calls[0] >= int(nan_from):
+                local = {k: np.full_like(v, np.nan) if np.issubdtype(v.dtype, np.floating) else v
+                         for k, v in local.items()}
+            return global_batch(local, shardings)
+
+        trainer._global_batch = poisoned
 
     sigterm_at = os.environ.get("CRRF_TEST_SIGTERM_AT_STEP")
     trace_all = os.environ.get("CRRF_TEST_TRACE_ALL") == "1"
