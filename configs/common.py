@@ -108,6 +108,9 @@ def model_config(variant: str, s2_bands: int = 13) -> ml_collections.ConfigDict:
             vae_s1=autoencoder_config(variant, 2),
             cloud_cnn=cloud_cnn_config(variant),
             refiner=refiner_config(variant, s2_bands),
+            # With flux.guidance_embed (the flux variant, FLUX.1-dev's layout): the constant the guidance
+            # embedder receives in training and sampling (crrf_jax/models/flux.py CloudRemovalFlux).
+            embedded_guidance=1.0,
         )
     )
 

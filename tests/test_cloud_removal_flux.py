@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from configs.common import cloud_cnn_config, flux_config
-from crrf_jax.models.flux import CloudRemovalFlux, patchify, position_ids, unpatchify
+from crrf_jax.models.flux import CloudRemovalFlux, Flux, patchify, position_ids, unpatchify
 
 B, H, W, Z = 2, 8, 8, 16  # latent batch; pixels are 8x larger
 
@@ -185,8 +185,93 @@ def test_bad_inputs_are_reported(model):
         )
     with pytest.raises(ValueError, match="in_channels"):
         CloudRemovalFlux({**flux_config("tiny").to_dict(), "in_channels": 64}, cloud_cnn_config("tiny"))
-    guided = CloudRemovalFlux(
-        {**flux_config("tiny").to_dict(), "guidance_embed": True}, cloud_cnn_config("tiny")
-    )
-    with pytest.raises(ValueError, match="guidance"):
-        guided(x["x_t"], x["t"], x["cloudy_latent"], x["sar_latent"], x["cloud_prob"])
+    with pytest.raises(ValueError, match="guidance"):  # the bare FLUX transformer needs its guidance input
+        guided = tiny_guided()
+        guided.flux(*_inner_args(guided, inputs()))
+
+
+def tiny_guided(embedded_guidance: float = 1.0) -> CloudRemovalFlux:
+    """FLUX.1-dev's layout (a guidance embedder) at the tiny sizes."""
+    return CloudRemovalFlux({**flux_config("tiny").to_dict(), "guidance_embed": True}, cloud_cnn_config("tiny"),
+                            embedded_guidance=embedded_guidance, rngs=nnx.Rngs(0))
+
+
+def _inner_args(model, x):
+    """The Flux arguments CloudRemovalFlux builds, recorded from one call (guidance left out)."""
+    seen = {}
+    original = Flux.__call__
+
+    def record(self, *args):
+        seen["args"] = args[:6]
+        return original(self, *args)
+
+    Flux.__call__ = record
+    try:
+        model(x["x_t"], x["t"], x["cloudy_latent"], x["sar_latent"], x["cloud_prob"])  # eager: arrays, not tracers
+    finally:
+        Flux.__call__ = original
+    return seen["args"]
+
+
+def test_guidance_embedder_gets_a_constant_in_training_and_sampling():
+    x = inputs()
+    model = tiny_guided(embedded_guidance=3.5)
+    # What the flow loss and the sampler call: no guidance argument.
+    default = model(x["x_t"], x["t"], x["cloudy_latent"], x["sar_latent"], x["cloud_prob"],
+                    drop_sar=x["drop_sar"], drop_cloudy=x["drop_cloudy"])
+    explicit = model(x["x_t"], x["t"], x["cloudy_latent"], x["sar_latent"], x["cloud_prob"],
+                     jnp.full((B,), 3.5), drop_sar=x["drop_sar"], drop_cloudy=x["drop_cloudy"])
+    np.testing.assert_array_equal(default, explicit)
+    other = model(x["x_t"], x["t"], x["cloudy_latent"], x["sar_latent"], x["cloud_prob"], jnp.full((B,), 1.0),
+                  drop_sar=x["drop_sar"], drop_cloudy=x["drop_cloudy"])
+    assert changed(default, other).min() > 1e-4  # the embedder is used: the constant matters
+    np.testing.assert_array_equal(forward(tiny(), x), forward(tiny(), x))  # no embedder: nothing to pass
+
+
+def _flux_output_shifted(rows: slice, delta: float = 1.0):
+    """Patches Flux.__call__ so that its output tokens in `rows` (of the image stream) move by `delta`."""
+    original = Flux.__call__
+
+    def shifted(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        return out.at[:, rows].add(delta)
+
+    return original, shifted
+
+
+@pytest.mark.parametrize("half, moves", [("noisy", True), ("cloudy", False)])
+def test_prediction_is_the_noisy_target_half_of_the_image_stream(model, half, moves):
+    """Moving the transformer's outputs at the noisy-target tokens moves the prediction; moving them at the
+    cloudy tokens (the last N of the image stream) must not."""
+    x = inputs()
+    n = (H // 2) * (W // 2)
+    base = model(x["x_t"], x["t"], x["cloudy_latent"], x["sar_latent"], x["cloud_prob"])
+    original, shifted = _flux_output_shifted(slice(0, n) if half == "noisy" else slice(n, 2 * n))
+    Flux.__call__ = shifted
+    try:
+        moved = model(x["x_t"], x["t"], x["cloudy_latent"], x["sar_latent"], x["cloud_prob"])
+    finally:
+        Flux.__call__ = original
+    if moves:
+        np.testing.assert_allclose(moved - base, 1.0, atol=1e-5)
+    else:
+        np.testing.assert_array_equal(moved, base)
+
+
+def test_the_three_streams_have_distinct_rope_ids(model):
+    img, img_ids, txt, txt_ids, _, _ = _inner_args(model, inputs())
+    n = (H // 2) * (W // 2)
+    noisy, cloudy = np.asarray(img_ids[0, :n]), np.asarray(img_ids[0, n:])
+    sar = np.asarray(txt_ids[0])
+    as_set = lambda ids: {tuple(r) for r in ids.tolist()}  # noqa: E731
+    assert len(as_set(noisy)) == len(as_set(cloudy)) == len(as_set(sar)) == n  # one id per token
+    assert not (as_set(noisy) & as_set(cloudy)) and not (as_set(noisy) & as_set(sar))
+    assert not (as_set(cloudy) & as_set(sar))
+    # The same grid position in each stream: same (row, col), different stream axis.
+    np.testing.assert_array_equal(noisy[:, 1:], cloudy[:, 1:])
+    np.testing.assert_array_equal(noisy[:, 1:], sar[:, 1:])
+    # The first n image tokens carry the noisy latent (zero cloud-probability columns), the rest the cloudy one.
+    x = inputs()
+    np.testing.assert_array_equal(img[:, :n, :64], patchify(x["x_t"]))
+    np.testing.assert_array_equal(img[:, :n, 64:], 0.0)
+    np.testing.assert_array_equal(img[:, n:, :64], patchify(x["cloudy_latent"]))

@@ -31,6 +31,7 @@ def cloud_removal_flux(model_cfg, dtype: str = "float32", remat_policy: str = "n
         model_cfg.cloud_cnn.to_dict(),
         dtype=compute_dtype(dtype),
         remat_policy=remat_policy,
+        embedded_guidance=float(model_cfg.get("embedded_guidance", 1.0)),
         rngs=nnx.Rngs(seed),
     )
 

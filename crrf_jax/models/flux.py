@@ -266,6 +266,11 @@ class CloudRemovalFlux(nnx.Module):
         cloud_cnn_config: mapping with `channels` and `out_dim` (= vec_in_dim), as configs/common.py
             cloud_cnn_config.
         dtype, remat_policy, zero_init: as for Flux.
+        embedded_guidance: what FLUX's guidance embedder receives when the config has guidance_embed (the
+            `flux` variant, FLUX.1-dev's layout) and no guidance is passed: a constant, the same in training
+            and sampling, so the layer is a learned bias of the conditioning vector (and, seeded from
+            FLUX.1-dev, FLUX's conditioning at that distilled guidance scale). Classifier-free guidance stays
+            the sampler's explicit `guidance_scale`.
     """
 
     def __init__(
@@ -276,6 +281,7 @@ class CloudRemovalFlux(nnx.Module):
         dtype: DType = jnp.float32,
         remat_policy: str = "none",
         zero_init: bool = False,
+        embedded_guidance: float = 1.0,
         rngs: nnx.Rngs | None = None,
     ):
         cfg = _as_flux_config(flux_config)
@@ -293,6 +299,7 @@ class CloudRemovalFlux(nnx.Module):
             raise ValueError(f"cloud_cnn out_dim {cnn.get('out_dim')} must equal vec_in_dim {cfg.vec_in_dim}")
         rngs = nnx.Rngs(0) if rngs is None else rngs
         self.z_channels = token_dim // (PATCH * PATCH)
+        self.embedded_guidance = float(embedded_guidance)
         self.flux = Flux(cfg, dtype=dtype, remat_policy=remat_policy, zero_init=zero_init, rngs=rngs)
         self.cloud_encoder = CloudProbEncoder(tuple(cnn["channels"]), cnn["out_dim"], dtype=dtype, rngs=rngs)
         null_init = with_axes(nnx.initializers.normal(0.02), "in_features")
@@ -316,8 +323,9 @@ class CloudRemovalFlux(nnx.Module):
         x_t, cloudy_latent, sar_latent: (B, h, w, z) latents (h, w even); sar_latent None means SAR absent
         (the null SAR token everywhere, as in training with SAR dropped). t: (B,) in [0, 1], t = 1 is noise.
         cloud_prob: (B, H, W, 1) in [0, 1] at pixel resolution (H a multiple of h, 8h for our VAEs).
-        guidance: (B,) only when the Flux config has guidance_embed. drop_sar, drop_cloudy: (B,) bool; True
-        replaces that sample's SAR / cloudy tokens with the learned null token (condition dropout for CFG).
+        guidance: (B,), used when the Flux config has guidance_embed; None = `embedded_guidance`.
+        drop_sar, drop_cloudy: (B,) bool; True replaces that sample's SAR / cloudy tokens with the learned
+        null token (condition dropout for CFG).
         """
         b, h, w, z = x_t.shape
         if z != self.z_channels or h % PATCH or w % PATCH:
@@ -351,6 +359,10 @@ class CloudRemovalFlux(nnx.Module):
         txt_ids = position_ids(b, h, w, 2)
 
         y = self.cloud_encoder(cp)
+        if not self.flux.config.guidance_embed:
+            guidance = None
+        elif guidance is None:
+            guidance = jnp.full((b,), self.embedded_guidance, jnp.float32)
         out = self.flux(img, img_ids, txt, txt_ids, t, y, guidance)
         return unpatchify(out[:, :n], h, w)
 
