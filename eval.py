@@ -7,7 +7,9 @@ Writes metrics.json, per_image.csv and example grids into --out (default <workdi
 and prints the model against the cloudy input and the learning-free references (mean fill, biharmonic
 inpainting; `crrf_jax.references`) over all, cloudy and clear pixels. The split protocol is "exact" unless
 --protocol=legacy (which reproduces the published split leak, for comparison only); metrics.json records which
-one was used.
+one was used. With --workdir, every setting a flag leaves unset comes from the run's config (config.eval:
+split, batch size, samples, cloud threshold, max images, GeoTIFFs; config.data: protocol and source;
+config.flow: sampling steps and guidance).
 """
 
 from __future__ import annotations
@@ -16,19 +18,31 @@ from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run (uses its config.json and EMA weights).")
 _BUNDLE = flags.DEFINE_string("bundle", None, "An exported bundle (python -m crrf_jax.export).")
-_DATA_ROOT = flags.DEFINE_string("data_root", None, "SEN12MS-CR root; default: the run's config.data.root.")
-_SPLIT = flags.DEFINE_enum("split", "test", ["train", "val", "test", "all"], "Which split.")
-_PROTOCOL = flags.DEFINE_enum("protocol", "exact", ["exact", "legacy"], "Split protocol.")
-_STEPS = flags.DEFINE_integer("steps", None, "Euler steps (default: the model's sampling default).")
-_SAMPLES = flags.DEFINE_integer("samples", 1, "Samples per image: their mean is scored, their std mapped.")
+_DATA_ROOT = flags.DEFINE_string("data_root", None, "SEN12MS-CR root (default: the run's config.data.root).")
+# Unset flags take the run's config (crrf_jax.config.eval_options), or with --bundle the defaults in
+# crrf_jax.config.EVAL_DEFAULTS.
+_SPLIT = flags.DEFINE_enum("split", None, ["train", "val", "test", "all"], "Which split.")
+_PROTOCOL = flags.DEFINE_enum("protocol", None, ["exact", "legacy"], "Split protocol (default: exact).")
+_STEPS = flags.DEFINE_integer("steps", None, "Euler steps.", lower_bound=1)
+_SAMPLES = flags.DEFINE_integer("samples", None, "Samples per image: their mean is scored, their std mapped.",
+                                lower_bound=1)
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (1 = off).")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Images per batch (over all local devices).")
-_THRESHOLD = flags.DEFINE_float("cloud_threshold", 0.5, "Cloud probability above which a pixel is cloudy.")
-_MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "Stop after this many images (0 = all).")
-_GEOTIFF = flags.DEFINE_bool("geotiff", False, "Also write each prediction as a GeoTIFF.")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Images per batch (over all devices).", lower_bound=1)
+_THRESHOLD = flags.DEFINE_float("cloud_threshold", None, "Cloud probability above which a pixel is cloudy.",
+                                lower_bound=0.0, upper_bound=1.0)
+_MAX_IMAGES = flags.DEFINE_integer("max_images", None, "Stop after this many images (0 = all).",
+                                   lower_bound=0)
+_GEOTIFF = flags.DEFINE_bool("geotiff", None, "Also write each prediction as a GeoTIFF.")
 _NO_SAR = flags.DEFINE_bool("no_sar", False, "Evaluate the degraded SAR-absent mode.")
 _NO_REFERENCES = flags.DEFINE_bool("no_references", False, "Skip the learning-free references (faster).")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
+
+# Flag -> evaluate() keyword, for the flags that override the run's config.
+_OVERRIDES = (
+    (_SPLIT, "split"), (_PROTOCOL, "protocol"), (_STEPS, "steps"), (_SAMPLES, "num_samples"),
+    (_GUIDANCE, "guidance_scale"), (_BATCH, "batch_size"), (_THRESHOLD, "cloud_threshold"),
+    (_MAX_IMAGES, "max_images"), (_GEOTIFF, "write_geotiff"),
+)
 
 
 def main(argv) -> None:
@@ -38,6 +52,7 @@ def main(argv) -> None:
         raise app.UsageError("give exactly one of --workdir or --bundle")
     from absl import logging as absl_logging
 
+    from crrf_jax import config as C
     from crrf_jax import evaluation, rundir
     from crrf_jax.inference import CloudRemover
 
@@ -46,20 +61,17 @@ def main(argv) -> None:
     if _WORKDIR.value:
         remover = CloudRemover.from_workdir(_WORKDIR.value)
         run_config = rundir.load_run_config(_WORKDIR.value)
-        root = _DATA_ROOT.value or run_config.data.root
-        base = _WORKDIR.value
+        root, base = _DATA_ROOT.value or run_config.data.root, _WORKDIR.value
+        options = C.eval_options(run_config)
     else:
         remover = CloudRemover.from_bundle(_BUNDLE.value)
-        root, base = _DATA_ROOT.value, _BUNDLE.value
-    if not root:
+        root, base, options = _DATA_ROOT.value, _BUNDLE.value, dict(C.EVAL_DEFAULTS)
+    if not root and options["source"] == "geotiff":
         raise app.UsageError("--data_root is required with --bundle")
-    out = _OUT.value or rundir.eval_dir(base, _SPLIT.value)
-    result = evaluation.evaluate(
-        remover, root=root, out=out, split=_SPLIT.value, protocol=_PROTOCOL.value, steps=_STEPS.value,
-        num_samples=_SAMPLES.value, guidance_scale=_GUIDANCE.value, batch_size=_BATCH.value,
-        cloud_threshold=_THRESHOLD.value, max_images=_MAX_IMAGES.value, write_geotiff=_GEOTIFF.value,
-        use_sar=not _NO_SAR.value, references=not _NO_REFERENCES.value,
-    )
+    options.update({key: flag.value for flag, key in _OVERRIDES if flag.value is not None})
+    out = _OUT.value or rundir.eval_dir(base, options["split"])
+    result = evaluation.evaluate(remover, root=root, out=out, use_sar=not _NO_SAR.value,
+                                 references=not _NO_REFERENCES.value, **options)
     print(evaluation.format_table(result))
     print(f"\nwritten to {out}: metrics.json, per_image.csv, examples_*.png")
 

@@ -75,3 +75,22 @@ def validate(config) -> None:
     build.compute_dtype(config.dtype)
     if not config.get("demo") and not config.data.root and not config.data.tfds_data_dir:
         raise ValueError("no data: set --config.data.root=/path/to/SEN12MSCR (the official layout)")
+
+
+def eval_options(config) -> dict:
+    """What a run's config says about evaluating it: the `evaluation.evaluate` keywords that eval.py and the
+    demo take from `config.eval`, `config.data` and `config.flow` (eval.py's flags override each)."""
+    e, d = config.eval, config.data
+    return dict(
+        split=e.split, protocol=d.protocol, source=d.source, data_dir=d.get("tfds_data_dir") or None,
+        steps=int(config.flow.sample_steps), num_samples=int(e.num_samples), batch_size=int(e.batch_size),
+        guidance_scale=float(config.flow.guidance_scale), cloud_threshold=float(e.cloud_threshold),
+        max_images=int(e.max_images), write_geotiff=bool(e.write_geotiff),
+    )
+
+
+# Evaluation settings without a run config (an exported bundle): the published test split, exact protocol.
+EVAL_DEFAULTS = dict(split="test", protocol="exact", source="geotiff", data_dir=None, steps=None,
+                     num_samples=1, batch_size=8, guidance_scale=None, cloud_threshold=0.5, max_images=0,
+                     write_geotiff=False)
+
