@@ -131,7 +131,7 @@ class AutoencoderStage(TrainedStage):
     def pretrained(self, params):
         cfg = self.config.model[self.name].to_dict()
         bands = contract.resolve_bands(self.config.data.bands) if self.key == "s2" else None  # None: S1
-        return seed_params(self.name, self.config.init[self.name], params,
+        return seed_params(self.name, "init." + self.name, self.config.init[self.name], params,
                            lambda sd, shapes, source: pretrained.seed_autoencoder(sd, cfg, shapes, bands, source))
 
     def loss_fn(self):
@@ -173,7 +173,7 @@ class FlowStage(_SamplingStage):
         return functools.partial(build.cloud_removal_flux, c.model, c.dtype, c.remat_policy, c.seed)
 
     def pretrained(self, params):
-        return seed_params(self.name, self.config.init.flux, params, pretrained.seed_flux)
+        return seed_params(self.name, "init.flux", self.config.init.flux, params, pretrained.seed_flux)
 
     def loss_fn(self):
         return functools.partial(train_lib.flow_loss, cfg=train_lib.FlowLossConfig.from_config(self.cfg))
@@ -231,14 +231,15 @@ class RefinerStage(_SamplingStage):
         return self.panels(batch, outputs)
 
 
-def seed_params(stage: str, path: str, params, seed):
+def seed_params(stage: str, key: str, path: str, params, seed):
     """`params` with the values `seed(state_dict, shapes, source)` returns (crrf_jax.models.pretrained) from
-    the checkpoint at `path` placed in their shardings; None when `path` is empty. The report is logged."""
+    the checkpoint at `path` (config `key`) placed in their shardings; None when `path` is empty. The report is
+    logged."""
     if not path:
         return None
     shapes = {tuple(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(params)}
     log.info("%s: reading pretrained weights from %s", stage, path)
-    values, report = seed(pretrained.read_checkpoint(path), shapes, f"{path} (config.init.{stage})")
+    values, report = seed(pretrained.read_checkpoint(path), shapes, f"{path} (config.{key})")
     log.info("%s: %s", stage, report)
     return parallel.place_like(params, values)
 

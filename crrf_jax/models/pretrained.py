@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -50,8 +49,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from crrf_jax.models import port
-
-log = logging.getLogger("crrf_jax.pretrained")
 
 ParamPath = tuple  # a parameter's path in nnx.to_flat_state: ('flux', 'img_in', 'kernel'), ('null_sar',)
 CLOUD_COLUMNS = 4  # img_in inputs of CloudRemovalFlux beyond FLUX's: the pooled cloud probability, 2x2 patch
