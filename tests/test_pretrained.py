@@ -138,7 +138,8 @@ def test_placed_params_keep_fresh_ones_and_behave_as_flux(flux_ckpt):
     img, txt = rng.normal(size=(b, n, 64)).astype(np.float32), rng.normal(size=(b, m, 64)).astype(np.float32)
     img_ids = np.concatenate([np.zeros((n, 1)), rng.integers(0, 8, (n, 2))], 1).astype(np.float32)
     txt_ids = np.concatenate([np.full((m, 1), 2.0), rng.integers(0, 8, (m, 2))], 1).astype(np.float32)
-    t, y, g = rng.uniform(size=b).astype(np.float32), rng.normal(size=(b, 64)).astype(np.float32), np.full(b, 3.5, np.float32)
+    t, y = rng.uniform(size=b).astype(np.float32), rng.normal(size=(b, 64)).astype(np.float32)
+    g = np.full(b, 3.5, np.float32)  # FLUX.1-dev's guidance scale
     with torch.no_grad():
         expected = ref(hidden_states=torch.from_numpy(img), encoder_hidden_states=torch.from_numpy(txt),
                        pooled_projections=torch.from_numpy(y), timestep=torch.from_numpy(t),
@@ -236,7 +237,8 @@ def test_thirteen_band_autoencoder_by_the_band_rule(vae_ckpt):
     assert len(report.extended) == 3
     pos = [3, 2, 1]  # B04, B03, B02 in the 13 bands: FLUX's R, G, B
     others = [i for i in range(13) if i not in pos]
-    enc, dec, bias = ("encoder", "conv_in", "kernel"), ("decoder", "conv_out", "kernel"), ("decoder", "conv_out", "bias")
+    enc, dec = ("encoder", "conv_in", "kernel"), ("decoder", "conv_out", "kernel")
+    bias = ("decoder", "conv_out", "bias")
     np.testing.assert_array_equal(values[enc][:, :, pos], rgb[enc])
     np.testing.assert_array_equal(values[enc][:, :, others], 0.0)
     np.testing.assert_array_equal(values[dec][..., pos], rgb[dec])

@@ -256,8 +256,8 @@ def flux_from_diffusers(state_dict: Mapping[str, np.ndarray], config, **flux_kwa
 #
 # Band counts: a checkpoint loads only into an autoencoder with the same in_channels / out_ch (a pretrained
 # FLUX VAE has 3 bands); any other count fails with an error naming encoder.conv_in.weight or
-# decoder.conv_out.weight and both band counts. Train 13-band Sentinel-2 and 2-band Sentinel-1 VAEs from
-# scratch.
+# decoder.conv_out.weight and both band counts. A 13-band Sentinel-2 VAE can be seeded from FLUX's RGB one
+# (crrf_jax/models/pretrained.py, config.init.vae_s2); the 2-band Sentinel-1 VAE trains from scratch.
 
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
