@@ -152,6 +152,26 @@ def test_placed_params_keep_fresh_ones_and_behave_as_flux(flux_ckpt):
     assert_close(np.asarray(out), expected)
 
 
+def test_sharded_diffusers_folder(flux_ckpt, tmp_path):
+    """A folder of shards with their index json reads as the whole state dict; an ambiguous folder fails."""
+    import json
+
+    state = P.read_checkpoint(flux_ckpt["diffusers"])
+    keys = sorted(state)
+    shards = {"part-1.safetensors": keys[::2], "part-2.safetensors": keys[1::2]}
+    for name, part in shards.items():
+        save_file({k: state[k] for k in part}, str(tmp_path / name))
+    index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    read = P.read_checkpoint(tmp_path)
+    assert read.keys() == state.keys() and all(np.array_equal(read[k], state[k]) for k in keys)
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").unlink()
+    with pytest.raises(ValueError, match="found 2 .safetensors files"):
+        P.read_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        P.read_checkpoint(tmp_path / "absent")
+
+
 def test_guidance_and_vector_in_rules(flux_ckpt):
     bfl = P.read_checkpoint(flux_ckpt["bfl"])
     no_guidance = shapes_of(fresh_state(guidance=False).params)
