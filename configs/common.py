@@ -179,6 +179,14 @@ def base_config(variant: str = "base", s2_bands=None) -> ml_collections.ConfigDi
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.distributed = False  # jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
 
+    # Pretrained FLUX.1 weights seeding a stage's fresh (not resumed) model; "" = random initialisation.
+    # A .safetensors file or a folder of one (or of shards with their .index.json); BFL or diffusers keys,
+    # told apart by the keys. crrf_jax/models/pretrained.py has the rules (README: "Starting from FLUX.1").
+    c.init = ml_collections.ConfigDict()
+    c.init.flux = ""  # FLUX.1 transformer (flux1-dev.safetensors, or diffusers' transformer/ folder)
+    c.init.vae_s2 = ""  # FLUX VAE (ae.safetensors or diffusers' vae/); needs B04, B03, B02 and FLUX's widths
+    c.init.vae_s1 = ""  # must stay "": Sentinel-1 has no RGB bands for a FLUX VAE
+
     c.vae_s2 = optim_config(steps=100_000, lr=1e-4, batch_size=16, warmup_steps=1000)
     c.vae_s2.crop_size = 0  # training crops of the autoencoders (0 = data.crop_size)
     c.vae_s2.kl_weight = 1e-6

@@ -6,7 +6,7 @@ code that reads them, so every entry point validates the same way.
 
 from __future__ import annotations
 
-from crrf_jax.data.contract import resolve_bands  # noqa: F401  (configs size the S2 networks with it)
+from crrf_jax.data.contract import resolve_bands  # (configs size the S2 networks with it)
 
 # The stages of a run, in order; `config.stage` picks one ("" runs them all).
 STAGES = ("vae_s2", "vae_s1", "latent_stats", "flow", "refiner")
@@ -71,6 +71,7 @@ def validate(config) -> None:
         )
     if config.stage == "refiner" and not has_refiner(config.model):
         raise ValueError("config.stage='refiner' but config.model.refiner.enabled is False")
+    _validate_init(config)
     rf.FlowSpec.from_config(config.flow)  # a bad flow.source / source_sigma
     build.compute_dtype(config.dtype)
     if not config.get("demo") and not config.data.root and not config.data.tfds_data_dir:
@@ -94,3 +95,24 @@ EVAL_DEFAULTS = dict(split="test", protocol="exact", source="geotiff", data_dir=
                      num_samples=1, batch_size=8, guidance_scale=None, cloud_threshold=0.5, max_images=0,
                      write_geotiff=False)
 
+
+def _validate_init(config) -> None:
+    """config.init: paths that exist, and band sets a FLUX VAE can seed (crrf_jax/models/pretrained.py)."""
+    import os
+
+    from crrf_jax.models import pretrained
+
+    init = config.get("init")
+    if init is None:  # a config written before config.init existed
+        return
+    for key in ("flux", *AUTOENCODER_STAGES):
+        path = init[key]
+        if not isinstance(path, str):
+            raise TypeError(f"config.init.{key}={path!r} must be a path (a string; '' for none)")
+        if path and not os.path.exists(path):
+            raise ValueError(f"config.init.{key}={path!r}: no such checkpoint file or folder")
+    if init.vae_s1:
+        pretrained.rgb_positions(None, f"config.init.vae_s1={init.vae_s1!r}")  # raises: S1 has no RGB
+    if init.vae_s2:
+        pretrained.rgb_positions(resolve_bands(config.data.bands),
+                                 f"config.init.vae_s2 with config.data.bands={config.data.bands!r}")

@@ -120,3 +120,24 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def place_like(state: Any, values: dict[tuple, np.ndarray]) -> Any:
+    """`state` (an nnx.State of jax.Arrays) with the leaves at the paths of `values` (as `nnx.to_flat_state`
+    spells them) replaced by those host arrays, each built shard by shard in the sharding and dtype of the
+    leaf it replaces (a process materialises only its own shards). Other leaves are kept as they are."""
+    flat = list(nnx.to_flat_state(state))
+    unknown = set(values) - {tuple(p) for p, _ in flat}
+    if unknown:
+        raise KeyError(f"no such parameters to place: {sorted(map(str, unknown))[:5]}")
+
+    def one(path, variable):
+        if path not in values:
+            return variable
+        old = variable.get_value()
+        host = np.asarray(values[path], dtype=old.dtype)
+        if host.shape != old.shape:
+            raise ValueError(f"parameter {'/'.join(map(str, path))}: value of shape {host.shape}, expected {old.shape}")
+        return variable.replace(jax.make_array_from_callback(old.shape, old.sharding, lambda index: host[index]))
+
+    return nnx.from_flat_state([(tuple(p), one(tuple(p), v)) for p, v in flat])

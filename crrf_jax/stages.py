@@ -6,6 +6,7 @@ autoencoders' latent scale and shift on training data.
 
     stage = make_stage("flow", config, workdir)
     stage.model_fn()          -> a fresh nnx.Module (built inside jit, directly in its shardings)
+    stage.pretrained(params)  -> the fresh params seeded from config.init's checkpoint, or None
     stage.loss_fn()           -> loss(model, batch, rng, frozen) -> (loss, aux)
     stage.frozen(mesh)        -> the trained networks the loss reads (None, or replicated over the mesh)
     stage.input(batch_size)   -> (training iterator, preview iterator or None)
@@ -29,7 +30,7 @@ from crrf_jax import flow as rf
 from crrf_jax import parallel, rundir, sampling, train_lib
 from crrf_jax import visualize as vis
 from crrf_jax.data import contract
-from crrf_jax.models import build
+from crrf_jax.models import build, pretrained
 
 log = logging.getLogger("crrf_jax.train")
 
@@ -90,6 +91,11 @@ class TrainedStage:
     def loss_fn(self):
         raise NotImplementedError
 
+    def pretrained(self, params):
+        """`params` (the fresh train state's nnx.Params) seeded from the pretrained checkpoint of
+        config.init.<stage>, placed in their shardings; None where none is configured (the default)."""
+        del params
+
     def frozen(self, mesh):
         return None
 
@@ -122,6 +128,12 @@ class AutoencoderStage(TrainedStage):
     def model_fn(self):
         return functools.partial(build.autoencoder, self.config.model, self.name, self.config.dtype,
                                  self.config.seed)
+
+    def pretrained(self, params):
+        cfg = self.config.model[self.name].to_dict()
+        bands = contract.resolve_bands(self.config.data.bands) if self.key == "s2" else None  # None: S1
+        return seed_params(self.name, "init." + self.name, self.config.init[self.name], params,
+                           lambda sd, shapes, source: pretrained.seed_autoencoder(sd, cfg, shapes, bands, source))
 
     def loss_fn(self):
         cfg = train_lib.VaeLossConfig(self.key, self.cfg.kl_weight, self.cfg.sam_weight)
@@ -160,6 +172,9 @@ class FlowStage(_SamplingStage):
     def model_fn(self):
         c = self.config
         return functools.partial(build.cloud_removal_flux, c.model, c.dtype, c.remat_policy, c.seed)
+
+    def pretrained(self, params):
+        return seed_params(self.name, "init.flux", self.config.init.flux, params, pretrained.seed_flux)
 
     def loss_fn(self):
         return functools.partial(train_lib.flow_loss, cfg=train_lib.FlowLossConfig.from_config(self.cfg))
@@ -215,6 +230,19 @@ class RefinerStage(_SamplingStage):
         nets = dict(flow_model=frozen.flow(), vae_s2=frozen.vae_s2(), vae_s1=frozen.vae_s1(), refiner=model)
         outputs = {"flow": self.sample(nets, batch, step, "flow"), "refined": self.sample(nets, batch, step, "final")}
         return self.panels(batch, outputs)
+
+
+def seed_params(stage: str, key: str, path: str, params, seed):
+    """`params` with the values `seed(state_dict, shapes, source)` returns (crrf_jax.models.pretrained) from
+    the checkpoint at `path` (config `key`) placed in their shardings; None when `path` is empty. The report is
+    logged."""
+    if not path:
+        return None
+    shapes = {tuple(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(params)}
+    log.info("%s: reading pretrained weights from %s", stage, path)
+    values, report = seed(pretrained.read_checkpoint(path), shapes, f"{path} (config.{key})")
+    log.info("%s: %s", stage, report)
+    return parallel.place_like(params, values)
 
 
 TRAINED = {"vae_s2": AutoencoderStage, "vae_s1": AutoencoderStage, "flow": FlowStage, "refiner": RefinerStage}

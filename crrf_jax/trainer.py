@@ -128,6 +128,9 @@ def train_stage(stage: stages.TrainedStage, mesh, stop) -> None:
     if restored is not None:
         state, start = restored
         log.info("%s: resumed from step %d", stage.name, start)
+    elif (seeded := stage.pretrained(state.params)) is not None:  # config.init: params and EMA; fresh optimizer
+        ema = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), seeded)  # own buffers
+        state = state.replace(params=seeded, ema=ema)
     # --- Step: one jit with explicit shardings; the state buffers are donated.
     step_fn = functools.partial(train_lib.train_step, loss_fn=stage.loss_fn(), tx=tx,
                                 cfg=train_lib.StepConfig.from_config(cfg))

@@ -52,7 +52,7 @@ class StateDictReader:
                 f"{self._source} state dict: key {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}"
             )
         self._used.add(key)
-        return value.astype(np.float32)
+        return value.astype(np.float32, copy=False)  # no copy of float32 (FLUX.1 is 48 GB)
 
     def finish(self) -> None:
         """Raises if any key of the state dict was never taken."""
@@ -73,7 +73,7 @@ class StateDictReader:
 # BFL's (shift, scale).
 
 _FLUX_RENAMES = {"fc1": "0", "fc2": "2", "adaLN_modulation": "adaLN_modulation.1", "kernel": "weight"}
-_FLUX_STACKS = ("double_blocks", "single_blocks")
+FLUX_STACKS = ("double_blocks", "single_blocks")
 
 
 def _flux_abstract(config, flux_kwargs):
@@ -93,7 +93,9 @@ def _flux_params(model):
     return [(tuple(str(p) for p in path), v) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
 
 
-def _bfl_key(path: tuple[str, ...], layer: int | None) -> str:
+def flux_bfl_key(path: tuple[str, ...], layer: int | None) -> str:
+    """The BFL key of our Flux parameter `path` (e.g. ('double_blocks', 'img_mlp', 'fc1', 'kernel')) in layer
+    `layer` of a stacked module (None outside the stacks): double_blocks.{layer}.img_mlp.0.weight."""
     names = [_FLUX_RENAMES.get(p, p) for p in path]
     if layer is not None:
         names.insert(1, str(layer))
@@ -107,12 +109,12 @@ def flux_bfl_shapes(config, **flux_kwargs) -> dict[str, tuple[int, ...]]:
     for path, var in _flux_params(model):
         shape = tuple(var.get_value().shape)
         layers = [None]
-        if path[0] in _FLUX_STACKS:
+        if path[0] in FLUX_STACKS:
             layers, shape = range(shape[0]), shape[1:]
         if path[-1] == "kernel":
             shape = shape[::-1]
         for i in layers:
-            shapes[_bfl_key(path, i)] = shape
+            shapes[flux_bfl_key(path, i)] = shape
     return shapes
 
 
@@ -132,13 +134,13 @@ def flux_from_bfl(state_dict: Mapping[str, np.ndarray], config, **flux_kwargs):
     for path, var in nnx.to_flat_state(state):
         path = tuple(str(p) for p in path)
         shape = tuple(var.get_value().shape)
-        stacked = path[0] in _FLUX_STACKS
+        stacked = path[0] in FLUX_STACKS
         per_layer = shape[1:] if stacked else shape
         torch_shape = per_layer[::-1] if path[-1] == "kernel" else per_layer
         layers = range(shape[0]) if stacked else [None]
         values = []
         for i in layers:
-            w = reader.take(_bfl_key(path, i), torch_shape)
+            w = reader.take(flux_bfl_key(path, i), torch_shape)
             values.append(w.T if path[-1] == "kernel" else w)
         value = np.stack(values) if stacked else values[0]
         var.set_value(jnp.asarray(value, var.get_value().dtype))
@@ -189,7 +191,7 @@ def _diffusers_sources(bfl_key: str) -> tuple[tuple[str, ...], str]:
     """The diffusers keys whose concatenation is `bfl_key`, and the BFL parameter name (weight/bias/scale)."""
     module, param = bfl_key.rsplit(".", 1)
     stack, _, rest = module.partition(".")
-    if stack in _FLUX_STACKS:
+    if stack in FLUX_STACKS:
         layer, _, inner = rest.partition(".")
         table = _DIFFUSERS_DOUBLE if stack == "double_blocks" else _DIFFUSERS_SINGLE
         block = "transformer_blocks" if stack == "double_blocks" else "single_transformer_blocks"
@@ -254,8 +256,8 @@ def flux_from_diffusers(state_dict: Mapping[str, np.ndarray], config, **flux_kwa
 #
 # Band counts: a checkpoint loads only into an autoencoder with the same in_channels / out_ch (a pretrained
 # FLUX VAE has 3 bands); any other count fails with an error naming encoder.conv_in.weight or
-# decoder.conv_out.weight and both band counts. Train 13-band Sentinel-2 and 2-band Sentinel-1 VAEs from
-# scratch.
+# decoder.conv_out.weight and both band counts. A 13-band Sentinel-2 VAE can be seeded from FLUX's RGB one
+# (crrf_jax/models/pretrained.py, config.init.vae_s2); the 2-band Sentinel-1 VAE trains from scratch.
 
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -267,11 +269,11 @@ _AE_DIFFUSERS_RESNET = {"nin_shortcut": "conv_shortcut"}
 _AE_DIFFUSERS_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
-def _ae_bfl_key(path: tuple, config: AutoEncoderConfig) -> str:
+def ae_bfl_key(path: tuple, config: AutoEncoderConfig) -> str:
     return ".".join(str(p) for p in path[:-1]) + "." + _AE_LEAF[path[-1]]
 
 
-def _ae_diffusers_key(path: tuple, config: AutoEncoderConfig) -> str:
+def ae_diffusers_key(path: tuple, config: AutoEncoderConfig) -> str:
     part, *mod, leaf = path
     if mod[0] in ("down", "up"):
         # (down|up, level, block, j, layer) or (down, level, downsample, conv) / (up, level, upsample, conv)
@@ -305,6 +307,17 @@ def _ae_check_bands(state_dict: Mapping[str, np.ndarray], config: AutoEncoderCon
                 )
 
 
+def ae_take(reader: StateDictReader, key: str, shape: tuple[int, ...], attn_as_conv: bool) -> np.ndarray:
+    """The autoencoder parameter of our `shape` under `key`, converted from PyTorch layout (shape-checked)."""
+    if len(shape) == 4:  # conv kernel (kh, kw, in, out) <- (out, in, kh, kw)
+        return reader.take(key, (shape[3], shape[2], shape[0], shape[1])).transpose(2, 3, 1, 0)
+    if len(shape) == 2 and attn_as_conv:  # attention 1x1 conv (out, in, 1, 1) -> Linear (in, out)
+        return reader.take(key, (shape[1], shape[0], 1, 1))[:, :, 0, 0].T
+    if len(shape) == 2:  # Linear (out, in) -> (in, out)
+        return reader.take(key, (shape[1], shape[0])).T
+    return reader.take(key, shape)
+
+
 def _ae_load(state_dict, config, source: str, key_of, attn_as_conv: bool, **kw) -> AutoEncoder:
     config = as_autoencoder_config(config)
     kw.pop("rngs", None)  # every parameter is overwritten: build abstractly, never initialise
@@ -314,16 +327,7 @@ def _ae_load(state_dict, config, source: str, key_of, attn_as_conv: bool, **kw) 
     for path, var in nnx.iter_graph(model):
         if not isinstance(var, nnx.Param):
             continue
-        shape = tuple(var.get_value().shape)
-        key = key_of(path, config)
-        if len(shape) == 4:  # conv kernel (kh, kw, in, out) <- (out, in, kh, kw)
-            value = reader.take(key, (shape[3], shape[2], shape[0], shape[1])).transpose(2, 3, 1, 0)
-        elif len(shape) == 2 and attn_as_conv:  # attention 1x1 conv (out, in, 1, 1) -> Linear (in, out)
-            value = reader.take(key, (shape[1], shape[0], 1, 1))[:, :, 0, 0].T
-        elif len(shape) == 2:  # Linear (out, in) -> (in, out)
-            value = reader.take(key, (shape[1], shape[0])).T
-        else:
-            value = reader.take(key, shape)
+        value = ae_take(reader, key_of(path, config), tuple(var.get_value().shape), attn_as_conv)
         var.set_value(jnp.asarray(value, jnp.float32))
     reader.finish()
     model.scale_factor.set_value(jnp.asarray(config.scale_factor, jnp.float32))
@@ -335,10 +339,10 @@ def autoencoder_from_bfl(state_dict: Mapping[str, np.ndarray], config, **kw) -> 
     """An AutoEncoder (config: AutoEncoderConfig or mapping) filled from a BFL state dict (FLUX's
     ae.safetensors: encoder.conv_in.weight, encoder.down.0.block.0.norm1.weight, ...). `kw` goes to
     AutoEncoder (e.g. dtype)."""
-    return _ae_load(state_dict, config, "BFL autoencoder", _ae_bfl_key, attn_as_conv=True, **kw)
+    return _ae_load(state_dict, config, "BFL autoencoder", ae_bfl_key, attn_as_conv=True, **kw)
 
 
 def autoencoder_from_diffusers(state_dict: Mapping[str, np.ndarray], config, **kw) -> AutoEncoder:
     """An AutoEncoder filled from a diffusers AutoencoderKL state dict in the FLUX layout
     (use_quant_conv=False, use_post_quant_conv=False). `kw` goes to AutoEncoder (e.g. dtype)."""
-    return _ae_load(state_dict, config, "diffusers autoencoder", _ae_diffusers_key, attn_as_conv=False, **kw)
+    return _ae_load(state_dict, config, "diffusers autoencoder", ae_diffusers_key, attn_as_conv=False, **kw)
