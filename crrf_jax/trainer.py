@@ -115,7 +115,8 @@ def train_stage(stage: stages.TrainedStage, mesh, stop) -> None:
     cfg = stage.cfg
     # --- Input and frozen networks; model, loss and optimizer.
     frozen = stage.frozen(mesh)
-    data, preview_source = stage.input(stages.per_process_batch(cfg.batch_size, mesh, cfg.get("grad_accum", 1)), frozen)
+    per_process = stages.per_process_batch(cfg.batch_size, mesh, cfg.get("grad_accum", 1))
+    data, preview_source = stage.input(per_process, frozen)
     tx = train_lib.make_optimizer(cfg)
     # --- Shard: the train state is created directly in its shardings.
     state = train_lib.init_train_state(stage.model_fn(), tx, mesh)

@@ -85,6 +85,55 @@ def test_refiner_stage_resumes_exactly(pipeline, tmp_path_factory):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+# FLUX.1-dev's flags at tiny widths: the guidance embedder and a 768-wide conditioning vector.
+FLUX_SHAPED = ["--config.model.flux.guidance_embed=True", "--config.model.flux.vec_in_dim=768",
+               "--config.model.cloud_cnn.out_dim=768", "--config.model.embedded_guidance=3.5"]
+
+
+def test_flux_shaped_model_trains_evaluates_exports_and_predicts(pipeline, tmp_path_factory):
+    """The flow and refiner stages of the `flux` variant's layout (guidance embedder, vec_in_dim 768) on top
+    of the pipeline's autoencoders, then eval.py, export and the predict CLI on what they produced."""
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    workdir = tmp_path_factory.mktemp("flux_shaped") / "run"
+    shutil.copytree(pipeline, workdir, ignore=shutil.ignore_patterns("flow", "refiner"))
+    flags = tr.base_flags(base / "synthetic", workdir) + FLUX_SHAPED
+    flags += tr.stage_flags("flow", steps=4, lr=1e-3) + tr.stage_flags("refiner", steps=2, lr=1e-3)
+    flags += ["--config.flow.sample_steps=1", "--config.eval.max_images=2", "--config.eval.batch_size=2"]
+    out = tr.run_train(flags, tr.test_env(base / "jax_cache"))
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "vae_s2: already finished" in out.stderr
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["model"]["flux"]["guidance_embed"] and config["model"]["embedded_guidance"] == 3.5
+    assert np.all(np.isfinite(tr.losses(workdir / "flow" / "metrics.jsonl")))
+
+    env = tr.test_env(base / "jax_cache")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, *args], cwd=tr.ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    evaluated = cli("eval.py", f"--workdir={workdir}", "--no_references")
+    assert evaluated.returncode == 0, evaluated.stderr[-4000:]
+    assert json.loads((workdir / "eval_test" / "metrics.json").read_text())["num_images"] == 2
+    exported = cli("-m", "crrf_jax.export", f"--workdir={workdir}", f"--out={workdir / 'bundle'}")
+    assert exported.returncode == 0, exported.stderr[-4000:]
+    bundle = json.loads((workdir / "bundle" / "config.json").read_text())
+    assert bundle["model"]["flux"]["guidance_embed"] and bundle["model"]["embedded_guidance"] == 3.5
+    from crrf_jax.data import synthetic
+
+    scene = synthetic.write_synthetic_scene(workdir / "scene", 40, 48, seed=5)
+    predicted = cli("-m", "crrf_jax.predict", f"--bundle={workdir / 'bundle'}", f"--s2={scene['s2_cloudy']}",
+                    f"--s1={scene['s1']}", f"--out={workdir / 'clear.tif'}", "--steps=1", "--quiet")
+    assert predicted.returncode == 0, predicted.stderr[-4000:]
+    import rasterio
+
+    with rasterio.open(workdir / "clear.tif") as clear:
+        assert (clear.count, clear.height, clear.width) == (13, 40, 48)
+        assert clear.read().max() > 0
+
+
 def test_nan_batches_stop_the_run_with_finite_checkpointed_weights(tmp_path_factory):
     """From step 7 on every batch is NaN: steps 7 and 8 are skipped on device (checkpoint 8 saved), step 9
     is the third in a row and halts training; the run exits with the message and checkpoint 8 is finite."""
@@ -96,7 +145,8 @@ def test_nan_batches_stop_the_run_with_finite_checkpointed_weights(tmp_path_fact
     assert out.returncode != 0
     assert "3 consecutive steps had non-finite loss or gradients, the last at step 9" in out.stderr
     assert "Traceback" not in out.stderr
-    checkpoints = sorted(int(p.name) for p in (workdir / "vae_s1" / "checkpoints").iterdir() if p.name.isdigit())
+    saved = (workdir / "vae_s1" / "checkpoints").iterdir()
+    checkpoints = sorted(int(p.name) for p in saved if p.name.isdigit())
     assert checkpoints == [4, 8] and not (workdir / "vae_s1" / "final").exists()
     state = tr.read_checkpoint_state(workdir / "vae_s1" / "checkpoints" / "8")
     assert int(state["updates"]) == 6 and int(state["guard"]["consecutive"]) == 2
