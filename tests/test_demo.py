@@ -94,17 +94,17 @@ def test_eval_and_predict_clis_on_the_demo_outputs(demo, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval_*", "scene", "bundle", "checkpoints"))
     config = json.loads((copy / "config.json").read_text())
-    config["eval"].update(split="val", max_images=2, write_geotiff=True, num_samples=1)
+    config["eval"].update(split="train", max_images=2, write_geotiff=True, num_samples=1)
     config["flow"]["sample_steps"] = 1
     (copy / "config.json").write_text(json.dumps(config))
     run(["eval.py", f"--workdir={copy}", "--no_references"])
+    metrics = json.loads((copy / "eval_train" / "metrics.json").read_text())
+    assert (metrics["split"], metrics["num_images"], metrics["steps"]) == ("train", 2, 1)
+    assert len(list((copy / "eval_train").rglob("*.tif"))) == 2
+    run(["eval.py", f"--workdir={copy}", "--no_references", "--max_images=1", "--nogeotiff", "--split=val"])
     metrics = json.loads((copy / "eval_val" / "metrics.json").read_text())
-    assert (metrics["split"], metrics["num_images"], metrics["steps"]) == ("val", 2, 1)
-    assert len(list((copy / "eval_val").rglob("*.tif"))) == 2
-    run(["eval.py", f"--workdir={copy}", "--no_references", "--max_images=1", "--nogeotiff", "--split=test"])
-    metrics = json.loads((copy / "eval_test" / "metrics.json").read_text())
-    assert (metrics["split"], metrics["num_images"]) == ("test", 1)
-    assert not list((copy / "eval_test").rglob("*.tif"))
+    assert (metrics["split"], metrics["num_images"]) == ("val", 1)
+    assert not list((copy / "eval_val").rglob("*.tif"))
     scene = workdir / "scene"
     run(["-m", "crrf_jax.predict", f"--bundle={workdir / 'bundle'}", f"--s2={scene / 's2_cloudy.tif'}",
          f"--out={tmp_path / 'nosar.tif'}", "--steps=1"])
