@@ -1,11 +1,11 @@
 """Orbax checkpoints of one training stage: train state, data-iterator state, async saves, keep-N, resume.
 
-Layout: `<workdir>/<stage>/checkpoints/<step>/{state, data}`; the directory is an etils.epath.Path (local or
-gs://), which Orbax handles itself (on GCS it marks complete steps with a commit file instead of a rename; the
-data iterator's state is one JSON file per process, written by grain's handler through epath). Saves are asynchronous (the next steps run while
-the arrays are written) and atomic (Orbax writes into a temporary directory and renames it when complete), so an
-interrupted save never looks complete. On resume the newest checkpoint that restores is used; one that fails to
-restore (corrupt files) is skipped with a warning and the next older one is tried.
+Layout: `<workdir>/<stage>/checkpoints/<step>/{state, data}`; the directory is an etils.epath.Path, local or
+gs://, which Orbax handles itself (the data iterator's state is one JSON file per process, written by grain's
+handler through epath). Saves are asynchronous (the next steps run while the arrays are written) and atomic
+(locally Orbax writes into a temporary directory and renames it when complete; on GCS it marks a complete step
+with a commit file), so an interrupted save never looks complete. On resume the newest checkpoint that restores
+is used; one that fails to restore (corrupt files) is skipped with a warning and the next older one is tried.
 """
 
 from __future__ import annotations

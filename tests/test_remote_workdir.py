@@ -1,19 +1,20 @@
 """`--workdir=gs://bucket/run`: every file of a run goes through etils.epath, offline (tests.helpers.fake_gcs).
 
 The fake serves gs://<bucket>/<key> from a local folder through fsspec, the backend epath uses for gs:// (gcsfs
-in production), and refuses appends as object stores do. A tiny train.py run of the stages up to the flow on a gs:// workdir,
-started in an empty working directory, must leave that directory empty (a plain `os`/`open()` call on a gs://
-path would create a folder named `gs:` there) and put its config, metrics traces, TensorBoard events, previews,
-latent statistics, DONE markers, checkpoints and final weights in the bucket; the run is then exported from
-gs:// to a gs:// bundle (safetensors as bytes) and read back.
+in production), and refuses appends as object stores do. A tiny train.py run (both autoencoders, the latent
+statistics and the flow) on a gs:// workdir, started in an empty working directory, must leave it empty (a plain
+`os`/`open()` call on a gs:// path would create a folder named `gs:` there) and put its config, metrics traces,
+TensorBoard events, previews, latent statistics, DONE markers, checkpoints and final weights in the bucket; the
+run is then exported from gs:// to a gs:// bundle (safetensors as bytes) and read back.
 
 Covered: every read and write crrf_jax makes itself (rundir, trainer, checkpoint, visualize, bundle, export,
-evaluation's tables and pictures; the latent cache's placement on local scratch as a path) on the epath -> fsspec
-path.
+evaluation's tables and pictures) on the epath -> fsspec path, and where a URL workdir's latent cache goes (as
+a path: the run does not cache latents, to share test_train's compiled programs).
 Not covered: Orbax's own GCS path. Its arrays go through TensorStore's native GCS driver (HTTP) and it asks
 google-cloud-storage about the bucket, neither possible offline, so Orbax is handed the folder behind each gs://
 path (`fake_gcs.orbax_in_folder`): the checkpoints land in the bucket's folder and crrf_jax checks them through
-gs:// paths, but TensorStore's gcs driver and Orbax's commit-file atomicity are not run here.
+gs:// paths, but TensorStore's gcs driver and Orbax's commit-file atomicity are not run here. Nor are the
+refiner stage (no path of its own) and evaluation's scoring (only its writes).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from tests.helpers import train_run as tr
 RUN = "gs://bucket/run"
 # The stage runs of test_train (same programs: one XLA compilation for both in a session); a model without the
 # refiner, whose stage adds no path of its own.
-STAGE_RUNS = {"vae_s2": dict(steps=12, lr=2e-3), "vae_s1": tr.VAE_S1, "flow": dict(steps=30, lr=1e-3)}
+STAGE_RUNS = {"vae_s2": {"steps": 12, "lr": 2e-3}, "vae_s1": tr.VAE_S1, "flow": {"steps": 30, "lr": 1e-3}}
 STAGES = tuple(STAGE_RUNS)
 
 
