@@ -57,6 +57,15 @@ def test_rundir_paths_keep_the_scheme():
     assert str(cache).endswith(os.path.join("crrf_jax_latents", "gs", "b", "run", "p0"))
 
 
+def test_the_demo_asks_for_a_local_workdir():
+    """Its synthetic data and scene are GeoTIFFs, written with rasterio: a gs:// workdir is refused up front."""
+    from crrf_jax import export
+
+    config = export.load_config_file(str(tr.ROOT / "configs" / "demo.py"))
+    with pytest.raises(ValueError, match="needs a local --workdir"):
+        trainer.prepare_data(config, "gs://b/run")
+
+
 @pytest.fixture
 def bucket(tmp_path):
     root = tmp_path / "gcs"
