@@ -15,16 +15,16 @@ checkpoint and exits 0. Logs: TensorBoard in `<workdir>/<stage>/tb`, a JSON-line
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from crrf_jax import train_lib, trainer
+from crrf_jax import paths, train_lib, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config file (with :args).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, logs and outputs: a local folder or a URL (gs://bucket/run).")
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the traceback of configuration and data errors.")
 
 log = logging.getLogger("crrf_jax.train")
@@ -35,7 +35,7 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
-    config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+    config, workdir = _CONFIG.value, paths.as_path(_WORKDIR.value)  # local: absolute; gs://: as given
     setup_logging()
     try:
         trainer.run(config, workdir)

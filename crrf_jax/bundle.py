@@ -14,6 +14,8 @@ A bundle directory holds
     README.txt                what the files are and how to use them
 
 Keys are the NNX state paths of the modules built by crrf_jax.models.build, joined with "/". No pickle.
+A bundle may live in a local folder or at a URL (gs://): its files are read and written whole through
+`crrf_jax.paths` (etils.epath), the safetensors as bytes.
 `ModelParts` is the format in memory: `read_bundle` gives one, `write_bundle` writes one, and
 crrf_jax.rundir.read_workdir reads one from a training run; `CloudRemover.from_parts` builds the networks from
 it (with `abstract_network` and `fill_state`).
@@ -25,13 +27,13 @@ import dataclasses
 import datetime
 import json
 import os
-import shutil
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from crrf_jax import paths
 from crrf_jax.config import has_refiner  # noqa: F401  (re-exported: bundle configs are read with it)
 
 FORMAT = "crrf-jax-bundle"
@@ -200,16 +202,23 @@ def _few(keys: Sequence[str], n: int = 5) -> str:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def write_bundle(parts: ModelParts, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Writes `parts` as a bundle directory (into `<out>.partial`, renamed when complete); returns `out`."""
-    from safetensors.numpy import save_file
+def write_bundle(parts: ModelParts, out: str | os.PathLike, *, overwrite: bool = False) -> epath.Path:
+    """Writes `parts` as a bundle directory; returns `out`.
 
-    out = Path(out)
+    Locally the files go into `<out>.partial`, renamed to `out` when complete. An object store (gs://) has no
+    directory rename: the files are written into `out` directly, config.json last (a bundle without it is
+    reported incomplete by `read_bundle`).
+    """
+    from safetensors.numpy import save
+
+    out = paths.as_path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists; pass overwrite=True (--overwrite) to replace it")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    remote = paths.is_url(out)
+    tmp = out if remote else out.with_name(out.name + ".partial")
+    if tmp.exists():
+        tmp.rmtree()
+    tmp.mkdir(parents=True, exist_ok=True)
     flow = parts.states["flow"]
     files = {
         "vae_s2": parts.states["vae_s2"],
@@ -221,24 +230,24 @@ def write_bundle(parts: ModelParts, out: str | os.PathLike, *, overwrite: bool =
         files["refiner"] = parts.states["refiner"]
     for name, tensors in files.items():
         tensors = {k: np.ascontiguousarray(_storable(v)) for k, v in tensors.items()}
-        save_file(tensors, str(tmp / WEIGHT_FILES[name]), metadata={"format": FORMAT, "network": name})
-        os.chmod(tmp / WEIGHT_FILES[name], 0o644)  # safetensors creates files readable by the owner only
+        paths.write_bytes(tmp / WEIGHT_FILES[name], save(tensors, metadata={"format": FORMAT, "network": name}))
+    paths.write_text(tmp / LATENT_STATS_FILE, json.dumps(parts.latent_stats, indent=2) + "\n")
+    paths.write_text(tmp / "README.txt", _readme(parts.config))
     config = dict(parts.config, exported=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    (tmp / LATENT_STATS_FILE).write_text(json.dumps(parts.latent_stats, indent=2) + "\n")
-    (tmp / "README.txt").write_text(_readme(parts.config))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    paths.write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    if not remote:
+        if out.exists():
+            out.rmtree()
+        os.replace(tmp, out)
     return out
 
 
 def read_bundle(path: str | os.PathLike) -> ModelParts:
     """The contents of a bundle directory; BundleError naming the file when one is missing or wrong."""
     from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
-    path = Path(path)
+    path = paths.as_path(path)
     if not path.is_dir():
         raise BundleError(f"{path}: bundle directory does not exist")
     cfg_path = path / CONFIG_FILE
@@ -261,7 +270,7 @@ def read_bundle(path: str | os.PathLike) -> ModelParts:
         if not file.is_file():
             raise BundleError(f"{file}: weights of {name} missing; the bundle is incomplete")
         try:
-            tensors[name] = load_file(str(file))
+            tensors[name] = load(file.read_bytes())
         except (SafetensorError, OSError, ValueError) as e:
             raise BundleError(f"{file}: unreadable safetensors file ({e})") from e
     for name in ("vae_s2", "vae_s1", "transformer", "cloud_cnn"):
@@ -329,7 +338,7 @@ def read_latent_stats(path: str | os.PathLike) -> dict[str, dict[str, float]]:
 
     Raises BundleError naming the file when it is missing or its statistics are unusable.
     """
-    path = Path(path)
+    path = paths.as_path(path)
     if not path.is_file():
         raise BundleError(f"{path}: latent statistics missing; run the latent_stats stage first")
     raw = read_json(path)
@@ -344,7 +353,7 @@ def read_latent_stats(path: str | os.PathLike) -> dict[str, dict[str, float]]:
     return out
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: epath.Path) -> dict[str, Any]:
     """The JSON object in `path`; BundleError naming the file when it cannot be read or parsed."""
     try:
         return json.loads(path.read_text())

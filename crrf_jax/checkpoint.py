@@ -1,9 +1,11 @@
 """Orbax checkpoints of one training stage: train state, data-iterator state, async saves, keep-N, resume.
 
-Layout: `<workdir>/<stage>/checkpoints/<step>/{state, data}`. Saves are asynchronous (the next steps run while
-the arrays are written) and atomic (Orbax writes into a temporary directory and renames it when complete), so an
-interrupted save never looks complete. On resume the newest checkpoint that restores is used; one that fails to
-restore (corrupt files) is skipped with a warning and the next older one is tried.
+Layout: `<workdir>/<stage>/checkpoints/<step>/{state, data}`; the directory is an etils.epath.Path, local or
+gs://, which Orbax handles itself (the data iterator's state is one JSON file per process, written by grain's
+handler through epath). Saves are asynchronous (the next steps run while the arrays are written) and atomic
+(locally Orbax writes into a temporary directory and renames it when complete; on GCS it marks a complete step
+with a commit file), so an interrupted save never looks complete. On resume the newest checkpoint that restores
+is used; one that fails to restore (corrupt files) is skipped with a warning and the next older one is tried.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from crrf_jax import paths
+
 log = logging.getLogger(__name__)
 
 
@@ -23,7 +27,7 @@ class StageCheckpointer:
     """An Orbax CheckpointManager for one stage's TrainState and (optionally) its grain iterator."""
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = paths.as_path(directory)  # epath: a local folder (absolute) or a gs:// URL
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(

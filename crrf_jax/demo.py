@@ -12,7 +12,7 @@ log = logging.getLogger("crrf_jax.demo")
 SCENE_SIZE = (300, 400)  # a scene larger than a tile and not a multiple of it
 
 
-def finish(config, workdir: str) -> dict:
+def finish(config, workdir: str | os.PathLike) -> dict:
     """Runs after training: test-split metrics (model vs cloudy input), a bundle, a tiled scene prediction."""
     from crrf_jax import evaluation, export, rundir
     from crrf_jax.data import synthetic
@@ -28,13 +28,12 @@ def finish(config, workdir: str) -> dict:
         protocol=config.data.protocol, steps=config.flow.sample_steps, batch_size=config.eval.batch_size,
         num_samples=config.eval.num_samples, cloud_threshold=config.eval.cloud_threshold,
     )
-    scene = synthetic.write_synthetic_scene(rundir.scene_dir(workdir), *SCENE_SIZE, seed=123)
-    prediction = os.path.join(rundir.scene_dir(workdir), "prediction.tif")
-    uncertainty = os.path.join(rundir.scene_dir(workdir), "uncertainty.tif")
+    scene_dir = rundir.scene_dir(workdir)  # GeoTIFFs (rasterio): a local workdir (trainer.prepare_data checks)
+    scene = synthetic.write_synthetic_scene(scene_dir, *SCENE_SIZE, seed=123)
+    prediction, uncertainty = scene_dir / "prediction.tif", scene_dir / "uncertainty.tif"
     predict_scene(remover, scene["s2_cloudy"], s1_path=scene["s1"], out_path=prediction,
                   uncertainty_path=uncertainty, steps=config.flow.sample_steps, num_samples=2)
-    preview = _scene_preview(scene, prediction, remover.band_indices,
-                             os.path.join(rundir.scene_dir(workdir), "scene.png"))
+    preview = _scene_preview(scene, prediction, remover.band_indices, scene_dir / "scene.png")
     print("\n" + evaluation.format_table(result))
     print(
         f"\nbundle:        {bundle}\n"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from crrf_jax import metrics as M
+from crrf_jax import paths
 from crrf_jax import references as R
 from crrf_jax import visualize as vis
 from crrf_jax.data import contract, pipeline, sen12mscr
@@ -152,7 +154,7 @@ def evaluate(
     steps = int(steps or remover.config["sampling"]["steps"])
     guidance = float(remover.config["sampling"]["guidance_scale"] if guidance_scale is None else guidance_scale)
     use_sar = use_sar and remover.use_sar(True)
-    os.makedirs(out, exist_ok=True)
+    paths.as_path(out).mkdir(parents=True, exist_ok=True)  # local or a gs:// URL
 
     def batches():
         return iter(pipeline.make_dataset(
@@ -205,9 +207,8 @@ def evaluate(
 def _write_tables(out: str, result: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     """metrics.json (plain floats; NaN/inf kept as JSON tokens) and per_image.csv; returns what was written."""
     result = json.loads(json.dumps(result, default=float))
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    _write_csv(os.path.join(out, "per_image.csv"), rows)
+    paths.write_text(paths.as_path(out) / "metrics.json", json.dumps(result, indent=2))
+    _write_csv(paths.as_path(out) / "per_image.csv", rows)
     return result
 
 
@@ -245,11 +246,12 @@ def _image_row(image_id: str, scores: dict, i: int, running: dict[str, M.Running
     return row
 
 
-def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+def _write_csv(path, rows: list[dict[str, Any]]) -> None:
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    paths.write_text(path, text.getvalue())
 
 
 def _write_examples(remover, out: str, rows, batches, predict) -> dict[str, str]:
@@ -273,20 +275,23 @@ def _write_examples(remover, out: str, rows, batches, predict) -> dict[str, str]
             ]
         if len(panels) == len(wanted):
             break
-    paths = {}
+    written = {}
     for name, idx in picks.items():
         ids = [rows[i]["id"] for i in idx if rows[i]["id"] in panels]
         labels = [f"{rows[i]['psnr']:.1f} dB" for i in idx if rows[i]["id"] in panels]
         image = vis.grid([panels[i] for i in ids], row_labels=labels,
                          col_labels=["cloudy", "SAR", "prediction", "target", "uncertainty"])
-        paths[name] = vis.save_png(image, os.path.join(out, f"examples_{name}.png"))
-    return paths
+        written[name] = vis.save_png(image, paths.as_path(out) / f"examples_{name}.png")
+    return written
 
 
 def _write_prediction(root, out, image_id, pred, band_indices, split, protocol) -> None:
     """The prediction as uint16 DN with the georeferencing of the image's cloud-free target file."""
     import rasterio
 
+    if paths.is_url(out):
+        raise ValueError(f"{out}: GeoTIFF predictions (write_geotiff) are written with rasterio to a local folder; "
+                         "give a local output folder")
     triplet = _triplets(root, split, protocol)[image_id]
     with rasterio.open(triplet.s2) as src:
         profile = src.profile | {"count": pred.shape[-1], "dtype": "uint16", "compress": "deflate"}

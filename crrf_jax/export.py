@@ -13,16 +13,17 @@ import importlib.util
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from crrf_jax import bundle, rundir
+from etils import epath
+
+from crrf_jax import bundle, paths, rundir
 
 
 def export_bundle(
     workdir: str | os.PathLike, out: str | os.PathLike, config=None, *, overwrite: bool = False
-) -> Path:
-    """Reads a finished training run and writes its bundle; returns the bundle path."""
-    if Path(out).exists() and not overwrite:  # before the (slow) read
+) -> epath.Path:
+    """Reads a finished training run and writes its bundle (each local or a gs:// URL); returns its path."""
+    if paths.as_path(out).exists() and not overwrite:  # before the (slow) read
         raise FileExistsError(f"{out}: already exists; pass overwrite=True (--overwrite) to replace it")
     return bundle.write_bundle(rundir.read_workdir(workdir, config), out, overwrite=overwrite)
 

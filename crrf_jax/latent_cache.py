@@ -36,11 +36,13 @@ log = logging.getLogger(__name__)
 LATENT_KEYS = ("x0", "cloudy", "sar")
 
 
-def build(directory: str, batches, vaes: sampling.Networks) -> str:
+def build(directory: str | os.PathLike, batches, vaes: sampling.Networks) -> str:
     """Encodes every valid sample of `batches` (an evaluation-style pass: no shuffle, one epoch) once.
 
-    vaes: the frozen VAEs (`sampling.Networks.of_vaes`).
+    directory: a local folder (memory-mapped when read; `rundir.latent_cache_dir` keeps it local even for a
+    gs:// workdir). vaes: the frozen VAEs (`sampling.Networks.of_vaes`).
     """
+    directory = os.fspath(directory)
     if os.path.exists(os.path.join(directory, "DONE")):
         return directory
     os.makedirs(directory, exist_ok=True)

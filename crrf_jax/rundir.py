@@ -8,23 +8,26 @@
         checkpoints/ metrics.jsonl tb/ previews/   resumable state and logs (`checkpoints_dir`,
                                                `metrics_path`, `tensorboard_dir`, `preview_path`)
     <workdir>/latent_stats/latent_stats.json   latent scale and shift of each VAE (`latent_stats_path`)
-    <workdir>/flow/latents/p<process>/         the flow stage's latent cache (`latent_cache_dir`)
+    <workdir>/flow/latents/p<process>/         the flow stage's latent cache (`latent_cache_dir`; local
+                                               scratch when the workdir is a URL)
     <workdir>/eval_<split>/                    evaluation outputs (`eval_dir`; also beside a bundle)
     <workdir>/data/ bundle/ scene/             the demo's synthetic data, bundle and scene prediction
 
-`read_workdir` reads a finished run into crrf_jax.bundle.ModelParts, the form the export and
+The workdir may be a local folder or a URL (`gs://bucket/run`): every path here is an `etils.epath.Path` made
+by `crrf_jax.paths.as_path` (local paths absolute, URLs kept as given) and every file is read and written through
+it. `read_workdir` reads a finished run into crrf_jax.bundle.ModelParts, the form the export and
 `CloudRemover.from_workdir` take it in. Problems are reported as bundle.BundleError naming the file.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 
-from crrf_jax import bundle
+from crrf_jax import bundle, paths
 from crrf_jax.bundle import BundleError
 
 RUN_CONFIG_FILE = "config.json"
@@ -35,57 +38,68 @@ RUN_CONFIG_FILE = "config.json"
 # ------------------------------------------------------------------------------------------------------------
 
 
-def run_config_path(workdir: str | os.PathLike) -> str:
-    return os.path.join(workdir, RUN_CONFIG_FILE)
+def run_config_path(workdir: str | os.PathLike) -> epath.Path:
+    return paths.as_path(workdir) / RUN_CONFIG_FILE
 
 
-def stage_path(workdir: str | os.PathLike, stage: str) -> str:
-    return os.path.join(workdir, stage)
+def stage_path(workdir: str | os.PathLike, stage: str) -> epath.Path:
+    return paths.as_path(workdir) / stage
 
 
-def checkpoints_dir(stage_dir: str | os.PathLike) -> str:
-    return os.path.join(stage_dir, "checkpoints")
+def checkpoints_dir(stage_dir: str | os.PathLike) -> epath.Path:
+    return paths.as_path(stage_dir) / "checkpoints"
 
 
-def metrics_path(stage_dir: str | os.PathLike) -> str:
-    return os.path.join(stage_dir, "metrics.jsonl")
+def metrics_path(stage_dir: str | os.PathLike) -> epath.Path:
+    return paths.as_path(stage_dir) / "metrics.jsonl"
 
 
-def tensorboard_dir(stage_dir: str | os.PathLike) -> str:
-    return os.path.join(stage_dir, "tb")
+def tensorboard_dir(stage_dir: str | os.PathLike) -> epath.Path:
+    return paths.as_path(stage_dir) / "tb"
 
 
-def preview_path(stage_dir: str | os.PathLike, step: int) -> str:
-    return os.path.join(stage_dir, "previews", f"{step:07d}.png")
+def preview_path(stage_dir: str | os.PathLike, step: int) -> epath.Path:
+    return paths.as_path(stage_dir) / "previews" / f"{step:07d}.png"
 
 
-def demo_data_dir(workdir: str | os.PathLike) -> str:
+def demo_data_dir(workdir: str | os.PathLike) -> epath.Path:
     """Where the demo writes its synthetic SEN12MS-CR scenes (when config.data.root is empty)."""
-    return os.path.join(workdir, "data")
+    return paths.as_path(workdir) / "data"
 
 
-def bundle_dir(workdir: str | os.PathLike) -> str:
+def bundle_dir(workdir: str | os.PathLike) -> epath.Path:
     """Where the demo exports its bundle."""
-    return os.path.join(workdir, "bundle")
+    return paths.as_path(workdir) / "bundle"
 
 
-def scene_dir(workdir: str | os.PathLike) -> str:
+def scene_dir(workdir: str | os.PathLike) -> epath.Path:
     """The demo's tiled scene prediction (s1/s2/s2_cloudy, prediction, uncertainty, scene.png)."""
-    return os.path.join(workdir, "scene")
+    return paths.as_path(workdir) / "scene"
 
 
-def latent_stats_path(workdir: str | os.PathLike) -> str:
-    return os.path.join(workdir, "latent_stats", "latent_stats.json")
+def latent_stats_path(workdir: str | os.PathLike) -> epath.Path:
+    return paths.as_path(workdir) / "latent_stats" / "latent_stats.json"
 
 
-def latent_cache_dir(workdir: str | os.PathLike) -> str:
-    """This process's shard of the flow stage's latent cache (crrf_jax.latent_cache)."""
-    return os.path.join(workdir, "flow", "latents", f"p{jax.process_index()}")
+def latent_cache_dir(workdir: str | os.PathLike) -> epath.Path:
+    """This process's shard of the flow stage's latent cache (crrf_jax.latent_cache), a local folder.
+
+    The cache is memory-mapped, which needs local files: for a URL workdir (gs://bucket/run) it goes to
+    `<temp dir>/crrf_jax_latents/<bucket>/<run>/p<process>` on each host ($TMPDIR picks the disk), rebuilt
+    where missing.
+    """
+    if paths.is_url(workdir):
+        import tempfile
+
+        scheme, _, rest = os.fspath(workdir).partition("://")
+        scratch = paths.as_path(tempfile.gettempdir()) / "crrf_jax_latents" / scheme / rest.strip("/")
+        return scratch / f"p{jax.process_index()}"
+    return paths.as_path(workdir) / "flow" / "latents" / f"p{jax.process_index()}"
 
 
-def eval_dir(base: str | os.PathLike, split: str) -> str:
+def eval_dir(base: str | os.PathLike, split: str) -> epath.Path:
     """Where eval.py writes its results for `split` by default, in a workdir or a bundle directory."""
-    return os.path.join(base, f"eval_{split}")
+    return paths.as_path(base) / f"eval_{split}"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -93,14 +107,11 @@ def eval_dir(base: str | os.PathLike, split: str) -> str:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def save_run_config(config, workdir: str | os.PathLike) -> Path:
+def save_run_config(config, workdir: str | os.PathLike) -> epath.Path:
     """Writes the training config as `<workdir>/config.json` (process 0 only); returns the path."""
-    path = Path(run_config_path(workdir))
+    path = run_config_path(workdir)
     if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(config.to_json_best_effort(indent=2) + "\n")
-        os.replace(tmp, path)
+        paths.write_text(path, config.to_json_best_effort(indent=2) + "\n")
     return path
 
 
@@ -108,7 +119,7 @@ def load_run_config(workdir: str | os.PathLike):
     """The training config saved by `save_run_config`, as an ml_collections.ConfigDict."""
     import ml_collections
 
-    path = Path(run_config_path(workdir))
+    path = run_config_path(workdir)
     if not path.is_file():
         raise BundleError(
             f"{path}: training config missing (train.py writes it at start). For an older run pass the "
@@ -124,7 +135,7 @@ def load_run_config(workdir: str | os.PathLike):
 
 def stage_finished(stage_dir: str | os.PathLike) -> bool:
     """Whether a stage folder holds its final weights (final/DONE is written last)."""
-    return os.path.exists(os.path.join(stage_dir, "final", "DONE"))
+    return (paths.as_path(stage_dir) / "final" / "DONE").exists()
 
 
 def save_final(stage_dir: str | os.PathLike, state) -> None:
@@ -134,12 +145,11 @@ def save_final(stage_dir: str | os.PathLike, state) -> None:
     """
     import orbax.checkpoint as ocp
 
-    path = os.path.join(stage_dir, "final")
+    path = paths.as_path(stage_dir) / "final"
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, "weights"), {"ema": state.ema, "rest": state.rest}, force=True)
+        ckptr.save(path / "weights", {"ema": state.ema, "rest": state.rest}, force=True)
     if jax.process_index() == 0:
-        with open(os.path.join(path, "DONE"), "w") as f:
-            f.write(f"{int(state.step)}\n")
+        paths.write_text(path / "DONE", f"{int(state.step)}\n")
     sync(f"final-{stage_dir}")
 
 
@@ -161,10 +171,7 @@ def write_latent_stats(workdir: str | os.PathLike, stats: dict) -> None:
     import json
 
     if jax.process_index() == 0:
-        path = latent_stats_path(workdir)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(stats, f, indent=2)
+        paths.write_text(latent_stats_path(workdir), json.dumps(stats, indent=2))
     sync("latent-stats")
 
 
@@ -178,7 +185,7 @@ def restore_final(stage_dir: str | os.PathLike, model):
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    stage = Path(stage_dir).resolve()  # Orbax wants absolute paths
+    stage = paths.as_path(stage_dir)  # Orbax wants absolute paths (or URLs)
     done, weights = stage / "final" / "DONE", stage / "final" / "weights"
     if not done.is_file():
         raise BundleError(f"{done}: stage {stage.name} not finished (no final/DONE); train it first")
@@ -213,7 +220,7 @@ def read_workdir(workdir: str | os.PathLike, config=None) -> bundle.ModelParts:
 
     config: the training config; default `<workdir>/config.json`. Raises BundleError naming the missing file.
     """
-    workdir = Path(workdir).resolve()
+    workdir = paths.as_path(workdir)
     if not workdir.is_dir():
         raise BundleError(f"{workdir}: workdir does not exist")
     run_config = load_run_config(workdir) if config is None else config

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -271,7 +270,7 @@ def trained_vaes(config, workdir: str) -> list:
 
 def measure_latent_stats(config, workdir: str, mesh, progress) -> dict:
     """Scale and shift of each autoencoder's latents measured on training data (written once, then read)."""
-    if os.path.exists(rundir.latent_stats_path(workdir)):
+    if rundir.latent_stats_path(workdir).exists():
         return rundir.read_latent_stats(workdir)
     vaes = {stage: rundir.load_final(rundir.stage_path(workdir, stage),
                                      build.autoencoder(config.model, stage, config.dtype))

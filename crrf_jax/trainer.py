@@ -10,6 +10,7 @@ SIGTERM (preemption) saves a checkpoint and raises `Preempted`.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from crrf_jax import checkpoint, parallel, rundir, stages, train_lib
+from crrf_jax import checkpoint, parallel, paths, rundir, stages, train_lib
 from crrf_jax import config as C
 from crrf_jax import visualize as vis
 
@@ -32,13 +33,13 @@ class Preempted(Exception):
     """Raised after SIGTERM once the checkpoint is saved."""
 
 
-def run(config, workdir: str) -> None:
+def run(config, workdir: str | os.PathLike) -> None:
     """The whole job (or the configured stage): demo data, stages, and the demo's evaluation tail."""
     C.validate(config)
     maybe_initialize_distributed(config)
     mesh = parallel.make_mesh(config.mesh.to_dict())
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
-    os.makedirs(workdir, exist_ok=True)
+    paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
     prepare_data(config, workdir)
     rundir.save_run_config(config, workdir)
     stop = install_sigterm_handler()
@@ -73,12 +74,15 @@ def maybe_initialize_distributed(config) -> None:
     jax.distributed.initialize(os.environ.get("JAX_COORDINATOR_ADDRESS") or None, **kwargs)
 
 
-def prepare_data(config, workdir: str) -> None:
+def prepare_data(config, workdir: str | os.PathLike) -> None:
     """Resolves the data root; the demo writes synthetic scenes; missing cloud probabilities are computed."""
     from crrf_jax.data import cloudprob, sen12mscr, synthetic
 
+    if config.get("demo") and paths.is_url(workdir) and not (config.data.root and config.stage):
+        raise ValueError(f"--workdir={workdir}: the demo writes its synthetic data and scene GeoTIFFs with rasterio, "
+                         "which needs a local --workdir")
     if config.get("demo") and not config.data.root:
-        config.data.root = rundir.demo_data_dir(workdir)
+        config.data.root = os.fspath(rundir.demo_data_dir(workdir))
         if jax.process_index() == 0 and not _has_triplets(config.data.root):
             log.info("writing %d synthetic scenes to %s", config.data.synthetic_scenes, config.data.root)
             synthetic.write_synthetic_dataset(
@@ -245,33 +249,72 @@ def _count(params) -> int:
 
 
 class MetricsTrace:
-    """metrics.jsonl of one stage; on resume, entries past the restored step are dropped."""
+    """metrics.jsonl of one stage (process 0); on resume, entries past the restored step are dropped.
 
-    def __init__(self, path: str, start_step: int):
-        self.path = path
+    A local trace is appended to line by line. Object stores (a gs:// workdir) cannot append: there the trace
+    is kept in memory and the whole file is rewritten at each write.
+    """
+
+    def __init__(self, path: str | os.PathLike, start_step: int):
+        self.path = paths.as_path(path)
         self.enabled = jax.process_index() == 0
+        self.lines: list[str] = []
         if not self.enabled:
             return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        kept = []
-        if os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-        with open(path, "w") as f:
-            f.writelines(kept)
+        if self.path.exists():
+            self.lines = [line + "\n" for line in self.path.read_text().splitlines()
+                          if line.strip() and json.loads(line)["step"] <= start_step]
+        paths.write_text(self.path, "".join(self.lines))
 
     def write(self, step: int, metrics: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if not self.enabled:
+            return
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        self.lines.append(line)
+        if paths.is_url(self.path):
+            paths.write_text(self.path, "".join(self.lines))
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
 
 
-def _summary_writer(path: str):
+def _summary_writer(path: str | os.PathLike):
+    """tensorboardX's writer (process 0); in an object store through `_RemoteEventFile`."""
     if jax.process_index() != 0:
         return None
-    from tensorboardX import SummaryWriter
+    from tensorboardX import SummaryWriter, record_writer
 
-    return SummaryWriter(path)
+    for prefix in paths.URL_PREFIXES:  # gs://, s3://, ...: through epath rather than tensorboardX's own clients
+        record_writer.register_writer_factory(prefix.removesuffix("://"), _RemoteEventFiles())
+    return SummaryWriter(os.fspath(path))
+
+
+class _RemoteEventFile:
+    """A TensorBoard event file in an object store, written through epath: object stores cannot append, so the
+    records are kept in memory and the whole file is uploaded at each flush (as tensorboardX's GCS writer does;
+    the memory grows with the run's scalars and preview images)."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer = paths.as_path(path), io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        paths.write_bytes(self.path, self.buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _RemoteEventFiles:
+    """tensorboardX's writer factory for a URL prefix (`record_writer.register_writer_factory`)."""
+
+    def open(self, path: str) -> _RemoteEventFile:
+        return _RemoteEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        paths.as_path(path).mkdir(parents=True, exist_ok=True)
 
 
 def progress_bar(stage: str, total: int, initial: int):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from crrf_jax import paths
 
 # Fixed display stretch for L1C reflectance in [0, 1] (DN / 10000): 0.3 reflectance is white. A fixed stretch
 # keeps cloudy input, prediction and target comparable, which a per-image percentile stretch would not.
@@ -58,7 +61,7 @@ def grid(rows: list[list[np.ndarray]], row_labels=None, col_labels=None, pad: in
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> str:
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(image).save(path)
-    return path
+    """Writes an (H, W, 3) uint8 image as a PNG at `path` (local or a gs:// URL); returns the path."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return os.fspath(paths.write_bytes(path, buffer.getvalue()))

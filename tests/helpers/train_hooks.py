@@ -5,6 +5,8 @@ CRRF_TEST_KILL_AFTER_SAVE=N   SIGKILL this process right after the (asynchronous
 CRRF_TEST_SIGTERM_AT_STEP=N   send SIGTERM to this process once step N's metrics are logged (a preemption).
 CRRF_TEST_TRACE_ALL=1         every process writes its own metrics trace, metrics.p<process index>.jsonl.
 CRRF_TEST_NAN_FROM_STEP=N     from step N on (1-based) every floating-point batch array is NaN (bad data).
+CRRF_TEST_FAKE_GCS=ROOT       gs://<bucket>/<key> is served offline from ROOT/<bucket>/<key> (tests.helpers.fake_gcs:
+                              epath through a fake fsspec "gcs" filesystem, Orbax given the folder behind it).
 
 The signals are real: the process receives them from the kernel exactly as from an outside sender; sending
 them from inside only pins the step at which they arrive.
@@ -20,6 +22,13 @@ def install_hooks() -> None:
     import jax
 
     from crrf_jax import checkpoint, trainer
+
+    fake_gcs = os.environ.get("CRRF_TEST_FAKE_GCS")
+    if fake_gcs:
+        from tests.helpers import fake_gcs as fake
+
+        fake.install(fake_gcs)
+        fake.orbax_in_folder(fake_gcs)
 
     kill_after = os.environ.get("CRRF_TEST_KILL_AFTER_SAVE")
     if kill_after:
@@ -54,7 +63,8 @@ def install_hooks() -> None:
         base = trainer.MetricsTrace
 
         class HookedTrace(base):
-            def __init__(self, path: str, start_step: int):
+            def __init__(self, path, start_step: int):
+                path = os.fspath(path)
                 if trace_all:
                     path = path.replace(".jsonl", f".p{jax.process_index()}.jsonl")
                 super().__init__(path, start_step)
