@@ -42,8 +42,9 @@ def main(argv) -> None:
     except trainer.Preempted:
         log.info("preempted: checkpoint saved, exiting cleanly")
         sys.exit(0)
-    except (ValueError, FileNotFoundError, NotADirectoryError, train_lib.NonFiniteError) as err:
-        # Bad configuration or data: the message names the key or file; the traceback adds nothing for users.
+    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError, train_lib.NonFiniteError) as err:
+        # Bad configuration or data (or a missing optional package, e.g. gcsfs for gs://): the message names the
+        # key, file or package; the traceback adds nothing for users.
         if _TRACEBACK.value:
             raise
         sys.exit(f"error: {err}\n(rerun with --traceback for the full traceback)")
