@@ -43,7 +43,7 @@ def main(argv) -> None:
         log.info("preempted: checkpoint saved, exiting cleanly")
         sys.exit(0)
     except (ValueError, FileNotFoundError, NotADirectoryError, ImportError, train_lib.NonFiniteError) as err:
-        # Bad configuration or data (or a missing optional package, e.g. gcsfs for gs://): the message names the
+        # Bad configuration or data, or a missing optional package (gcsfs for gs://): the message names the
         # key, file or package; the traceback adds nothing for users.
         if _TRACEBACK.value:
             raise
