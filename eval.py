@@ -8,6 +8,9 @@ and prints the model against the cloudy input and the learning-free references (
 inpainting; `crrf_jax.references`) over all, cloudy and clear pixels. The split protocol is "exact" unless
 --protocol=legacy (which reproduces the published split leak, for comparison only); metrics.json records which
 one was used.
+
+Several processes (jax.distributed: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID in the
+environment, as for train.py) evaluate together over all their devices; process 0 writes the files and prints.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ _PROTOCOL = flags.DEFINE_enum("protocol", "exact", ["exact", "legacy"], "Split p
 _STEPS = flags.DEFINE_integer("steps", None, "Euler steps (default: the model's sampling default).")
 _SAMPLES = flags.DEFINE_integer("samples", 1, "Samples per image: their mean is scored, their std mapped.")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (1 = off).")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Images per batch (over all local devices).")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Images per batch (over all devices).")
 _THRESHOLD = flags.DEFINE_float("cloud_threshold", 0.5, "Cloud probability above which a pixel is cloudy.")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "Stop after this many images (0 = all).")
 _GEOTIFF = flags.DEFINE_bool("geotiff", False, "Also write each prediction as a GeoTIFF.")
@@ -38,10 +41,11 @@ def main(argv) -> None:
         raise app.UsageError("give exactly one of --workdir or --bundle")
     from absl import logging as absl_logging
 
-    from crrf_jax import evaluation, rundir
+    from crrf_jax import evaluation, parallel, rundir
     from crrf_jax.inference import CloudRemover
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax's per-array INFO lines
+    parallel.initialize_distributed()
 
     if _WORKDIR.value:
         remover = CloudRemover.from_workdir(_WORKDIR.value)
@@ -60,6 +64,8 @@ def main(argv) -> None:
         cloud_threshold=_THRESHOLD.value, max_images=_MAX_IMAGES.value, write_geotiff=_GEOTIFF.value,
         use_sar=not _NO_SAR.value, references=not _NO_REFERENCES.value,
     )
+    if not parallel.is_writer():
+        return
     print(evaluation.format_table(result))
     print(f"\nwritten to {out}: metrics.json, per_image.csv, examples_*.png")
 
