@@ -22,7 +22,7 @@ def finish(config, workdir: str) -> dict:
     from crrf_jax.inference import CloudRemover
     from crrf_jax.predict import predict_scene
 
-    parts = rundir.read_workdir(workdir)  # every process reads (Orbax restores are collective)
+    parts = rundir.read_workdir(workdir)  # every process alike: Orbax calls are made by all processes
     bundle = rundir.bundle_dir(workdir)
     if parallel.is_writer():
         bundle_lib.write_bundle(parts, bundle, overwrite=True)

@@ -157,8 +157,6 @@ def evaluate(
     steps = int(steps or remover.config["sampling"]["steps"])
     guidance = float(remover.config["sampling"]["guidance_scale"] if guidance_scale is None else guidance_scale)
     use_sar = use_sar and remover.use_sar(True)
-    if parallel.is_writer():
-        os.makedirs(out, exist_ok=True)
 
     def batches():
         return iter(pipeline.make_dataset(
@@ -216,6 +214,7 @@ def _write_tables(out: str, result: dict[str, Any], rows: list[dict[str, Any]]) 
     result = json.loads(json.dumps(result, default=float))
     if not parallel.is_writer():
         return result
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
     _write_csv(os.path.join(out, "per_image.csv"), rows)
