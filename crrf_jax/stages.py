@@ -44,12 +44,13 @@ def make_input(config, split: str, batch_size: int, *, seed: int, train: bool = 
     from crrf_jax.data import pipeline
 
     d = config.data
+    process_index, process_count = shard or (None, None)
     dataset = pipeline.make_dataset(
         source=d.source, root=d.root, data_dir=d.tfds_data_dir or None, split=split, protocol=d.protocol,
         bands=contract.resolve_bands(d.bands), batch_size=batch_size,
         crop_size=(crop_size or d.crop_size) if train else None, augment=train, shuffle=train,
         num_epochs=None if train else 1, drop_remainder=train, seed=seed, worker_count=d.worker_count,
-        on_error=d.on_error, process_index=shard[0] if shard else None, process_count=shard[1] if shard else None,
+        on_error=d.on_error, process_index=process_index, process_count=process_count,
     )
     return iter(dataset)
 

@@ -119,7 +119,7 @@ def run_train(flags: list[str], env: dict[str, str], timeout: float = 300) -> su
     return finish(start_train(flags, env), timeout)
 
 
-def run_concurrently(runs: dict[str, tuple[list[str], dict[str, str]]], timeout: float = 300, start=start_train):
+def run_concurrently(runs: dict, timeout: float = 300, start=start_train):
     """Runs independent train.py processes at once (or `start_python` ones): {name: (flags or args, env)} ->
     {name: completed process}."""
     procs = {name: start(flags, env) for name, (flags, env) in runs.items()}
