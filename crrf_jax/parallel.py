@@ -3,10 +3,16 @@
 Every parameter is created with logical axis names (`with_axes`). `LOGICAL_AXIS_RULES` maps each logical
 name to a mesh axis of the ('data', 'fsdp', 'tensor') mesh. A rule whose mesh axis does not divide the
 dimension falls back to replication for that dimension, so odd sizes (13 bands, 3 RoPE ids) never fail.
+
+Several processes (jax.distributed, `initialize_distributed`) share one mesh; the helpers at the end move data
+between host arrays and global arrays: `put_global` (each process places its devices' slices), `to_host`
+(the whole value on every process), `gather_rows` (a batch's first rows from every process's part),
+`allgather_float64` (host numbers, exactly), `is_writer` (process 0 writes files).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -134,8 +140,6 @@ def initialize_distributed(enabled: bool = False) -> None:
     JAX_NUM_PROCESSES and JAX_PROCESS_ID where set (GPU clusters, CPU tests); on TPU pods and SLURM JAX finds
     them itself. CPU processes talk through gloo collectives. train.py, eval.py and the predict CLI call it.
     """
-    import os
-
     if not (enabled or os.environ.get("JAX_COORDINATOR_ADDRESS")):
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
