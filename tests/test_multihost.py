@@ -16,6 +16,7 @@ collectives run over gloo.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,7 +135,7 @@ def test_latent_stats_are_those_of_both_shards(two_process_run):
 
     workdir, _ = two_process_run
     config = rundir.load_run_config(workdir)
-    written = json.loads(open(rundir.latent_stats_path(workdir)).read())
+    written = json.loads(Path(rundir.latent_stats_path(workdir)).read_text())
     shards = [stages.shard_moments(config, str(workdir), LATENT_BATCH // 2, shard=(i, 2)) for i in range(2)]
     for stage in ("vae_s2", "vae_s1"):
         union = train_lib.LatentMoments()
