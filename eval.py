@@ -10,6 +10,10 @@ inpainting; `crrf_jax.references`) over all, cloudy and clear pixels. The split 
 one was used. With --workdir, every setting a flag leaves unset comes from the run's config (config.eval:
 split, batch size, samples, cloud threshold, max images, GeoTIFFs; config.data: protocol and source;
 config.flow: sampling steps and guidance).
+
+Several processes (jax.distributed: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID in the
+environment, as for train.py) evaluate together over all their devices; process 0 writes the files and
+prints.
 """
 
 from __future__ import annotations
@@ -53,10 +57,11 @@ def main(argv) -> None:
     from absl import logging as absl_logging
 
     from crrf_jax import config as C
-    from crrf_jax import evaluation, rundir
+    from crrf_jax import evaluation, parallel, rundir
     from crrf_jax.inference import CloudRemover
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax's per-array INFO lines
+    parallel.initialize_distributed()
 
     if _WORKDIR.value:
         remover = CloudRemover.from_workdir(_WORKDIR.value)
@@ -72,6 +77,8 @@ def main(argv) -> None:
     out = _OUT.value or rundir.eval_dir(base, options["split"])
     result = evaluation.evaluate(remover, root=root, out=out, use_sar=not _NO_SAR.value,
                                  references=not _NO_REFERENCES.value, **options)
+    if not parallel.is_writer():
+        return
     print(evaluation.format_table(result))
     print(f"\nwritten to {out}: metrics.json, per_image.csv, examples_*.png")
 

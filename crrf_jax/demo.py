@@ -5,40 +5,49 @@ from __future__ import annotations
 import logging
 import os
 
-import jax
-
 log = logging.getLogger("crrf_jax.demo")
 
 SCENE_SIZE = (300, 400)  # a scene larger than a tile and not a multiple of it
 
 
 def finish(config, workdir: str | os.PathLike) -> dict:
-    """Runs after training: test-split metrics (model vs cloudy input), a bundle, a tiled scene prediction."""
-    from crrf_jax import evaluation, export, rundir
+    """Runs after training: test-split metrics (model vs cloudy input), a bundle, a tiled scene prediction.
+
+    With several processes all of them evaluate and predict together (over every device); process 0 writes the
+    bundle, the demo scene and the files, and prints the summary.
+    """
+    from crrf_jax import bundle as bundle_lib
+    from crrf_jax import config as C
+    from crrf_jax import evaluation, parallel, rundir
     from crrf_jax.data import synthetic
     from crrf_jax.inference import CloudRemover
     from crrf_jax.predict import predict_scene
 
-    if jax.process_index() != 0:
-        return {}
-    bundle = export.export_bundle(workdir, rundir.bundle_dir(workdir), overwrite=True)
+    parts = rundir.read_workdir(workdir)  # every process alike: Orbax calls are made by all processes
+    bundle = rundir.bundle_dir(workdir)
+    if parallel.is_writer():
+        bundle_lib.write_bundle(parts, bundle, overwrite=True)
+    rundir.sync("demo-bundle")
     remover = CloudRemover.from_bundle(bundle)
-    result = evaluation.evaluate(
-        remover, root=config.data.root, out=rundir.eval_dir(workdir, "test"), split="test",
-        protocol=config.data.protocol, steps=config.flow.sample_steps, batch_size=config.eval.batch_size,
-        num_samples=config.eval.num_samples, cloud_threshold=config.eval.cloud_threshold,
-    )
+    options = C.eval_options(config)  # config.eval: the test split by default
+    eval_dir = rundir.eval_dir(workdir, options["split"])
+    result = evaluation.evaluate(remover, root=config.data.root, out=eval_dir, **options)
     scene_dir = rundir.scene_dir(workdir)  # GeoTIFFs (rasterio): a local workdir (trainer.prepare_data checks)
-    scene = synthetic.write_synthetic_scene(scene_dir, *SCENE_SIZE, seed=123)
+    scene = synthetic.synthetic_scene_paths(scene_dir)
+    if parallel.is_writer():
+        scene = synthetic.write_synthetic_scene(scene_dir, *SCENE_SIZE, seed=123)
+    rundir.sync("demo-scene")
     prediction, uncertainty = scene_dir / "prediction.tif", scene_dir / "uncertainty.tif"
     predict_scene(remover, scene["s2_cloudy"], s1_path=scene["s1"], out_path=prediction,
                   uncertainty_path=uncertainty, steps=config.flow.sample_steps, num_samples=2)
+    if not parallel.is_writer():
+        return result
     preview = _scene_preview(scene, prediction, remover.band_indices, scene_dir / "scene.png")
     print("\n" + evaluation.format_table(result))
     print(
         f"\nbundle:        {bundle}\n"
-        f"metrics:       {rundir.eval_dir(workdir, 'test')}/metrics.json, per_image.csv\n"
-        f"pictures:      {rundir.eval_dir(workdir, 'test')}/examples_{{best,median,worst}}.png, {preview}\n"
+        f"metrics:       {eval_dir}/metrics.json, per_image.csv\n"
+        f"pictures:      {eval_dir}/examples_{{best,median,worst}}.png, {preview}\n"
         f"scene:         {prediction} (uncertainty: {uncertainty})\n"
         f"training logs: tensorboard --logdir {workdir}"
     )

@@ -1,11 +1,11 @@
 """Evaluation comparable with the published SEN12MS-CR tables (UnCRtainTS, EMRDM; docs/ARCHITECTURE.md,
 "Inference and evaluation").
 
-`evaluate(remover, ...)` samples every image of a split with the EMA weights (tiles batched over the local
-devices) and scores, against the cloud-free target, the model, the cloudy input and the learning-free references
-of `crrf_jax.references` (mean fill, biharmonic inpainting): the baselines a model has to beat. Every method is
-scored over all pixels, over cloudy pixels (cloud probability above a threshold) and over clear pixels (the
-rest), and `evaluate` writes into `out`:
+`evaluate(remover, ...)` samples every image of a split with the EMA weights (tiles batched over the
+remover's mesh: every device of every process) and scores, against the cloud-free target, the model, the
+cloudy input and the learning-free references of `crrf_jax.references` (mean fill, biharmonic inpainting): the
+baselines a model has to beat. Every method is scored over all pixels, over cloudy pixels (cloud probability
+above a threshold) and over clear pixels (the rest), and `evaluate` writes into `out`:
 
     metrics.json     means over images of every group, how many images each mean averaged, split, protocol,
                      sampling and predict options
@@ -18,6 +18,10 @@ The groups of a method are `<method>`, `<method>_cloudy_pixels` and `<method>_cl
 metrics in that group and is left out of its mean (`metrics.RunningMean`); `image_counts` says how many images
 each mean is over. The references keep clear pixels exactly, so their clear-pixel scores are the cloudy
 input's.
+
+With several processes (jax.distributed) every process calls `evaluate` alike: each reads the whole split,
+feeds its devices' part of each batch, gets the gathered predictions back, and scores them; process 0 alone
+writes the files. The result is the one-process result.
 
 Predictions are clipped to [0, 1] before scoring (the published code scores unclipped outputs; metrics.json says
 `clipped_to_unit_range`). Each image's sampling noise is seeded by a hash of its id, so results do not depend
@@ -43,7 +47,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from crrf_jax import metrics as M
-from crrf_jax import paths
+from crrf_jax import parallel, paths
 from crrf_jax import references as R
 from crrf_jax import visualize as vis
 from crrf_jax.data import contract, pipeline, sen12mscr
@@ -154,13 +158,12 @@ def evaluate(
     steps = int(steps or remover.config["sampling"]["steps"])
     guidance = float(remover.config["sampling"]["guidance_scale"] if guidance_scale is None else guidance_scale)
     use_sar = use_sar and remover.use_sar(True)
-    paths.as_path(out).mkdir(parents=True, exist_ok=True)  # local or a gs:// URL
-
     def batches():
         return iter(pipeline.make_dataset(
             source=source, root=root, data_dir=data_dir, split=split, protocol=protocol,
             bands=list(remover.band_indices), batch_size=batch_size, crop_size=None, augment=False,
             shuffle=False, num_epochs=1, drop_remainder=False, worker_count=worker_count, on_error=on_error,
+            process_index=0, process_count=1,  # every process reads every batch, the remover splits it
         ))
 
     predict = functools.partial(
@@ -173,7 +176,8 @@ def evaluate(
     wall_s = {name: 0.0 for name in methods if name != "cloudy_input"}  # host seconds (model: with compiling)
     rows: list[dict[str, Any]] = []
     data = batches()
-    with tqdm(total=max_images or None, desc=f"eval {split}", unit="img", dynamic_ncols=True) as bar:
+    with tqdm(total=max_images or None, desc=f"eval {split}", unit="img", dynamic_ncols=True,
+              disable=not parallel.is_writer()) as bar:
         for batch in data:
             valid = np.asarray(batch["mask"], bool)
             if not valid.any():
@@ -182,7 +186,7 @@ def evaluate(
             keep = np.flatnonzero(valid)[: (max_images - len(rows)) if max_images else None]
             for i in keep:
                 rows.append(_image_row(str(batch["id"][i]), scores, i, running))
-                if write_geotiff:
+                if write_geotiff and parallel.is_writer():
                     _write_prediction(root, out, rows[-1]["id"], mean[i], remover.band_indices, split, protocol)
             bar.update(len(keep))
             if max_images and len(rows) >= max_images:
@@ -205,8 +209,12 @@ def evaluate(
 
 
 def _write_tables(out: str, result: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """metrics.json (plain floats; NaN/inf kept as JSON tokens) and per_image.csv; returns what was written."""
+    """metrics.json (plain floats; NaN/inf kept as JSON tokens) and per_image.csv (process 0); returns what
+    was written (on every process)."""
     result = json.loads(json.dumps(result, default=float))
+    if not parallel.is_writer():
+        return result
+    paths.as_path(out).mkdir(parents=True, exist_ok=True)  # local or a gs:// URL
     paths.write_text(paths.as_path(out) / "metrics.json", json.dumps(result, indent=2))
     _write_csv(paths.as_path(out) / "per_image.csv", rows)
     return result
@@ -255,7 +263,8 @@ def _write_csv(path, rows: list[dict[str, Any]]) -> None:
 
 
 def _write_examples(remover, out: str, rows, batches, predict) -> dict[str, str]:
-    """Grids of the worst, median and best images by PSNR (a second pass predicts just those batches)."""
+    """Grids of the worst, median and best images by PSNR (a second pass predicts just those batches; every
+    process predicts, process 0 writes)."""
     order = sorted(range(len(rows)), key=lambda i: (np.nan_to_num(rows[i]["psnr"], nan=-np.inf), rows[i]["id"]))
     k = min(EXAMPLE_ROWS, len(rows))
     mid = len(order) // 2
@@ -281,7 +290,9 @@ def _write_examples(remover, out: str, rows, batches, predict) -> dict[str, str]
         labels = [f"{rows[i]['psnr']:.1f} dB" for i in idx if rows[i]["id"] in panels]
         image = vis.grid([panels[i] for i in ids], row_labels=labels,
                          col_labels=["cloudy", "SAR", "prediction", "target", "uncertainty"])
-        written[name] = vis.save_png(image, paths.as_path(out) / f"examples_{name}.png")
+        written[name] = paths.as_path(out) / f"examples_{name}.png"
+        if parallel.is_writer():
+            vis.save_png(image, written[name])
     return written
 
 

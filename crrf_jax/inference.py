@@ -1,11 +1,15 @@
 """Cloud removal on whole scenes: `CloudRemover`, trained networks ready for prediction.
 
 - `CloudRemover.from_bundle(path)` (crrf_jax.bundle) or `.from_workdir(workdir)` (crrf_jax.rundir) loads the
-  networks, replicated over a ('data',) mesh.
+  networks, replicated over a ('data',) mesh of every device (of every process under jax.distributed).
 - `remove_clouds(s2_cloudy, s1, ...)` on scenes of any size: overlapping tiles (crrf_jax.tiling), batched over
   the mesh, sampled with crrf_jax.sampling and blended so seams do not show. `process` is the streaming core
   that crrf_jax.predict runs on GeoTIFFs.
 - `check_reflectance`, `keep_clear_pixels`: input checks and the keep-clear option.
+
+With several processes every process makes the same calls with the same tiles: each feeds the slices of
+its own devices (`parallel.put_global`), the prediction is gathered back to every process
+(`parallel.to_host`), and the callers write files from process 0 only (crrf_jax.predict, evaluation).
 
 Noise is drawn per tile from `fold_in(key(seed), tile index)`, so a result depends on the seed and the tile
 layout but not on the batch size or the number of devices.
@@ -33,7 +37,8 @@ class CloudRemover:
 
     Build with `from_bundle(path)` (an exported bundle; no training config needed) or `from_workdir(workdir)`
     (a finished training run). `config` is the bundle config (bundle.bundle_config).
-    Inference runs in one process (on all its local devices); tiles are host arrays put onto the mesh.
+    Tiles are host arrays split over the mesh; with several processes (jax.distributed) every process calls
+    alike with the same tiles, feeds its own devices' part and gets the whole prediction back.
     """
 
     def __init__(self, flow_model, vae_s2, vae_s1, config: dict[str, Any], *, mesh=None, refiner=None):
@@ -132,7 +137,7 @@ class CloudRemover:
             a = np.asarray(a)
             if size > n:
                 a = np.concatenate([a, np.repeat(a[-1:], size - n, axis=0)])
-            return jax.device_put(a, parallel.batch_sharding(self.mesh, a.ndim))
+            return parallel.put_global(a, parallel.batch_sharding(self.mesh, a.ndim))
 
         device = {k: put(np.asarray(tiles[k], np.float32)) for k in names}
         ids = put(np.asarray(tile_ids, np.uint32))
@@ -142,7 +147,7 @@ class CloudRemover:
             steps=steps, num_samples=int(num_samples), guidance_scale=guidance, spec=self.spec,
             output=output, drop_cloudy=bool(drop_cloudy),
         )
-        mean, std = np.clip(np.asarray(mean)[:n], 0.0, 1.0), np.asarray(std)[:n]
+        mean, std = np.clip(parallel.to_host(mean)[:n], 0.0, 1.0), parallel.to_host(std)[:n]
         if keep_clear is not None:
             mean, std = keep_clear_pixels(mean, std, tiles["s2_cloudy"], tiles["cloud_prob"], keep_clear)
         return mean, std

@@ -3,10 +3,16 @@
 Every parameter is created with logical axis names (`with_axes`). `LOGICAL_AXIS_RULES` maps each logical
 name to a mesh axis of the ('data', 'fsdp', 'tensor') mesh. A rule whose mesh axis does not divide the
 dimension falls back to replication for that dimension, so odd sizes (13 bands, 3 RoPE ids) never fail.
+
+Several processes (jax.distributed, `initialize_distributed`) share one mesh; the helpers at the end move data
+between host arrays and global arrays: `put_global` (each process places its devices' slices), `to_host`
+(the whole value on every process), `gather_rows` (a batch's first rows from every process's part),
+`allgather_float64` (host numbers, exactly), `is_writer` (process 0 writes files).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -141,3 +147,74 @@ def place_like(state: Any, values: dict[tuple, np.ndarray]) -> Any:
         return variable.replace(jax.make_array_from_callback(old.shape, old.sharding, lambda index: host[index]))
 
     return nnx.from_flat_state([(tuple(p), one(tuple(p), v)) for p, v in flat])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Several processes (multi-host): every process runs the same computation on global arrays
+# --------------------------------------------------------------------------------------------------------------
+
+
+def initialize_distributed(enabled: bool = False) -> None:
+    """jax.distributed.initialize() when `enabled` (config.distributed) or JAX_COORDINATOR_ADDRESS is set.
+
+    The coordinator address, process count and process id come from JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID where set (GPU clusters, CPU tests); on TPU pods and SLURM JAX finds
+    them itself. CPU processes talk through gloo collectives. train.py, eval.py and the predict CLI call it.
+    """
+    if not (enabled or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        if os.environ.get(env):
+            try:
+                kwargs[key] = int(os.environ[env])
+            except ValueError:
+                raise ValueError(f"{env}={os.environ[env]!r} in the environment is not an integer") from None
+    jax.distributed.initialize(os.environ.get("JAX_COORDINATOR_ADDRESS") or None, **kwargs)
+
+
+def is_writer() -> bool:
+    """Whether this process writes the files of a multi-process job (process 0; always with one process)."""
+    return jax.process_index() == 0
+
+
+def put_global(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host array that every process holds whole (the same values on every process):
+    each process places only the slices of its own devices."""
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process) array as a host array, on every process (a collective
+    when the array spans other processes' devices: every process must call it)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def gather_rows(local: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """The first `rows` rows of the global batch whose per-process parts are `local` (process 0's first, then
+    process 1's, ...): the same host arrays on every process (a collective with several processes)."""
+    first = {k: np.asarray(v)[:rows] for k, v in local.items()}
+    if jax.process_count() == 1:
+        return first
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(first, tiled=True)
+    return {k: np.asarray(v)[:rows].astype(first[k].dtype) for k, v in gathered.items()}
+
+
+def allgather_float64(values: Sequence[float]) -> np.ndarray:
+    """Every process's `values` (k floats) -> (process count, k) float64, exactly (the doubles travel as pairs
+    of uint32, so JAX's default 32-bit mode does not round them)."""
+    mine = np.asarray(values, np.float64).reshape(1, -1)
+    if jax.process_count() == 1:
+        return mine
+    from jax.experimental import multihost_utils
+
+    words = multihost_utils.process_allgather(mine.view(np.uint32), tiled=True)
+    return np.ascontiguousarray(np.asarray(words, np.uint32)).view(np.float64)

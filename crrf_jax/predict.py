@@ -18,6 +18,10 @@ band descriptions, and the input's CRS, transform, size and nodata; `--uncertain
 deviation over the K samples, float32 reflectance. With `--keep-clear P`, pixels whose cloud probability is
 below P are written exactly as they came in (same DN, std 0). Files are written as `<name>.partial` and renamed when
 complete. The scene is processed one row of tiles at a time, so memory stays bounded on large scenes.
+
+Several processes (jax.distributed; JAX_COORDINATOR_ADDRESS etc. in the environment, as for train.py) predict
+one scene together: every process reads the inputs and runs the same tile batches, each on its own devices'
+share of the tiles, and process 0 alone writes the outputs.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
+from crrf_jax import parallel
 from crrf_jax.bundle import BundleError
 from crrf_jax.data import contract
 from crrf_jax.data.contract import DataError
@@ -96,6 +101,7 @@ def predict_scene(
     See the module docstring for the file contract; the arguments after the paths are those of
     `CloudRemover.remove_clouds`. Returns a summary (size, tiles, seconds, use_sar). Raises DataError naming
     the file for bad inputs. Existing outputs are replaced; on failure no output (or partial file) is left.
+    With several processes every process calls it alike; process 0 writes the files.
     """
     s2_path, out_path = Path(s2_path), Path(out_path)
     s1_path = Path(s1_path) if s1_path else None
@@ -107,6 +113,7 @@ def predict_scene(
             raise ValueError(f"{out}: output path is also an input")
     tile, overlap = remover.check_tiling(tile_size, overlap)
     start = time.perf_counter()
+    writer = None
     try:
         with rasterio.Env(**contract.GDAL_ENV), contextlib.ExitStack() as stack:
             s2, s1, prob = _open_inputs(stack, s2_path, s1_path, cloud_prob_path)
@@ -114,20 +121,30 @@ def predict_scene(
             layout = TileLayout(s2.height, s2.width, tile, overlap)
             reader = _SceneReader(remover, layout, s2, s2_path, s1 if use_sar else None, s1_path, prob,
                                   cloud_prob_path)
-            writer = _SceneWriter(stack, s2, remover.band_names, out_path, uncertainty_path, reader.nodata)
-            remover.process(layout, reader.read_rows, writer.write_rows, steps=steps,
-                            num_samples=num_samples, guidance_scale=guidance_scale, seed=seed,
-                            batch_size=batch_size, keep_clear=keep_clear, progress=progress)
-            writer.tag(steps=steps or remover.config["sampling"]["steps"], samples=num_samples, seed=seed,
-                       use_sar=use_sar, tile=tile, overlap=overlap, keep_clear=keep_clear)
+            if parallel.is_writer():
+                writer = _SceneWriter(stack, s2, remover.band_names, out_path, uncertainty_path,
+                                      reader.nodata)
+            write = writer.write_rows if writer is not None else _discard_rows
+            remover.process(layout, reader.read_rows, write, steps=steps, num_samples=num_samples,
+                            guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
+                            keep_clear=keep_clear, progress=progress and writer is not None)
+            if writer is not None:
+                writer.tag(steps=steps or remover.config["sampling"]["steps"], samples=num_samples, seed=seed,
+                           use_sar=use_sar, tile=tile, overlap=overlap, keep_clear=keep_clear)
     except BaseException:
         for path in (out_path, uncertainty_path):
-            if path is not None:
+            if path is not None and parallel.is_writer():
                 _partial(path).unlink(missing_ok=True)
         raise
-    writer.commit()
+    if writer is not None:
+        writer.commit()
     return {"height": layout.height, "width": layout.width, "tiles": layout.num_tiles, "use_sar": use_sar,
             "seconds": time.perf_counter() - start}
+
+
+def _discard_rows(y0: int, y1: int, mean: np.ndarray, std: np.ndarray) -> None:
+    """The rows of a process that does not write (process 0 writes the outputs)."""
+    del y0, y1, mean, std
 
 
 def _open_inputs(stack, s2_path: Path, s1_path: Path | None, prob_path: Path | None):
@@ -273,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("crrf_jax").setLevel(logging.INFO)
+    parallel.initialize_distributed()
     try:
         remover = CloudRemover.from_bundle(args.bundle, dtype=args.dtype)
         summary = predict_scene(
@@ -284,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BundleError, DataError, FileNotFoundError, ValueError, rasterio.errors.RasterioError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if not parallel.is_writer():
+        return 0
     print(f"wrote {args.out} ({summary['height']}x{summary['width']}, {summary['tiles']} tiles, "
           f"{summary['seconds']:.1f} s{'' if summary['use_sar'] else ', without SAR'})")
     return 0

@@ -192,7 +192,11 @@ def restore_final(stage_dir: str | os.PathLike, model):
     if not weights.is_dir():
         raise BundleError(f"{weights}: EMA weights of stage {stage.name} missing")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {"ema": params, "rest": rest})
+    # One process: whole on its first device, whatever mesh and process count saved them. Several: every
+    # process reads its copy alike (the topology must then be the one that saved them).
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if jax.process_count() == 1 else None
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          {"ema": params, "rest": rest})
     try:
         with ocp.StandardCheckpointer() as ckptr:
             loaded = ckptr.restore(weights, target)

@@ -34,20 +34,23 @@ from crrf_jax.models import build, pretrained
 log = logging.getLogger("crrf_jax.train")
 
 
-def make_input(config, split: str, batch_size: int, *, seed: int, train: bool = True, crop_size: int = 0):
+def make_input(config, split: str, batch_size: int, *, seed: int, train: bool = True, crop_size: int = 0,
+               shard: tuple[int, int] | None = None):
     """The grain iterator of `split` for this process (shuffled, augmented and repeated when `train`).
 
-    Training crops are `crop_size` pixels, or `config.data.crop_size` when it is 0.
+    Training crops are `crop_size` pixels, or `config.data.crop_size` when it is 0. `shard` (index, count)
+    reads another process's shard (default: this process's, jax.process_index() of jax.process_count()).
     """
     from crrf_jax.data import pipeline
 
     d = config.data
+    process_index, process_count = shard or (None, None)
     dataset = pipeline.make_dataset(
         source=d.source, root=d.root, data_dir=d.tfds_data_dir or None, split=split, protocol=d.protocol,
         bands=contract.resolve_bands(d.bands), batch_size=batch_size,
         crop_size=(crop_size or d.crop_size) if train else None, augment=train, shuffle=train,
         num_epochs=None if train else 1, drop_remainder=train, seed=seed, worker_count=d.worker_count,
-        on_error=d.on_error,
+        on_error=d.on_error, process_index=process_index, process_count=process_count,
     )
     return iter(dataset)
 
@@ -140,7 +143,7 @@ class AutoencoderStage(TrainedStage):
 
     def preview(self, model, batch, frozen, step):
         recon = sampling.vae_roundtrip_jit(*nnx.split(model), jnp.asarray(batch[self.key]))
-        recon = np.clip(np.asarray(recon), 0, 1)
+        recon = np.clip(parallel.to_host(recon), 0, 1)
         rgb = rgb_indices(self.config)
         show = (lambda x: vis.s2_rgb(x, rgb)) if self.key == "s2" else vis.sar_rgb
         return [[show(batch[self.key][i]), show(recon[i])] for i in range(len(recon))], ["input", "reconstruction"]
@@ -155,7 +158,7 @@ class _SamplingStage(TrainedStage):
             **nets, batch={k: jnp.asarray(v) for k, v in batch.items()}, rng=jax.random.key(step),
             steps=f.sample_steps, guidance_scale=f.guidance_scale, spec=rf.FlowSpec.from_config(f), output=output,
         )
-        return np.asarray(mean)
+        return parallel.to_host(mean)
 
     def panels(self, batch: dict, outputs: dict):
         rgb = rgb_indices(self.config)
@@ -269,14 +272,34 @@ def trained_vaes(config, workdir: str) -> list:
 
 
 def measure_latent_stats(config, workdir: str, mesh, progress) -> dict:
-    """Scale and shift of each autoencoder's latents measured on training data (written once, then read)."""
+    """Scale and shift of each autoencoder's latents measured on training data (written once, then read).
+
+    Each process measures the moments of its own data shard (`shard_moments`); they are combined over all
+    processes (`all_processes`), so the statistics are those of every process's batches together.
+    """
     if rundir.latent_stats_path(workdir).exists():
         return rundir.read_latent_stats(workdir)
+    batch_size = per_process_batch(config.latent_stats.batch_size, mesh)
+    stats = {}
+    for stage, m in shard_moments(config, workdir, batch_size, progress).items():
+        m = all_processes(m)
+        scale, shift = m.scale_shift()
+        stats[stage] = {"scale_factor": scale, "shift_factor": shift, "values": m.n}
+    log.info("latent statistics: %s", stats)
+    rundir.write_latent_stats(workdir, stats)
+    return stats
+
+
+def shard_moments(config, workdir: str, batch_size: int, progress=None,
+                  shard: tuple[int, int] | None = None) -> dict[str, train_lib.LatentMoments]:
+    """Moments of each trained autoencoder's posterior means on one process's shard of the training data:
+    `config.latent_stats.batches` batches of `batch_size`; `shard` (index, count) defaults to this process's.
+    A computation on this process alone (its own devices)."""
     vaes = {stage: rundir.load_final(rundir.stage_path(workdir, stage),
                                      build.autoencoder(config.model, stage, config.dtype))
             for stage in C.AUTOENCODER_STAGES}
-    cfg = config.latent_stats
-    data = make_input(config, "train", per_process_batch(cfg.batch_size, mesh), seed=config.seed)
+    batches = config.latent_stats.batches
+    data = make_input(config, "train", batch_size, seed=config.seed, shard=shard)
     moments = {stage: train_lib.LatentMoments() for stage in vaes}
 
     @jax.jit
@@ -284,14 +307,17 @@ def measure_latent_stats(config, workdir: str, mesh, progress) -> dict:
         return {stage: vae.encode_posterior(contract.to_model(batch[key])).mean
                 for (stage, vae), key in zip(vaes.items(), ("s2", "s1"), strict=True)}
 
-    for _ in progress("latent_stats", cfg.batches):
+    for _ in progress("latent_stats", batches) if progress else range(batches):
         local = next(data)
         for stage, z in posterior_means({k: jnp.asarray(local[k]) for k in ("s2", "s1")}).items():
             moments[stage].update(z)
-    stats = {}
-    for stage, m in moments.items():
-        scale, shift = m.scale_shift()
-        stats[stage] = {"scale_factor": scale, "shift_factor": shift, "values": m.n}
-    log.info("latent statistics: %s", stats)
-    rundir.write_latent_stats(workdir, stats)
-    return stats
+    return moments
+
+
+def all_processes(moments: train_lib.LatentMoments) -> train_lib.LatentMoments:
+    """The moments of every process's values together: each process's (n, mean, M2) gathered (float64) and
+    merged in process order, so every process gets the same result."""
+    total = train_lib.LatentMoments()
+    for n, mean, m2 in parallel.allgather_float64([moments.n, moments.mean, moments.m2]):
+        total.merge(int(n), float(mean), float(m2))
+    return total

@@ -415,8 +415,14 @@ class LatentMoments:
         import numpy as np
 
         z = np.asarray(z, np.float64).ravel()
-        n_b, mean_b = z.size, float(z.mean())
-        m2_b = float(((z - mean_b) ** 2).sum())
+        mean_b = float(z.mean())
+        self.merge(z.size, mean_b, float(((z - mean_b) ** 2).sum()))
+
+    def merge(self, n_b: int, mean_b: float, m2_b: float) -> None:
+        """Adds the moments (count, mean, sum of squared deviations) of other values: Chan's pairwise merge,
+        so batches, or the parts measured by several processes, combine into the moments of their union."""
+        if n_b == 0:
+            return
         delta = mean_b - self.mean
         n = self.n + n_b
         self.mean += delta * n_b / n

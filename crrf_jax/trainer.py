@@ -55,23 +55,9 @@ def run(config, workdir: str | os.PathLike) -> None:
 
 
 def maybe_initialize_distributed(config) -> None:
-    """jax.distributed.initialize() when config.distributed or JAX_COORDINATOR_ADDRESS is set.
-
-    The coordinator address, process count and process id come from JAX_COORDINATOR_ADDRESS,
-    JAX_NUM_PROCESSES and JAX_PROCESS_ID where set (GPU clusters, CPU tests); on TPU pods and SLURM JAX finds
-    them itself. CPU processes talk through gloo collectives.
-    """
-    if not (config.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS")):
-        return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = {}
-    for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
-        if os.environ.get(env):
-            try:
-                kwargs[key] = int(os.environ[env])
-            except ValueError:
-                raise ValueError(f"{env}={os.environ[env]!r} in the environment is not an integer") from None
-    jax.distributed.initialize(os.environ.get("JAX_COORDINATOR_ADDRESS") or None, **kwargs)
+    """jax.distributed.initialize() when config.distributed or JAX_COORDINATOR_ADDRESS is set
+    (`parallel.initialize_distributed`)."""
+    parallel.initialize_distributed(bool(config.distributed))
 
 
 def prepare_data(config, workdir: str | os.PathLike) -> None:
@@ -225,9 +211,9 @@ class _Loop:
 
 
 def _host_rows(local: dict) -> dict[str, np.ndarray]:
-    """The first PREVIEW_ROWS images of this process's part of a batch (host arrays: nothing is gathered
-    across processes)."""
-    return {k: v[:PREVIEW_ROWS] for k, v in _arrays(local).items()}
+    """The first PREVIEW_ROWS images of the global batch whose part on this process is `local`, the same host
+    arrays on every process (gathered across processes), so all compute the same preview."""
+    return parallel.gather_rows(_arrays(local), PREVIEW_ROWS)
 
 
 def _arrays(batch: dict) -> dict[str, np.ndarray]:

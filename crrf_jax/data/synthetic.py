@@ -288,10 +288,15 @@ def write_synthetic_scene(
     directory = Path(directory)
     scene = synthetic_scene((height, width), seed=seed, cloud_cover=cloud_cover)
     crs, transform = _utm_crs(31), _north_up(500_000.0, 4_000_000.0)
-    paths = {kind: directory / f"{kind}.tif" for kind in ("s1", "s2", "s2_cloudy")}
+    paths = synthetic_scene_paths(directory)
     for kind, path in paths.items():
         _write(path, scene[kind], crs, transform)
     return paths
+
+
+def synthetic_scene_paths(directory: str | Path) -> dict[str, Path]:
+    """Where `write_synthetic_scene` writes (or wrote) the scene's files in `directory`."""
+    return {kind: Path(directory) / f"{kind}.tif" for kind in ("s1", "s2", "s2_cloudy")}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

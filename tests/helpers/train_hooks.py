@@ -3,7 +3,8 @@
 CRRF_TEST_KILL_AFTER_SAVE=N   SIGKILL this process right after the (asynchronous) save of step N has started,
                               so that checkpoint N is left partial on disk.
 CRRF_TEST_SIGTERM_AT_STEP=N   send SIGTERM to this process once step N's metrics are logged (a preemption).
-CRRF_TEST_TRACE_ALL=1         every process writes its own metrics trace, metrics.p<process index>.jsonl.
+CRRF_TEST_TRACE_ALL=1         every process writes its own metrics trace, metrics.p<process index>.jsonl,
+                              and its own preview grids, <stage dir>/preview_<step>.p<process index>.npy.
 CRRF_TEST_NAN_FROM_STEP=N     from step N on (1-based) every floating-point batch array is NaN (bad data).
 CRRF_TEST_FAKE_GCS=ROOT       gs://<bucket>/<key> is served offline from ROOT/<bucket>/<key> (tests.helpers.fake_gcs:
                               epath through a fake fsspec "gcs" filesystem, Orbax given the folder behind it).
@@ -79,6 +80,36 @@ def install_hooks() -> None:
                     os.kill(os.getpid(), signal.SIGTERM)
 
         trainer.MetricsTrace = HookedTrace
+    if trace_all:
+        _record_previews()
+
+
+def _record_previews() -> None:
+    """Every process saves the preview grid it computed (only process 0 writes the PNG)."""
+    import jax
+    import numpy as np
+
+    from crrf_jax import trainer
+    from crrf_jax import visualize as vis
+
+    write_preview = trainer._Loop.write_preview
+
+    def recorded(self, state, batch, frozen, step):
+        preview = self.stage.preview
+
+        def preview_and_save(*args):
+            rows, cols = preview(*args)
+            path = os.path.join(self.stage_dir, f"preview_{step}.p{jax.process_index()}.npy")
+            np.save(path, vis.grid(rows, col_labels=cols))
+            return rows, cols
+
+        self.stage.preview = preview_and_save
+        try:
+            write_preview(self, state, batch, frozen, step)
+        finally:
+            del self.stage.preview
+
+    trainer._Loop.write_preview = recorded
 
 
 def main() -> None:

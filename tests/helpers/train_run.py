@@ -84,10 +84,13 @@ def test_env(cache_dir: Path, **extra: str) -> dict[str, str]:
 def start_train(flags: list[str], env: dict[str, str]) -> subprocess.Popen:
     """Starts train.py (with the test hooks) in the repository root; stdout and stderr go to temporary files
     (not pipes, so that concurrent runs never block on a full pipe)."""
+    return start_python(["-m", "tests.helpers.train_hooks", *flags], env)
+
+
+def start_python(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Starts `python <args>` (a script or -m module of the repository) like `start_train`."""
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.helpers.train_hooks", *flags], cwd=ROOT, env=env, stdout=out, stderr=err
-    )
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=err)
     proc.logs = (out, err)
     return proc
 
@@ -107,7 +110,7 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.Completed
         texts.append(f.read())
         f.close()
     if timed_out:
-        raise AssertionError(f"train.py timed out after {timeout} s:\n{texts[1][-4000:]}")
+        raise AssertionError(f"{' '.join(proc.args[1:3])} timed out after {timeout} s:\n{texts[1][-4000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, *texts)
 
 
@@ -116,10 +119,18 @@ def run_train(flags: list[str], env: dict[str, str], timeout: float = 300) -> su
     return finish(start_train(flags, env), timeout)
 
 
-def run_concurrently(runs: dict[str, tuple[list[str], dict[str, str]]], timeout: float = 300):
-    """Runs independent train.py processes at once: {name: (flags, env)} -> {name: completed process}."""
-    procs = {name: start_train(flags, env) for name, (flags, env) in runs.items()}
+def run_concurrently(runs: dict, timeout: float = 300, start=start_train):
+    """Runs independent train.py processes at once (or `start_python` ones): {name: (flags or args, env)} ->
+    {name: completed process}."""
+    procs = {name: start(flags, env) for name, (flags, env) in runs.items()}
     return {name: finish(proc, timeout) for name, proc in procs.items()}
+
+
+def distributed_env(cache_dir: Path, processes: int, **extra: str) -> list[dict[str, str]]:
+    """The environments of `processes` processes that join one jax.distributed job on 127.0.0.1."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    return [test_env(cache_dir, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES=str(processes),
+                     JAX_PROCESS_ID=str(i), **extra) for i in range(processes)]
 
 
 def read_trace(path: Path) -> dict[int, dict]:
