@@ -164,13 +164,13 @@ class _Loop:
                 batch = _global_batch(local, batch_shardings)
             state, metrics = compiled(state, batch, jax.random.fold_in(base_rng, step), frozen)
             done, since = step + 1, since + 1
-            stopping = stop()
-            saving = stopping or done % cfg.checkpoint_every == 0 or done == cfg.steps  # each step saved once
             logging_step = done % cfg.log_every == 0 or done == cfg.steps
             if logging_step:
                 dt, t_last = (time.perf_counter() - t_last) / since, time.perf_counter()
                 self.log(done, jax.device_get(metrics), dt)
                 since = 0
+            stopping = stop()
+            saving = stopping or done % cfg.checkpoint_every == 0 or done == cfg.steps  # each step saved once
             if saving or logging_step:  # where the host syncs anyway; a halted state is never checkpointed
                 train_lib.check_finite(state, cfg.max_bad_steps)
             if cfg.preview_every and (done % cfg.preview_every == 0 or done == cfg.steps):

@@ -124,7 +124,7 @@ def test_previews_agree_across_processes_and_are_written_once(two_process_run):
         assert grids[0].shape[0] > 4 * 32  # the first 4 rows of the global batch: 2 from each process
         pngs = sorted((stage_dir / "previews").iterdir())
         assert [p.name for p in pngs] == [f"{every:07d}.png"]
-        assert str(pngs[0]) == rundir.preview_path(stage_dir, every)
+        assert str(pngs[0]) == str(rundir.preview_path(stage_dir, every))
         np.testing.assert_array_equal(np.asarray(Image.open(pngs[0]).convert("RGB")), grids[0][..., :3])
 
 
