@@ -31,6 +31,10 @@ from crrf_jax.tiling import Arrays, ReadRows, TileLayout, WriteRows, blend_tiles
 
 log = logging.getLogger(__name__)
 
+# A tile whose SAR footprint covers less than this share of its pixels runs the SAR-absent mode (a SAR image
+# reprojected from another grid, or partly outside the scene: crrf_jax/scene/s1.py).
+SAR_COVERAGE = 0.99
+
 
 class CloudRemover:
     """Trained networks ready for prediction, replicated over a mesh whose ('data', 'fsdp') axes batch tiles.
@@ -120,7 +124,9 @@ class CloudRemover:
         """Samples a batch of tiles on the mesh.
 
         tiles: "s2_cloudy" (n, T, T, C), "cloud_prob" (n, T, T, 1), optionally "s1" (n, T, T, 2), all in
-        [0, 1]; tile_ids (n,) ints seeding each tile's noise (with `seed`). The batch is padded to
+        [0, 1], and with "s1" optionally "s1_coverage" (n, T, T) bool, where the SAR footprint covers each
+        pixel: a tile less than `SAR_COVERAGE` covered runs the SAR-absent mode (the model's null SAR tokens)
+        instead of seeing filled values; tile_ids (n,) ints seeding each tile's noise (with `seed`). The batch is padded to
         `pad_batch_to` (default n) rounded up to a multiple of the device count, so every batch of a scene
         compiles once. output, drop_cloudy: see `sampling.sample_patches`. keep_clear: pixels whose cloud
         probability is below it come back as they came in (std 0); None keeps the model's output everywhere.
@@ -142,10 +148,14 @@ class CloudRemover:
         device = {k: put(np.asarray(tiles[k], np.float32)) for k in names}
         ids = put(np.asarray(tile_ids, np.uint32))
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(ids)
+        drop_sar = None
+        if "s1" in names and tiles.get("s1_coverage") is not None:
+            covered = np.asarray(tiles["s1_coverage"], bool).reshape(n, -1).mean(axis=1)
+            drop_sar = put(covered < SAR_COVERAGE)
         mean, std = sampling.sample_patches_jit(
             self.nets, device["s2_cloudy"], device.get("s1"), device["cloud_prob"], keys,
             steps=steps, num_samples=int(num_samples), guidance_scale=guidance, spec=self.spec,
-            output=output, drop_cloudy=bool(drop_cloudy),
+            output=output, drop_cloudy=bool(drop_cloudy), drop_sar=drop_sar,
         )
         mean, std = np.clip(parallel.to_host(mean)[:n], 0.0, 1.0), parallel.to_host(std)[:n]
         if keep_clear is not None:

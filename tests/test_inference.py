@@ -181,6 +181,30 @@ def test_without_sar_warns_and_uses_the_sar_absent_mode(remover, caplog):
     assert np.all(np.isfinite(without)) and np.abs(without - with_sar).max() > 1e-3
 
 
+def test_tiles_outside_the_sar_footprint_run_the_sar_absent_mode(remover):
+    """A tile whose "s1_coverage" is below SAR_COVERAGE gives the SAR-absent prediction (whatever the filled
+    SAR values say); a covered tile the SAR-conditioned one; tiles are independent of their batch mates."""
+    from crrf_jax.inference import SAR_COVERAGE
+
+    scene = random_scene(TILE, TILE, seed=3)
+    tiles = {k: np.stack([v, v]) for k, v in scene.items()}
+    coverage = np.ones((2, TILE, TILE), bool)
+    coverage[1, : TILE // 2] = False  # tile 1: half outside the footprint
+    ids = np.array([0, 1])
+    kw = dict(steps=STEPS)
+    mixed, _ = remover.predict_tiles(dict(tiles, s1_coverage=coverage), ids, **kw)
+    with_sar, _ = remover.predict_tiles(tiles, ids, **kw)
+    without, _ = remover.predict_tiles({k: v for k, v in tiles.items() if k != "s1"}, ids, **kw)
+    np.testing.assert_allclose(mixed[0], with_sar[0], atol=1e-6)
+    np.testing.assert_allclose(mixed[1], without[1], atol=1e-6)
+    assert np.abs(with_sar[1] - without[1]).max() > 1e-3  # the two modes differ, so the check means something
+    almost = coverage.copy()
+    almost[1] = True
+    almost[1, 0, : int(TILE * TILE * (1 - SAR_COVERAGE)) // 2] = False  # a few pixels short: still covered
+    nearly, _ = remover.predict_tiles(dict(tiles, s1_coverage=almost), ids, **kw)
+    np.testing.assert_allclose(nearly[1], with_sar[1], atol=1e-6)
+
+
 def test_predict_batch_matches_flow_euler_sampler_with_guidance(remover):
     """predict_batch = decode(flow.euler_sample(v_cond, noise, schedule, s, v_uncond)) on per-patch noise."""
     flow_model = nnx.merge(remover.nets.flow_graph, remover.nets.flow_state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -110,37 +111,179 @@ def test_keep_clear_writes_clear_pixels_unchanged(remover, bundle, scene, tmp_pa
                               **OPTIONS)
 
 
-def test_grid_mismatch_names_both_files(remover, scene, tmp_path):
+def _warp(src: Path, dst: Path, crs: str, resolution: float, keep_columns: int | None = None) -> Path:
+    """`src` reprojected to another CRS and pixel size (bilinear); with `keep_columns`, only the western
+    `keep_columns` 10 m columns of the source carry data (the rest of its footprint is cut off)."""
+    from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+    with rasterio.open(src) as ds:
+        data = ds.read()
+        if keep_columns is not None:
+            data = data[:, :, :keep_columns]
+        bounds = rasterio.transform.array_bounds(data.shape[1], data.shape[2], ds.transform)
+        transform, width, height = calculate_default_transform(ds.crs, crs, data.shape[2], data.shape[1],
+                                                               *bounds, resolution=resolution)
+        out = np.full((ds.count, height, width), np.nan, np.float32)
+        reproject(data, out, src_transform=ds.transform, src_crs=ds.crs, dst_transform=transform, dst_crs=crs,
+                  resampling=Resampling.bilinear, src_nodata=np.nan, dst_nodata=np.nan)
+        profile = ds.profile | dict(crs=crs, transform=transform, width=width, height=height, nodata=np.nan,
+                                    dtype="float32")
+    with rasterio.open(dst, "w", **profile) as out_ds:
+        out_ds.write(out)
+    return dst
+
+
+def test_sar_on_another_grid_is_reprojected_and_tiles_outside_its_footprint_run_without_it(remover, scene,
+                                                                                          tmp_path):
+    """S1 in another UTM zone at 20 m: the output is on the S2 grid. Cut to the western 64 columns, the tiles
+    wholly east of its footprint give exactly the SAR-absent prediction there; the western ones use SAR."""
     with rasterio.open(scene["s1"]) as ds:
+        zone = ds.crs.to_epsg()
+    other = f"EPSG:{zone + 1 if zone % 100 < 60 else zone - 1}"
+    s1_20m = _warp(scene["s1"], tmp_path / "s1_20m.tif", other, 20.0)
+    out = tmp_path / "clear.tif"
+    summary = predict.predict_scene(remover, scene["s2_cloudy"], s1_20m, scene["cloud_prob"], out_path=out,
+                                    **OPTIONS)
+    assert summary["use_sar"]
+    _check_output(out, scene["s2_cloudy"])
+    half = _warp(scene["s1"], tmp_path / "s1_west.tif", other, 20.0, keep_columns=64)
+    runs = {}
+    for name, s1 in (("west", half), ("none", None), ("full", scene["s1"])):
+        path = tmp_path / f"{name}.tif"
+        predict.predict_scene(remover, scene["s2_cloudy"], s1, scene["cloud_prob"], out_path=path, **OPTIONS)
+        with rasterio.open(path) as ds:
+            runs[name] = ds.read().astype(np.int32)
+    # Tiles are 64 wide with 16 overlap (starts 0, 48, 96, 136): columns from 112 on see only tiles starting
+    # at 96 or later, which the western 64 columns (+ a 20 m pixel of bilinear support) do not cover.
+    east, west = np.s_[:, :, 112:], np.s_[:, :, :40]
+    np.testing.assert_array_equal(runs["west"][east], runs["none"][east])
+    assert np.abs(runs["west"][west] - runs["none"][west]).max() > 0
+    assert np.abs(runs["full"][east] - runs["none"][east]).max() > 0  # SAR does change those pixels
+
+
+def test_cloud_probability_off_the_grid_names_both_files(remover, scene, tmp_path):
+    with rasterio.open(scene["cloud_prob"]) as ds:
         shifted = ds.transform @ Affine.translation(3, 0)
-    s1 = _rewrite(scene["s1"], tmp_path / "s1_shifted.tif", transform=shifted)
-    with pytest.raises(DataError, match="s1_shifted.tif: not on the grid of .*s2_cloudy.tif: transform"):
-        predict.predict_scene(remover, scene["s2_cloudy"], s1, out_path=tmp_path / "o.tif", **OPTIONS)
-    with rasterio.open(scene["s1"]) as ds:
-        small = ds.read()[:, :100]
-    s1 = _rewrite(scene["s1"], tmp_path / "s1_small.tif", small, height=100)
-    with pytest.raises(DataError, match=r"s1_small.tif: not on the grid of .*s2_cloudy.tif: size 100x200 vs"):
-        predict.predict_scene(remover, scene["s2_cloudy"], s1, out_path=tmp_path / "o.tif", **OPTIONS)
-    assert not (tmp_path / "o.tif").exists() and not (tmp_path / "o.tif.partial").exists()
+    prob = _rewrite(scene["cloud_prob"], tmp_path / "prob_shifted.tif", transform=shifted)
+    with pytest.raises(DataError, match="prob_shifted.tif: not on the grid of .*s2_cloudy.tif: transform"):
+        predict.predict_scene(remover, scene["s2_cloudy"], scene["s1"], prob, out_path=tmp_path / "o.tif",
+                              **OPTIONS)
+    assert not (tmp_path / "o.tif").exists() and not list(tmp_path.glob("*.partial"))
 
 
-def test_wrong_bands_and_dtypes_name_the_file(remover, scene, tmp_path):
+def test_wrong_bands_and_units_name_the_file(remover, scene, tmp_path, caplog):
     with rasterio.open(scene["s2_cloudy"]) as ds:
         data = ds.read()
     twelve = _rewrite(scene["s2_cloudy"], tmp_path / "twelve.tif", data[:12])
-    with pytest.raises(DataError, match="twelve.tif: Sentinel-2 must have 13 bands, found 12"):
+    with pytest.raises(DataError, match="twelve.tif: has 12 bands without band names"):
         predict.predict_scene(remover, twelve, out_path=tmp_path / "o.tif", **OPTIONS)
     s1_int = _rewrite(scene["s1"], tmp_path / "s1_int.tif", np.zeros((2, 150, 200), np.uint16))
     with pytest.raises(DataError, match="s1_int.tif: Sentinel-1 must be float32 or float64, found uint16"):
         predict.predict_scene(remover, scene["s2_cloudy"], s1_int, out_path=tmp_path / "o.tif", **OPTIONS)
-    shuffled = _rewrite(scene["s2_cloudy"], tmp_path / "shuffled.tif")
-    with rasterio.open(shuffled, "r+") as ds:
-        for i, name in enumerate(reversed(contract.S2_BANDS), start=1):
-            ds.set_band_description(i, name)
-    with pytest.raises(DataError, match="shuffled.tif: bands are described as B12, B11"):
-        predict.predict_scene(remover, shuffled, out_path=tmp_path / "o.tif", **OPTIONS)
-    with pytest.raises(DataError, match="missing.tif: Sentinel-2 file does not exist"):
+    with pytest.raises(DataError, match="missing.tif"):
         predict.predict_scene(remover, tmp_path / "missing.tif", out_path=tmp_path / "o.tif", **OPTIONS)
+    # Reflectance floats (DN / 10000) are recognised, scaled back and predicted like the DN file.
+    as_reflectance = (data / 10000.0).astype(np.float32)
+    reflectance = _rewrite(scene["s2_cloudy"], tmp_path / "reflectance.tif", as_reflectance)
+    with caplog.at_level(logging.WARNING):
+        predict.predict_scene(remover, reflectance, scene["s1"], scene["cloud_prob"],
+                              out_path=tmp_path / "r.tif", **OPTIONS)
+    assert "reflectance.tif" in caplog.text and "reflectance" in caplog.text.lower()
+    predict.predict_scene(remover, scene["s2_cloudy"], scene["s1"], scene["cloud_prob"],
+                          out_path=tmp_path / "d.tif", **OPTIONS)
+    assert np.abs(d_dn(tmp_path / "r.tif") - d_dn(tmp_path / "d.tif")).max() <= 1
+    # Linear-power SAR is recognised (a warning names the file) and converted to dB.
+    with rasterio.open(scene["s1"]) as ds:
+        linear = (10.0 ** (ds.read() / 10.0)).astype(np.float32)
+    power = _rewrite(scene["s1"], tmp_path / "s1_linear.tif", linear)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        predict.predict_scene(remover, scene["s2_cloudy"], power, scene["cloud_prob"],
+                              out_path=tmp_path / "p.tif", **OPTIONS)
+    assert "s1_linear.tif" in caplog.text and "linear" in caplog.text.lower()
+    assert np.abs(d_dn(tmp_path / "p.tif") - d_dn(tmp_path / "d.tif")).max() <= 1
+
+
+def d_dn(path: Path) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read().astype(np.int32)
+
+
+def test_safe_product_and_band_folder_predict_like_the_stacked_file(remover, tmp_path):
+    """A generated L1C SAFE product (JP2 bands at 10/20/60 m, baseline 05.09 with offsets -1000) and a folder
+    of its band files (GeoTIFFs, without the metadata: the offset is given) give the prediction of the
+    stacked GeoTIFF holding what the product reads on the 10 m grid (bands resampled, offset removed)."""
+    from test_scene_s2 import SIZE, make_product
+
+    from crrf_jax.scene import s2 as scene_s2
+
+    safe = make_product(tmp_path / "product")
+    with scene_s2.open_s2(safe) as product:
+        dn = product.read(0, SIZE, contract.S2_BANDS)
+        dn[~product.valid(0, SIZE)] = 0.0  # the product's nodata pixel, nodata in every band of the stack too
+        crs, transform = product.crs, product.transform
+    stacked = tmp_path / "stacked.tif"
+    with rasterio.open(stacked, "w", driver="GTiff", width=SIZE, height=SIZE, count=13, dtype="float32",
+                       crs=crs, transform=transform, nodata=0) as ds:
+        ds.write(np.moveaxis(dn, -1, 0))
+    folder = tmp_path / "bands"
+    folder.mkdir()
+    for band_file in sorted(safe.rglob("*.jp2")):  # as per-band GeoTIFFs with their nodata (0) declared
+        with rasterio.open(band_file) as src:
+            profile = src.profile | dict(driver="GTiff", nodata=0)
+            with rasterio.open(folder / band_file.with_suffix(".tif").name, "w", **profile) as dst:
+                dst.write(src.read())
+    outs = {}
+    for name, path, offset in (("safe", safe, None), ("folder", folder, 1000), ("stacked", stacked, 0)):
+        outs[name] = tmp_path / f"{name}_clear.tif"
+        predict.predict_scene(remover, path, out_path=outs[name], s2_offset=offset, **OPTIONS)
+    ref = d_dn(outs["stacked"])
+    np.testing.assert_array_equal(d_dn(outs["safe"]), ref)
+    np.testing.assert_array_equal(d_dn(outs["folder"]), ref)
+    with rasterio.open(outs["safe"]) as o:
+        assert (o.crs, o.transform) == (crs, transform) and o.nodata == 0
+        assert o.read()[:, 0, 0].tolist() == [0] * 13
+        assert o.tags()["s2_level"] == "L1C" and float(o.tags()["s2_offset"]) == 1000
+
+
+def test_outputs_are_cloud_optimized_with_quicklook_and_change_mask(bundle, scene, tmp_path):
+    out = tmp_path / "cog.tif"
+    args = [f"--bundle={bundle}", f"--s2={scene['s2_cloudy']}", f"--s1={scene['s1']}", f"--out={out}",
+            f"--uncertainty={tmp_path / 'std.tif'}", f"--quicklook={tmp_path / 'rgb.png'}",
+            f"--change-mask={tmp_path / 'changed.tif'}", f"--cloud-prob={scene['cloud_prob']}",
+            "--keep-clear=0.4",
+            f"--steps={STEPS}", f"--tile={TILE}", f"--overlap={OVERLAP}", "--compress=zstd", "--quiet"]
+    assert predict.main(args) == 0
+    for name in ("cog.tif", "std.tif", "changed.tif"):
+        with rasterio.open(tmp_path / name) as ds:
+            assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG", name
+            assert ds.profile["tiled"] and ds.compression.name.lower() == "zstd", name
+            with rasterio.open(scene["s2_cloudy"]) as src:
+                assert (ds.crs, ds.transform) == (src.crs, src.transform)
+    with rasterio.open(tmp_path / "changed.tif") as ds:
+        changed = ds.read(1)
+    with rasterio.open(scene["cloud_prob"]) as ds:
+        clear = ds.read(1).astype(np.float32) / 255.0 < 0.4
+    assert set(np.unique(changed)) <= {0, 1} and 0 < changed.mean() < 1
+    assert np.all(changed[clear] == 0) and changed[~clear].mean() > 0.5  # kept pixels are not changes
+    from PIL import Image
+
+    with Image.open(tmp_path / "rgb.png") as png:
+        assert png.size == (200, 150) and png.mode == "RGB"
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--steps=0", "--steps=0: must be >= 1"), ("--samples=0", "--samples=0: must be >= 1"),
+    ("--tile=8", "--tile=8: must be >= 16"), ("--overlap=-1", "--overlap=-1: must be >= 0"),
+    ("--batch-size=0", "--batch-size=0: must be >= 1"), ("--keep-clear=1.5", "--keep-clear=1.5: must be a"),
+    ("--s2-offset=-5", "--s2-offset=-5.0: must be a DN offset"), ("--s1-units=amplitude", "invalid choice"),
+])
+def test_bad_flag_values_are_errors_naming_the_flag(bundle, scene, tmp_path, capsys, flag, message):
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([f"--bundle={bundle}", f"--s2={scene['s2_cloudy']}", f"--out={tmp_path / 'o.tif'}",
+                      flag])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o.tif").exists()
 
 
 def test_bad_pixels_midway_leave_no_partial_output(remover, scene, tmp_path):
