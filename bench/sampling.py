@@ -37,6 +37,11 @@ from crrf_jax.inference import CloudRemover  # noqa: E402
 
 def random_remover(variant: str, dtype: str, seed: int = 0) -> CloudRemover:
     """A CloudRemover of `variant` with random weights drawn on the host (no slow eager initialisation)."""
+    return CloudRemover.from_parts(random_parts(variant, dtype, seed))
+
+
+def random_parts(variant: str, dtype: str, seed: int = 0) -> bundle.ModelParts:
+    """The bundle parts of `variant` with random weights of sensible scale (fan-in scaled kernels)."""
     config = common.base_config(variant)
     config.dtype = dtype
     cfg = bundle.bundle_config(config)
@@ -57,7 +62,7 @@ def random_remover(variant: str, dtype: str, seed: int = 0) -> CloudRemover:
             flat["/".join(map(str, path))] = value.astype(leaf.dtype)
         states[name] = flat
     stats = {name: {"scale_factor": 1.0, "shift_factor": 0.0} for name in ("vae_s2", "vae_s1")}
-    return CloudRemover.from_parts(bundle.ModelParts(cfg, states, stats, f"random {variant}"))
+    return bundle.ModelParts(cfg, states, stats, f"random {variant}")
 
 
 def measure(remover: CloudRemover, size: int, batch: int, steps: int, samples: int, guidance: float,

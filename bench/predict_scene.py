@@ -1,0 +1,137 @@
+"""Whole-scene prediction: seconds and peak memory of `python -m crrf_jax.predict` as the scene grows.
+
+    python bench/predict_scene.py [--variants tiny,base] [--sizes 1024,2048,4096] [--steps 1] [--batch 8]
+                                  [--cloud-prob given|computed] [--cog] [--write]
+
+For each size a synthetic scene (13-band uint16 S2, 2-band float32 S1 in dB at 20 m, so the resampling onto
+the S2 grid runs too, and a uint8 cloud-probability file) is written window by window, and the predict
+CLI runs on it in a fresh process with a random-weight bundle of the variant (speed and memory do not depend
+on the weights). Reported: wall seconds of the child, tiles/s, megapixels/s, and the child's peak resident
+memory (ru_maxrss). Bounded memory shows as a peak that does not grow with the scene; a 10980 x 10980
+Sentinel-2 tile is extrapolated from the largest size at the measured pixel rate. --cloud-prob computed runs
+s2cloudless on the scene too (CPU, inside the child). Runs unchanged on CPU and GPU.
+`--write` puts the results into the "Scene prediction" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import report  # noqa: E402 (bench/report.py, beside this script)
+import sampling as sampling_bench  # noqa: E402 (bench/sampling.py: random-weight removers)
+
+TILE_10980 = 10980 * 10980
+
+# The child: the predict CLI, then its own peak memory on stdout's last line.
+CHILD = (
+    "import json, resource, sys\n"
+    "from crrf_jax import predict\n"
+    "code = predict.main(sys.argv[1:])\n"
+    "print(json.dumps({'maxrss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+    "sys.exit(code)\n"
+)
+
+
+def write_scene(directory: Path, size: int, seed: int = 0) -> dict[str, Path]:
+    """A size x size synthetic scene written in row blocks (memory stays small whatever the size)."""
+    import rasterio
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+
+    rng = np.random.default_rng(seed)
+    crs, transform = CRS.from_epsg(32631), from_origin(600_000.0, 5_300_000.0, 10.0, 10.0)
+    paths = {"s2": directory / "s2.tif", "s1": directory / "s1.tif", "cloud_prob": directory / "prob.tif"}
+    common = dict(driver="GTiff", width=size, height=size, crs=crs, transform=transform, tiled=True,
+                  blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="IF_SAFER")
+    s1_size = size // 2  # 20 m pixels over the same extent (warped onto the 10 m grid by the reader)
+    s1_transform = from_origin(600_000.0, 5_300_000.0, 20.0, 20.0)
+    with (rasterio.open(paths["s2"], "w", count=13, dtype="uint16", **common) as s2,
+          rasterio.open(paths["cloud_prob"], "w", count=1, dtype="uint8", **common) as prob,
+          rasterio.open(paths["s1"], "w", **(common | dict(width=s1_size, height=s1_size, count=2,
+                                                            dtype="float32", transform=s1_transform))) as s1):
+        for y in range(0, size, 512):
+            rows = min(512, size - y)
+            base = rng.uniform(500, 4000, (13, 1, size)).astype(np.float32)
+            s2.write((base + rng.normal(0, 200, (13, rows, size))).clip(1, 10000).astype(np.uint16),
+                     window=((y, y + rows), (0, size)))
+            prob.write(rng.integers(0, 256, (1, rows, size), dtype=np.uint8), window=((y, y + rows), (0, size)))
+        for y in range(0, s1_size, 512):
+            rows = min(512, s1_size - y)
+            s1.write(rng.uniform(-25, 0, (2, rows, s1_size)).astype(np.float32),
+                     window=((y, y + rows), (0, s1_size)))
+    return paths
+
+
+def run_one(bundle_dir: Path, scene: dict[str, Path], out: Path, args) -> dict[str, float]:
+    cmd = [sys.executable, "-c", CHILD, f"--bundle={bundle_dir}", f"--s2={scene['s2']}", f"--s1={scene['s1']}",
+           f"--out={out}", f"--steps={args.steps}", f"--batch-size={args.batch}", "--quiet"]
+    if args.cloud_prob == "given":
+        cmd.append(f"--cloud-prob={scene['cloud_prob']}")
+    if not args.cog:
+        cmd.append("--no-cog")
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"predict failed:\n{done.stderr[-3000:]}")
+    lines = done.stdout.strip().splitlines()
+    tiles = int(lines[-2].split(", ")[1].split()[0])  # "wrote ... (HxW, N tiles, S s)"
+    return {"wall_s": wall, "tiles": tiles, **json.loads(lines[-1])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="tiny")
+    parser.add_argument("--sizes", default="1024,2048,4096")
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--cloud-prob", choices=("given", "computed"), default="given")
+    parser.add_argument("--cog", action="store_true", help="Cloud-Optimized outputs (default: plain tiled)")
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    from crrf_jax import bundle
+
+    rows, scenes = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for variant in args.variants.split(","):
+            bundle_dir = tmp / f"bundle_{variant}"
+            bundle.write_bundle(sampling_bench.random_parts(variant, "float32"), bundle_dir)
+            for size in map(int, args.sizes.split(",")):
+                scene_dir = tmp / f"scene_{size}"
+                if not scene_dir.exists():
+                    scene_dir.mkdir()
+                    scenes[size] = write_scene(scene_dir, size)
+                r = run_one(bundle_dir, scenes[size], tmp / "out.tif", args)
+                mpx = size * size / 1e6
+                rows.append((variant, size, r["tiles"], r["wall_s"], r["tiles"] / r["wall_s"], mpx / r["wall_s"],
+                             r["maxrss_mb"], TILE_10980 / 1e6 / (mpx / r["wall_s"]) / 60))
+                print(f"{variant} {size}x{size}: {r['tiles']} tiles in {r['wall_s']:.1f} s, "
+                      f"peak {r['maxrss_mb']:.0f} MB", flush=True)
+    header = ("| variant | scene | tiles | seconds | tiles/s | Mpx/s | peak RSS (MB) | 10980² estimate (min) |\n"
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+    table = header + "".join(
+        f"| {v} | {s}x{s} | {t} | {w:.1f} | {tps:.2f} | {mps:.3f} | {rss:.0f} | {est:.0f} |\n"
+        for v, s, t, w, tps, mps, rss, est in rows)
+    text = (f"`python bench/predict_scene.py {' '.join(sys.argv[1:])}` on {report.machine()}, "
+            f"{datetime.date.today()}; {args.steps} Euler step(s), batch {args.batch}, cloud probability "
+            f"{args.cloud_prob}, {'COG' if args.cog else 'plain tiled'} output, S1 resampled from 20 m. "
+            f"Each run is a fresh process (compiling included).\n\n{table}")
+    print(text)
+    if args.write:
+        report.write_section("Scene prediction", text)
+
+
+if __name__ == "__main__":
+    main()
