@@ -36,6 +36,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -194,15 +195,21 @@ class _SceneReader:
         self.nodata = nodata
         # s2cloudless needs all 13 bands; otherwise only the model's are read.
         self.bands = contract.S2_BANDS if prob is None else tuple(remover.band_names)
+        self._lock = threading.Lock()
 
     def model_dn(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
         """(DN of the model's bands after the offset, valid mask) of rows [y0, y1) of the scene."""
-        raw = self.s2.read(y0, y1, self.remover.band_names)
-        return raw, self.s2.valid(y0, y1)
+        with self._lock:
+            return self.s2.read(y0, y1, self.remover.band_names), self.s2.valid(y0, y1)
 
     def read_rows(self, y0: int, y1: int) -> dict[str, np.ndarray]:
         """Rows [y0, y1) of the padded grid: "s2_cloudy" (model bands), "cloud_prob", and with SAR "s1" and
-        "s1_coverage"."""
+        "s1_coverage". Called from the tiler's reading thread while the writer may call `model_dn`: the
+        datasets are read under one lock (a GDAL dataset is not to be read from two threads at once)."""
+        with self._lock:
+            return self._read_rows(y0, y1)
+
+    def _read_rows(self, y0: int, y1: int) -> dict[str, np.ndarray]:
         end = min(y1, self.layout.height)
         raw = self.s2.read(y0, end, self.bands)
         if not np.all(np.isfinite(raw)):

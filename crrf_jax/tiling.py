@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -151,7 +152,9 @@ def blend_tiles(
     (`predict(tiles, tile_ids)` with tiles name -> (n, tile, tile, C) and ids the row-major tile indices), and
     blended with `layout.window`: every output pixel is the weight-normalised mean of the tiles covering it.
     As soon as no later tile reaches a row, it is written (`write_rows(y0, y1, mean, std)`, cropped to the
-    scene), so memory holds about two rows of tiles whatever the scene size.
+    scene), so memory holds about three rows of tiles whatever the scene size: the one being blended, the one
+    being predicted and the next one, read in a background thread meanwhile (`read_rows` runs only there,
+    `write_rows` only in the caller's thread).
     """
     from tqdm.auto import tqdm
 
@@ -161,10 +164,16 @@ def blend_tiles(
     next_row = 0  # first tile row not yet complete
 
     def tiles() -> Iterator[tuple[int, int, Arrays]]:
-        for r, y in enumerate(layout.ys):
-            band = read_rows(y, y + t)
-            for c, x in enumerate(layout.xs):
-                yield r, c, {k: v[:, x : x + t] for k, v in band.items()}
+        # The next row of tiles is read in a thread while this one is predicted (file reads and XLA both
+        # release the GIL); `read_rows` is only ever called from that one thread.
+        with ThreadPoolExecutor(1, thread_name_prefix="read_rows") as pool:
+            pending = pool.submit(read_rows, layout.ys[0], layout.ys[0] + t)
+            for r in range(len(layout.ys)):
+                band = pending.result()
+                if r + 1 < len(layout.ys):
+                    pending = pool.submit(read_rows, layout.ys[r + 1], layout.ys[r + 1] + t)
+                for c, x in enumerate(layout.xs):
+                    yield r, c, {k: v[:, x : x + t] for k, v in band.items()}
 
     def flush() -> None:
         nonlocal next_row
