@@ -17,8 +17,8 @@ Sources (read, not copied):
   band, values divided by 255 (then mapped to [-1, 1], which is ``contract.to_model`` of ours);
 - splits: the folders themselves (``train`` and ``test``; there is no validation folder). The split sizes in
   `SPLIT_COUNTS` are those reported by independent reproductions found in the public code index (data notes
-  giving "CR1 534 train / 134 test and CR2 448 train / 111 test"); their totals, 668 and 559 images, are the
-  dataset paper's. They are not checked against the archive here.
+  giving "CR1 534 train / 134 test and CR2 448 train / 111 test"; two of them agree). They are not checked
+  against the archive or the dataset paper here: treat them as the expected sizes, not as ground truth.
 
 Layout (``root`` is the extracted archive, EMRDM's ``C-CUHK``)::
 
