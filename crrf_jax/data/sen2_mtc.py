@@ -38,7 +38,8 @@ EMRDM and CTGAN stack the cloudy images in that order. ``read_sample`` returns t
 
 Scaling. Pixels are clipped to [0, 10000] and divided by 10000 (``contract.normalize_s2``): float32 on [0, 1].
 EMRDM divides by 10000 and maps to [-1, 1] (mean 0.5, std 0.5) without clipping, i.e. ``contract.to_model``
-of our values for every pixel inside [0, 10000]; its outputs are clamped to [0, 10000] before the metrics.
+of our values for every pixel inside [0, 10000]; its ``sen_mtc_scale_01`` clamps outputs to [0, 10000] when
+mapping them back.
 EMRDM's target (``gt_image``) is the clear image's R, G, B only while its condition keeps all 4 bands of the
 cloudy dates; here ``bands`` selects the same channels of target and inputs (default all 4; ``"rgb"`` gives
 EMRDM's target channels), and callers that need EMRDM's exact inputs read with the default and slice.
@@ -46,9 +47,10 @@ EMRDM's target channels), and callers that need EMRDM's exact inputs read with t
 Splits and leaks. The split is by tile and the published lists are tile-disjoint; ``find_samples`` rejects a
 tile listed twice in one split file, and ``split_tiles`` lets callers check disjointness across files. Known
 leak elsewhere: GeoCR finds 104 Sen2_MTC_Old samples on Sen2_MTC_New test tiles, so training on Sen2_MTC_Old
-and testing on this set is not clean. The dataset's README speaks of 50 tiles while the published lists hold
-49 (34 + 5 + 10 by GeoCR's lists and the 70-images-per-tile count); the split script drops folders whose name
-does not start with "T", which may account for the difference.
+and testing on this set is not clean. The dataset's README speaks of 50 tiles of 70 images; the published val
+and test lists hold 5 and 10 tiles, and 2,380 train samples would be 34 tiles of 70 (not checked: we have not
+seen the train tile list), 49 in all. The split script drops folders whose name does not start with "T",
+which may account for the difference.
 
 Validation. Every problem with a file raises ``DataError`` whose message starts with that file's path: a
 missing split file, tile folder or partner, an unexpected date index, a file that is not a readable TIFF, a
