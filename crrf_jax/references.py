@@ -86,6 +86,9 @@ def biharmonic_fill(cloudy: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return _fill(cloudy, mask, lambda image, m: np.clip(inpaint_biharmonic(image, m, channel_axis=-1)[m], 0, 1))
 
 
+# Single-image references only: `crrf_jax.evaluation` calls every entry, through `fill_batch`, on batches of
+# one cloudy image per sample. The temporal `least_cloudy_composite` below takes a stack of dates and is
+# deliberately not registered here.
 REFERENCES: dict[str, Reference] = {"mean_fill": mean_fill, "biharmonic": biharmonic_fill}
 
 
@@ -112,3 +115,29 @@ def fill_batch(
     if not len(cloudy):
         return cloudy.copy()
     return np.stack([fill(image, cloud_mask(prob, threshold)) for image, prob in zip(cloudy, cloud_prob)])
+
+
+def least_cloudy_composite(s2_cloudy: np.ndarray, cloud_prob: np.ndarray) -> np.ndarray:
+    """The best-pixel mosaic of a multi-temporal stack: every pixel from the date where it is least cloudy.
+
+    Args:
+      s2_cloudy: (T, H, W, C) float reflectance on [0, 1], the dates of one scene.
+      cloud_prob: (T, H, W) or (T, H, W, 1) cloud probability of each date, finite.
+    Returns:
+      (H, W, C), the dtype of `s2_cloudy`: pixel (i, j) is ``s2_cloudy[t, i, j]`` for the t with the lowest
+      ``cloud_prob[t, i, j]``; ties go to the earliest date. A temporal reference: it is not in `REFERENCES`.
+    """
+    s2_cloudy = np.asarray(s2_cloudy)
+    cloud_prob = np.asarray(cloud_prob)
+    if cloud_prob.ndim == 4 and cloud_prob.shape[-1] == 1:
+        cloud_prob = cloud_prob[..., 0]
+    if s2_cloudy.ndim != 4 or not len(s2_cloudy):
+        raise ValueError(f"least_cloudy_composite: s2_cloudy must be (T, H, W, C) with T >= 1, "
+                         f"got shape {s2_cloudy.shape}")
+    if cloud_prob.shape != s2_cloudy.shape[:3]:
+        raise ValueError(f"least_cloudy_composite: cloud_prob must be (T, H, W[, 1]) = {s2_cloudy.shape[:3]}, "
+                         f"got shape {np.shape(cloud_prob)}")
+    if not np.all(np.isfinite(cloud_prob)):
+        raise ValueError("least_cloudy_composite: cloud_prob contains NaN or Inf")
+    best = np.argmin(cloud_prob, axis=0)  # the first minimum: ties go to the earliest date
+    return np.take_along_axis(s2_cloudy, best[None, ..., None], axis=0)[0]

@@ -174,3 +174,51 @@ def test_zero_cloud_prob_reaches_the_model_only(scenes, tmp_path):
     assert result["zero_cloud_prob"] is True and result["mean_cloud_fraction"] > 0  # scored with the real map
     table = evaluation.format_table(result)
     assert "cloud probability zeroed" in table and "mean_fill" not in table
+
+
+# ------------------------------------------------------------------------------------ least-cloudy composite
+
+
+def test_least_cloudy_composite_hand_built():
+    # Three dates of a 2 x 3 image, one band whose value is the date index + 10 x the pixel number.
+    dates = (np.arange(3)[:, None, None, None] + 10.0 * np.arange(6).reshape(1, 2, 3, 1)).astype(np.float32)
+    prob = np.array([
+        [[0.9, 0.1, 0.5], [0.3, 0.2, 0.7]],
+        [[0.2, 0.1, 0.5], [0.3, 0.8, 0.6]],
+        [[0.4, 0.6, 0.5], [0.1, 0.8, 0.6]],
+    ], np.float32)
+    # Pixel by pixel: date 1; tie 0/1 -> 0; three-way tie -> 0; date 2; date 0; tie 1/2 -> 1.
+    want_date = np.array([[1, 0, 0], [2, 0, 1]])
+    want = (want_date + 10.0 * np.arange(6).reshape(2, 3))[..., None].astype(np.float32)
+    for p in (prob, prob[..., None]):
+        out = R.least_cloudy_composite(dates, p)
+        assert out.shape == (2, 3, 1) and out.dtype == np.float32
+        np.testing.assert_array_equal(out, want)
+
+
+def test_least_cloudy_composite_matches_a_loop():
+    rng = np.random.default_rng(7)
+    t, h, w, c = 4, 9, 7, 3
+    stack = rng.uniform(0, 1, (t, h, w, c)).astype(np.float32)
+    prob = rng.integers(0, 4, (t, h, w, 1)).astype(np.float32) / 3  # few levels: many ties
+    out = R.least_cloudy_composite(stack, prob)
+    want = np.empty((h, w, c), np.float32)
+    for i in range(h):
+        for j in range(w):
+            best = 0
+            for d in range(1, t):
+                if prob[d, i, j, 0] < prob[best, i, j, 0]:
+                    best = d
+            want[i, j] = stack[best, i, j]
+    np.testing.assert_array_equal(out, want)
+
+
+def test_least_cloudy_composite_rejects_bad_input_and_is_not_a_single_image_reference():
+    stack = np.zeros((3, 4, 4, 2), np.float32)
+    with pytest.raises(ValueError, match="cloud_prob"):
+        R.least_cloudy_composite(stack, np.zeros((2, 4, 4)))
+    with pytest.raises(ValueError, match="NaN"):
+        R.least_cloudy_composite(stack, np.full((3, 4, 4), np.nan))
+    with pytest.raises(ValueError, match=r"\(T, H, W, C\)"):
+        R.least_cloudy_composite(stack[0], np.zeros((4, 4, 2)))
+    assert R.least_cloudy_composite not in R.REFERENCES.values()
