@@ -1,13 +1,17 @@
 """Whole-scene prediction: seconds and peak memory of `python -m crrf_jax.predict` as the scene grows.
 
-    python bench/predict_scene.py [--variants tiny,base] [--sizes 1024,2048,4096] [--steps 1] [--batch 8]
+    python bench/predict_scene.py [--variants tiny,base] [--sizes 1024,2048,4096,4096x1024] [--steps 1]
+                                  [--batch 8]
                                   [--cloud-prob given|computed] [--cog] [--write]
+
+A size is N (N x N) or HxW (H rows, W columns).
 
 For each size a synthetic scene (13-band uint16 S2, 2-band float32 S1 in dB at 20 m, so the resampling onto
 the S2 grid runs too, and a uint8 cloud-probability file) is written window by window, and the predict
 CLI runs on it in a fresh process with a random-weight bundle of the variant (speed and memory do not depend
 on the weights). Reported: wall seconds of the child, tiles/s, megapixels/s, and the child's peak resident
-memory (ru_maxrss). Bounded memory shows as a peak that does not grow with the scene; a 10980 x 10980
+memory (ru_maxrss). The tiler holds a few rows of tiles, so the peak grows with the width and not with the
+height (a tall HxW scene shows it); a 10980 x 10980
 Sentinel-2 tile is extrapolated from the largest size at the measured pixel rate. --cloud-prob computed runs
 s2cloudless on the scene too (CPU, inside the child). Runs unchanged on CPU and GPU.
 `--write` puts the results into the "Scene prediction" section of BENCHMARKS.md.
@@ -43,8 +47,8 @@ CHILD = (
 )
 
 
-def write_scene(directory: Path, size: int, seed: int = 0) -> dict[str, Path]:
-    """A size x size synthetic scene written in row blocks (memory stays small whatever the size)."""
+def write_scene(directory: Path, height: int, width: int, seed: int = 0) -> dict[str, Path]:
+    """A height x width synthetic scene written in row blocks (memory stays small whatever the size)."""
     import rasterio
     from rasterio.crs import CRS
     from rasterio.transform import from_origin
@@ -52,29 +56,31 @@ def write_scene(directory: Path, size: int, seed: int = 0) -> dict[str, Path]:
     rng = np.random.default_rng(seed)
     crs, transform = CRS.from_epsg(32631), from_origin(600_000.0, 5_300_000.0, 10.0, 10.0)
     paths = {"s2": directory / "s2.tif", "s1": directory / "s1.tif", "cloud_prob": directory / "prob.tif"}
-    common = dict(driver="GTiff", width=size, height=size, crs=crs, transform=transform, tiled=True,
+    common = dict(driver="GTiff", width=width, height=height, crs=crs, transform=transform, tiled=True,
                   blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="IF_SAFER")
-    s1_size = size // 2  # 20 m pixels over the same extent (warped onto the 10 m grid by the reader)
+    s1_h, s1_w = height // 2, width // 2  # 20 m pixels over the same extent (warped onto the 10 m grid)
     s1_transform = from_origin(600_000.0, 5_300_000.0, 20.0, 20.0)
     with (rasterio.open(paths["s2"], "w", count=13, dtype="uint16", **common) as s2,
           rasterio.open(paths["cloud_prob"], "w", count=1, dtype="uint8", **common) as prob,
-          rasterio.open(paths["s1"], "w", **(common | dict(width=s1_size, height=s1_size, count=2,
+          rasterio.open(paths["s1"], "w", **(common | dict(width=s1_w, height=s1_h, count=2,
                                                             dtype="float32", transform=s1_transform))) as s1):
-        for y in range(0, size, 512):
-            rows = min(512, size - y)
-            base = rng.uniform(500, 4000, (13, 1, size)).astype(np.float32)
-            s2.write((base + rng.normal(0, 200, (13, rows, size))).clip(1, 10000).astype(np.uint16),
-                     window=((y, y + rows), (0, size)))
-            prob.write(rng.integers(0, 256, (1, rows, size), dtype=np.uint8), window=((y, y + rows), (0, size)))
-        for y in range(0, s1_size, 512):
-            rows = min(512, s1_size - y)
-            s1.write(rng.uniform(-25, 0, (2, rows, s1_size)).astype(np.float32),
-                     window=((y, y + rows), (0, s1_size)))
+        for y in range(0, height, 512):
+            rows = min(512, height - y)
+            base = rng.uniform(500, 4000, (13, 1, width)).astype(np.float32)
+            s2.write((base + rng.normal(0, 200, (13, rows, width))).clip(1, 10000).astype(np.uint16),
+                     window=((y, y + rows), (0, width)))
+            window = ((y, y + rows), (0, width))
+            prob.write(rng.integers(0, 256, (1, rows, width), dtype=np.uint8), window=window)
+        for y in range(0, s1_h, 512):
+            rows = min(512, s1_h - y)
+            s1.write(rng.uniform(-25, 0, (2, rows, s1_w)).astype(np.float32),
+                     window=((y, y + rows), (0, s1_w)))
     return paths
 
 
 def run_one(bundle_dir: Path, scene: dict[str, Path], out: Path, args) -> dict[str, float]:
-    cmd = [sys.executable, "-c", CHILD, f"--bundle={bundle_dir}", f"--s2={scene['s2']}", f"--s1={scene['s1']}",
+    cmd = [sys.executable, "-c", CHILD, f"--bundle={bundle_dir}", f"--s2={scene['s2']}",
+           f"--s1={scene['s1']}",
            f"--out={out}", f"--steps={args.steps}", f"--batch-size={args.batch}", "--quiet"]
     if args.cloud_prob == "given":
         cmd.append(f"--cloud-prob={scene['cloud_prob']}")
@@ -108,21 +114,22 @@ def main() -> None:
         for variant in args.variants.split(","):
             bundle_dir = tmp / f"bundle_{variant}"
             bundle.write_bundle(sampling_bench.random_parts(variant, "float32"), bundle_dir)
-            for size in map(int, args.sizes.split(",")):
-                scene_dir = tmp / f"scene_{size}"
-                if not scene_dir.exists():
-                    scene_dir.mkdir()
-                    scenes[size] = write_scene(scene_dir, size)
-                r = run_one(bundle_dir, scenes[size], tmp / "out.tif", args)
-                mpx = size * size / 1e6
-                rows.append((variant, size, r["tiles"], r["wall_s"], r["tiles"] / r["wall_s"], mpx / r["wall_s"],
-                             r["maxrss_mb"], TILE_10980 / 1e6 / (mpx / r["wall_s"]) / 60))
-                print(f"{variant} {size}x{size}: {r['tiles']} tiles in {r['wall_s']:.1f} s, "
+            for size in args.sizes.split(","):
+                h, w = (int(v) for v in (size.split("x") if "x" in size else (size, size)))
+                if (h, w) not in scenes:
+                    (tmp / f"scene_{h}x{w}").mkdir()
+                    scenes[h, w] = write_scene(tmp / f"scene_{h}x{w}", h, w)
+                r = run_one(bundle_dir, scenes[h, w], tmp / "out.tif", args)
+                mpx = h * w / 1e6
+                rows.append((variant, f"{h}x{w}", r["tiles"], r["wall_s"], r["tiles"] / r["wall_s"],
+                             mpx / r["wall_s"], r["maxrss_mb"], TILE_10980 / 1e6 / (mpx / r["wall_s"]) / 60))
+                print(f"{variant} {h}x{w}: {r['tiles']} tiles in {r['wall_s']:.1f} s, "
                       f"peak {r['maxrss_mb']:.0f} MB", flush=True)
-    header = ("| variant | scene | tiles | seconds | tiles/s | Mpx/s | peak RSS (MB) | 10980² estimate (min) |\n"
+    header = ("| variant | scene (HxW) | tiles | seconds | tiles/s | Mpx/s | peak RSS (MB) "
+              "| 10980² estimate (min) |\n"
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
     table = header + "".join(
-        f"| {v} | {s}x{s} | {t} | {w:.1f} | {tps:.2f} | {mps:.3f} | {rss:.0f} | {est:.0f} |\n"
+        f"| {v} | {s} | {t} | {w:.1f} | {tps:.2f} | {mps:.3f} | {rss:.0f} | {est:.0f} |\n"
         for v, s, t, w, tps, mps, rss, est in rows)
     text = (f"`python bench/predict_scene.py {' '.join(sys.argv[1:])}` on {report.machine()}, "
             f"{datetime.date.today()}; {args.steps} Euler step(s), batch {args.batch}, cloud probability "
