@@ -131,7 +131,7 @@ def main() -> None:
     table = header + "".join(
         f"| {v} | {s} | {t} | {w:.1f} | {tps:.2f} | {mps:.3f} | {rss:.0f} | {est:.0f} |\n"
         for v, s, t, w, tps, mps, rss, est in rows)
-    text = (f"`python bench/predict_scene.py {' '.join(sys.argv[1:])}` on {report.machine()}, "
+    text = (f"## Scene prediction\n\n`python bench/predict_scene.py {' '.join(sys.argv[1:])}` on {report.machine()}, "
             f"{datetime.date.today()}; {args.steps} Euler step(s), batch {args.batch}, cloud probability "
             f"{args.cloud_prob}, {'COG' if args.cog else 'plain tiled'} output, S1 resampled from 20 m. "
             f"Each run is a fresh process (compiling included).\n\n{table}")
