@@ -56,7 +56,11 @@ from crrf_jax.models import build  # noqa: E402
 from crrf_jax.models.flux import FluxConfig  # noqa: E402
 from crrf_jax.trainer import PEAK_TFLOPS  # noqa: E402  (dense bf16 peak per device kind, as training's MFU)
 
-CPU_FLOP_PER_CYCLE = 32  # FP32: two 256-bit FMA pipes x 8 lanes x 2
+# FP32 lanes of the widest vector unit the CPU reports (/proc/cpuinfo flags); two FMA pipes per core (every
+# x86 core with AVX2 or AVX-512 since Haswell / Skylake-SP has two; a few AVX-512 parts fuse them into one,
+# so the peak is an upper bound and MFU a lower bound), 2 FLOP per FMA.
+VECTOR_LANES = (("avx512f", 16), ("avx2", 8), ("avx", 8), ("sse2", 4))
+FMA_PIPES = 2
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -80,12 +84,24 @@ def peak_tflops(backend: str, override: float) -> tuple[float, str]:
         kind = jax.devices()[0].device_kind
         peak = next((v for k, v in PEAK_TFLOPS.items() if k.lower() in kind.lower()), 0.0)
         return peak * jax.device_count(), f"dense bf16 of {kind}" if peak else f"unknown for {kind}"
-    mhz = _cpu_mhz()
-    if not mhz:
-        return 0.0, "unknown CPU clock"
+    mhz, (flag, lanes) = _cpu_mhz(), _vector_lanes()
+    if not mhz or not lanes:
+        return 0.0, "unknown CPU clock or vector width: no MFU"
     cores = os.cpu_count() or 1
-    peak = cores * mhz * 1e6 * CPU_FLOP_PER_CYCLE / 1e12
-    return peak, f"estimated: {cores} cores x {mhz / 1000:.2f} GHz x {CPU_FLOP_PER_CYCLE} FP32 FLOP/cycle"
+    per_cycle = FMA_PIPES * lanes * 2
+    peak = cores * mhz * 1e6 * per_cycle / 1e12
+    return peak, (f"upper bound: {cores} cores x {mhz / 1000:.2f} GHz x {per_cycle} FP32 FLOP/cycle "
+                  f"({flag}: {lanes} lanes, {FMA_PIPES} FMA pipes)")
+
+
+def _vector_lanes() -> tuple[str, int]:
+    """(the widest vector extension /proc/cpuinfo lists, its FP32 lanes), or ("", 0) when unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return "", 0
+    return next(((flag, lanes) for flag, lanes in VECTOR_LANES if flag in flags), ("", 0))
 
 
 def _cpu_mhz() -> float:
