@@ -195,6 +195,10 @@ class _SceneReader:
         self.nodata = nodata
         # s2cloudless needs all 13 bands; otherwise only the model's are read.
         self.bands = contract.S2_BANDS if prob is None else tuple(remover.band_names)
+        missing = [b for b in self.bands if b not in s2.bands]
+        if missing and prob is None and missing == ["B10"] and "B10" not in remover.band_names:
+            raise DataError(s2.path, "has no B10, which s2cloudless needs to compute the cloud probability: "
+                                     "give --cloud-prob, or --fill-b10")
         self._lock = threading.Lock()
 
     def model_dn(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
