@@ -131,8 +131,9 @@ class CloudRemover:
         `pad_batch_to` (default n) rounded up to a multiple of the device count, so every batch of a scene
         compiles once. output, drop_cloudy: see `sampling.sample_patches`. keep_clear: pixels whose cloud
         probability is below it come back as they came in (std 0); None keeps the model's output everywhere.
-        samples_per_pass: how many of the K samples run at once as extra batch rows (`sampling.sample_patches`;
-        more fills a large device better, at that many times the activation memory; same result).
+        samples_per_pass: how many of the K samples run at once as extra batch rows
+        (`sampling.sample_patches`; more fills a large device better, at that many times the activation
+        memory; the same result).
         Returns host (mean clipped to [0, 1], std), each (n, T, T, C) float32.
         """
         steps = int(steps or self.config["sampling"]["steps"])

@@ -175,7 +175,8 @@ def _velocity_fn(flow_model, cloudy, sar, cloud_prob, guidance_scale: float, dro
     """v(x_t, t) of the conditioned flow model; with guidance, v_u + s (v_c - v_u), both branches in one call
     of twice the batch (the unconditional one with SAR and cloudy tokens replaced by the null tokens).
 
-    x_t may hold r rows per patch (r samples of a pass, patch-major): the conditioning is repeated to match."""
+    x_t may hold r rows per patch (r samples of a pass, patch-major): the conditioning is repeated to
+    match."""
     patches = cloudy.shape[0]
     drop_all = jnp.full((patches,), bool(drop_cloudy))
     drop_sar_all = jnp.zeros((patches,), bool) if drop_sar is None else jnp.asarray(drop_sar, bool)
@@ -203,7 +204,8 @@ def _velocity_fn(flow_model, cloudy, sar, cloud_prob, guidance_scale: float, dro
 
 sample_patches_jit = jax.jit(
     sample_patches,
-    static_argnames=("steps", "num_samples", "guidance_scale", "spec", "output", "drop_cloudy", "samples_per_pass"),
+    static_argnames=("steps", "num_samples", "guidance_scale", "spec", "output", "drop_cloudy",
+                     "samples_per_pass"),
 )
 
 
