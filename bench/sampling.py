@@ -1,15 +1,17 @@
 """Sampling throughput: 256x256 tiles per second through CloudRemover for 1, 4 and 8 Euler steps.
 
     python bench/sampling.py [--variant base] [--size 256] [--steps 1,4,8] [--batch 0] [--repeats 3]
-                             [--dtype auto] [--samples 1] [--guidance 1.0] [--write]
+                             [--dtype auto] [--samples 1] [--samples-per-pass 1] [--guidance 1.0] [--write]
 
 Random weights of the chosen variant (the speed does not depend on them), the whole inference path of one tile
 batch: both VAE encoders, `steps` transformer evaluations (two per step with --guidance != 1), the S2 decoder,
 sharded over every device of the ('data',) mesh. Each setting is compiled and run once (the compile time is
 reported), then `repeats` batches are timed one by one; the best and the median are reported (the best is the
-figure least disturbed by other work on a shared machine). --batch 0 picks one tile per device on CPU and 8
-per device on an accelerator; --dtype auto is float32 on CPU and bfloat16 on GPU/TPU. Runs unchanged on CPU,
-GPU and TPU.
+figure least disturbed by other work on a shared machine). --samples-per-pass lists how many of the K samples
+run at once as extra batch rows (`CloudRemover.predict_tiles(samples_per_pass=...)`), each value a setting of
+its own, so a large device can be checked for the pass size that fills it best. --batch 0 picks one tile per
+device on CPU and 8 per device on an accelerator; --dtype auto is float32 on CPU and bfloat16 on GPU/TPU.
+Runs unchanged on CPU, GPU and TPU.
 `--write` puts the results into the "Sampling" section of BENCHMARKS.md.
 """
 
@@ -66,7 +68,7 @@ def random_parts(variant: str, dtype: str, seed: int = 0) -> bundle.ModelParts:
 
 
 def measure(remover: CloudRemover, size: int, batch: int, steps: int, samples: int, guidance: float,
-            repeats: int) -> dict[str, float]:
+            repeats: int, samples_per_pass: int = 1) -> dict[str, float]:
     """Compile seconds, and tiles/s of the fastest and the median of `repeats` batches of `batch` tiles.
 
     The fastest batch is the figure least disturbed by other work on a shared machine.
@@ -78,7 +80,7 @@ def measure(remover: CloudRemover, size: int, batch: int, steps: int, samples: i
         "cloud_prob": rng.uniform(0, 1, (batch, size, size, 1)).astype(np.float32),
     }
     ids = np.arange(batch)
-    kw = dict(steps=steps, num_samples=samples, guidance_scale=guidance)
+    kw = dict(steps=steps, num_samples=samples, guidance_scale=guidance, samples_per_pass=samples_per_pass)
     t0 = time.perf_counter()
     remover.predict_tiles(tiles, ids, **kw)  # compile + first run (results come back to the host)
     compile_s = time.perf_counter() - t0
@@ -88,8 +90,8 @@ def measure(remover: CloudRemover, size: int, batch: int, steps: int, samples: i
         remover.predict_tiles(tiles, ids + (i + 1) * batch, **kw)
         times.append(time.perf_counter() - t0)
     best, median = min(times), float(np.median(times))
-    return {"steps": steps, "compile_s": compile_s, "tiles_per_s": batch / best, "s_per_tile": best / batch,
-            "median_tiles_per_s": batch / median}
+    return {"steps": steps, "samples_per_pass": samples_per_pass, "compile_s": compile_s,
+            "tiles_per_s": batch / best, "s_per_tile": best / batch, "median_tiles_per_s": batch / median}
 
 
 
@@ -104,6 +106,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed batches per setting")
     parser.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | bfloat16")
     parser.add_argument("--samples", type=int, default=1, help="samples per tile (K)")
+    parser.add_argument("--samples-per-pass", default="1",
+                        help="comma-separated pass sizes: K samples run this many at once as batch rows")
     parser.add_argument("--guidance", type=float, default=1.0, help="CFG scale (!= 1 doubles the work)")
     parser.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
     args = parser.parse_args()
@@ -115,12 +119,14 @@ def main() -> None:
     remover = random_remover(args.variant, dtype)
     setup_s = time.perf_counter() - t0
     rows = []
+    per_pass = [int(p) for p in args.samples_per_pass.split(",")]
     for steps in (int(s) for s in args.steps.split(",")):
-        r = measure(remover, args.size, batch, steps, args.samples, args.guidance, args.repeats)
-        rows.append(r)
-        print(f"steps {steps}: {r['tiles_per_s']:.3f} tiles/s best ({r['s_per_tile']:.2f} s/tile), "
-              f"{r['median_tiles_per_s']:.3f} median, compile + first batch {r['compile_s']:.1f} s",
-              flush=True)
+        for p in per_pass:
+            r = measure(remover, args.size, batch, steps, args.samples, args.guidance, args.repeats, p)
+            rows.append(r)
+            print(f"steps {steps}, {p} sample(s) per pass: {r['tiles_per_s']:.3f} tiles/s best "
+                  f"({r['s_per_tile']:.2f} s/tile), {r['median_tiles_per_s']:.3f} median, "
+                  f"compile + first batch {r['compile_s']:.1f} s", flush=True)
 
     command = "python bench/sampling.py " + " ".join(sys.argv[1:])
     lines = [
@@ -136,10 +142,11 @@ def main() -> None:
         "One tile = both VAE encoders, `steps` transformer evaluations, the S2 decoder; host transfers "
         "included.",
         "",
-        "| Euler steps | tiles/s (best) | s/tile (best) | tiles/s (median) | compile + first batch (s) |",
-        "| ---: | ---: | ---: | ---: | ---: |",
+        ("| Euler steps | samples per pass | tiles/s (best) | s/tile (best) | tiles/s (median) "
+         "| compile + first batch (s) |"),
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    lines += [f"| {r['steps']} | {r['tiles_per_s']:.3f} | {r['s_per_tile']:.2f} | "
+    lines += [f"| {r['steps']} | {r['samples_per_pass']} | {r['tiles_per_s']:.3f} | {r['s_per_tile']:.2f} | "
               f"{r['median_tiles_per_s']:.3f} | {r['compile_s']:.1f} |" for r in rows]
     text = "\n".join(lines)
     print(text)

@@ -278,6 +278,7 @@ def ensemble_sample(
     uncond_velocity_fn: VelocityFn | None = None,
     decode_fn: Callable[[jax.Array], jax.Array] | None = None,
     noise_fn: Callable[[jax.Array], jax.Array] | None = None,
+    samples_per_pass: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """K Euler samples from independent noises -> per-element mean and standard deviation (uncertainty map).
 
@@ -286,35 +287,61 @@ def ensemble_sample(
         from `rng`, unless `noise_fn` is given.
       noise_fn: optional (sample index k, int32 scalar) -> noise of `shape`, e.g. per-example keys so that an
         example's samples do not depend on the rest of the batch; `rng` is then unused.
-      num_samples: K >= 1; the K samples run one after another (lax.scan, memory of one sample).
+      num_samples: K >= 1. The K samples run in ceil(K / P) passes of P = `samples_per_pass` samples (the last
+        pass runs the K mod P left over, when P does not divide K); the passes run one after another
+        (lax.scan, memory of one pass).
+      samples_per_pass: P >= 1 (at most K is used). A pass evaluates its r <= P samples as extra batch rows:
+        velocity_fn, uncond_velocity_fn and decode_fn then see r * B rows, patch-major (row i * r + j is
+        example i's j-th sample of the pass), so a batch-sharded input stays sharded the same way and a
+        closure over per-example conditioning repeats it with `jnp.repeat(c, x.shape[0] // B, axis=0)`.
+        Sample k always starts from the same noise and the statistics are accumulated in the order k = 0 ..
+        K - 1, so the result does not depend on P (up to the float reduction order of the bigger batch).
       decode_fn: optional map applied to each x0 sample before the statistics (e.g. VAE decode to [0, 1]
         pixels), so mean and std live in that space; identity when None.
     Returns:
-      (mean, std) over the K samples, each of decode_fn's output shape; std is the population standard
-      deviation (divide by K, as UnCRtainTS's ensemble variance), 0 for K = 1.
+      (mean, std) over the K samples, each of decode_fn's output shape for B rows; std is the population
+      standard deviation (divide by K, as UnCRtainTS's ensemble variance), 0 for K = 1.
     """
     if num_samples < 1:
         raise ValueError(f"ensemble_sample: num_samples must be >= 1, got {num_samples}")
+    if samples_per_pass < 1:
+        raise ValueError(f"ensemble_sample: samples_per_pass must be >= 1, got {samples_per_pass}")
+    per_pass = min(int(samples_per_pass), num_samples)
     decode = decode_fn if decode_fn is not None else (lambda x: x)
+    batch = shape[0]
 
-    def one_sample(key: jax.Array, index: jax.Array) -> jax.Array:
-        noise = noise_fn(index) if noise_fn is not None else jax.random.normal(key, shape, jnp.float32)
+    def draw(key: jax.Array, index: jax.Array) -> jax.Array:
+        return noise_fn(index) if noise_fn is not None else jax.random.normal(key, shape, jnp.float32)
+
+    def one_pass(keys: jax.Array, indices: jax.Array) -> jax.Array:
+        """The samples `indices` (r,) as r * B patch-major rows -> their decoded outputs (r, B, ...)."""
+        r = indices.shape[0]
+        noise = jnp.stack([draw(keys[j], indices[j]) for j in range(r)], axis=1)  # (B, r, ...)
+        noise = noise.reshape((batch * r, *shape[1:]))
         x0 = euler_sample(velocity_fn, noise, timesteps, guidance_scale, uncond_velocity_fn)
-        return decode(x0).astype(jnp.float32)
+        out = decode(x0).astype(jnp.float32)
+        return jnp.moveaxis(out.reshape((batch, r, *out.shape[1:])), 1, 0)
 
-    # Welford's running mean and sum of squared deviations: stable and one sample in memory at a time.
-    def accumulate(carry, key_and_index):
+    # Welford's running mean and sum of squared deviations, one sample at a time in index order: stable, and
+    # the same arithmetic whatever the pass size.
+    def accumulate(carry, keys_and_indices):
         mean, m2 = carry
-        key, index = key_and_index
-        sample = one_sample(key, index)
-        delta = sample - mean
-        mean = mean + delta / (index.astype(jnp.float32) + 1.0)
-        m2 = m2 + delta * (sample - mean)
+        keys, indices = keys_and_indices
+        samples = one_pass(keys, indices)
+        for j in range(indices.shape[0]):
+            delta = samples[j] - mean
+            mean = mean + delta / (indices[j].astype(jnp.float32) + 1.0)
+            m2 = m2 + delta * (samples[j] - mean)
         return (mean, m2), None
 
     keys = jax.random.split(rng, num_samples)
     indices = jnp.arange(num_samples, dtype=jnp.int32)
-    out_shape = jax.eval_shape(one_sample, keys[0], indices[0])
-    zeros = jnp.zeros(out_shape.shape, jnp.float32)
-    (mean, m2), _ = jax.lax.scan(accumulate, (zeros, zeros), (keys, indices))
+    out_shape = jax.eval_shape(one_pass, keys[:1], indices[:1]).shape[1:]
+    carry = (jnp.zeros(out_shape, jnp.float32), jnp.zeros(out_shape, jnp.float32))
+    full, done = num_samples // per_pass, (num_samples // per_pass) * per_pass
+    passes = (keys[:done].reshape((full, per_pass, *keys.shape[1:])), indices[:done].reshape(full, per_pass))
+    carry, _ = jax.lax.scan(accumulate, carry, passes)
+    if done < num_samples:  # the K mod P samples left over: one smaller pass
+        carry, _ = accumulate(carry, (keys[done:], indices[done:]))
+    mean, m2 = carry
     return mean, jnp.sqrt(jnp.maximum(m2 / num_samples, 0.0))

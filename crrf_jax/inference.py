@@ -120,6 +120,7 @@ class CloudRemover:
         output: str = "final",
         drop_cloudy: bool = False,
         keep_clear: float | None = None,
+        samples_per_pass: int = 1,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Samples a batch of tiles on the mesh.
 
@@ -130,9 +131,13 @@ class CloudRemover:
         `pad_batch_to` (default n) rounded up to a multiple of the device count, so every batch of a scene
         compiles once. output, drop_cloudy: see `sampling.sample_patches`. keep_clear: pixels whose cloud
         probability is below it come back as they came in (std 0); None keeps the model's output everywhere.
+        samples_per_pass: how many of the K samples run at once as extra batch rows
+        (`sampling.sample_patches`; more fills a large device better, at that many times the activation
+        memory; the same result).
         Returns host (mean clipped to [0, 1], std), each (n, T, T, C) float32.
         """
         steps = int(steps or self.config["sampling"]["steps"])
+        check_samples(num_samples, samples_per_pass)
         default_guidance = self.config["sampling"]["guidance_scale"]
         guidance = float(default_guidance if guidance_scale is None else guidance_scale)
         n = int(tile_ids.shape[0])
@@ -156,6 +161,7 @@ class CloudRemover:
             self.nets, device["s2_cloudy"], device.get("s1"), device["cloud_prob"], keys,
             steps=steps, num_samples=int(num_samples), guidance_scale=guidance, spec=self.spec,
             output=output, drop_cloudy=bool(drop_cloudy), drop_sar=drop_sar,
+            samples_per_pass=min(int(samples_per_pass), int(num_samples)),
         )
         mean, std = np.clip(parallel.to_host(mean)[:n], 0.0, 1.0), parallel.to_host(std)[:n]
         if keep_clear is not None:
@@ -199,6 +205,7 @@ class CloudRemover:
         overlap: int | None = None,
         keep_clear: float | None = None,
         progress: bool = False,
+        samples_per_pass: int = 1,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Removes clouds from a scene of any size.
 
@@ -213,6 +220,7 @@ class CloudRemover:
             of the device count); tile_size, overlap: tiling (defaults from the bundle: the training crop
             size and an eighth of it); keep_clear: pixels whose cloud probability is below it are returned
             exactly as they came in (std 0); None (default) keeps the model's output everywhere.
+          samples_per_pass: K samples run this many at a time as extra batch rows (see `predict_tiles`).
         Returns:
           (clear, std): (H, W, C) float32, the cloud-free estimate in [0, 1] and the per-pixel std over the K
           samples (zeros for K = 1).
@@ -232,7 +240,8 @@ class CloudRemover:
 
         self.process(layout, lambda y0, y1: {k: v[y0:y1] for k, v in scene.items()}, write,
                      steps=steps, num_samples=num_samples, guidance_scale=guidance_scale, seed=seed,
-                     batch_size=batch_size, keep_clear=keep_clear, progress=progress)
+                     batch_size=batch_size, keep_clear=keep_clear, progress=progress,
+                     samples_per_pass=samples_per_pass)
         if keep_clear is not None:  # exact: blending identical tile values can differ from them in the last ulp
             clear, std = keep_clear_pixels(clear, std, s2, prob, keep_clear)
         return clear, std
@@ -250,18 +259,18 @@ class CloudRemover:
         batch_size: int = 8,
         keep_clear: float | None = None,
         progress: bool = False,
+        samples_per_pass: int = 1,
     ) -> None:
         """`blend_tiles` with this model: the streaming core of `remove_clouds` and of GeoTIFF prediction."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        check_samples(num_samples, samples_per_pass)
         check_keep_clear(keep_clear)
 
         def predict(tiles: Arrays, ids: np.ndarray):
             return self.predict_tiles(tiles, ids, steps=steps, num_samples=num_samples,
                                       guidance_scale=guidance_scale, seed=seed, pad_batch_to=batch_size,
-                                      keep_clear=keep_clear)
+                                      keep_clear=keep_clear, samples_per_pass=samples_per_pass)
 
         blend_tiles(layout, read_rows, predict, write_rows, batch_size=batch_size, progress=progress)
 
@@ -307,6 +316,14 @@ class CloudRemover:
                 s1 = np.where(bad, contract.S1_NONFINITE_FILL, s1).astype(np.float32)
             check_reflectance("s1", s1)
         return s2, s1, prob
+
+
+def check_samples(num_samples: int, samples_per_pass: int) -> None:
+    """num_samples (K) and samples_per_pass (how many of them run at once) must be positive integers."""
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if int(samples_per_pass) < 1:
+        raise ValueError(f"samples_per_pass must be >= 1, got {samples_per_pass}")
 
 
 def check_keep_clear(threshold: float | None) -> None:

@@ -93,6 +93,7 @@ def sample_patches(
     output: str = "final",
     drop_cloudy: bool = False,
     drop_sar: jax.Array | None = None,
+    samples_per_pass: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """K Euler samples of the cloud-free image of each patch -> per-pixel mean and standard deviation.
 
@@ -107,6 +108,9 @@ def sample_patches(
       drop_cloudy: replace the cloudy tokens by the null token (an ablation; the source still starts there).
       drop_sar: optional (B,) bool, True = that patch runs the SAR-absent mode (the refiner stage's training
         uses it; `s1=None` does it for the whole batch).
+      samples_per_pass: P, how many of the K samples run together as extra batch rows (`flow.ensemble_sample`:
+        ceil(K / P) passes of P * B rows, a patch's rows next to each other); the latents are encoded once and
+        the conditioning repeated. The result does not depend on P (up to float reduction order).
     Returns:
       (mean, std): (B, H, W, C) float32 reflectance (not clipped); std is the population standard deviation
       over the K samples (0 for K = 1).
@@ -127,7 +131,7 @@ def sample_patches(
     def refine(pixels):
         if output == "flow" or refiner is None:
             return pixels
-        return refiner(pixels, s2_cloudy, cloud_prob, s1, sar_present)[0]
+        return refiner(pixels, *_repeat_rows(pixels.shape[0] // b, s2_cloudy, cloud_prob, s1, sar_present))[0]
 
     def decode(x0):
         return refine(contract.from_model(vae_s2.decode(x0).astype(jnp.float32)))
@@ -143,7 +147,15 @@ def sample_patches(
 
     schedule = spec.schedule(steps, (h // 2) * (w // 2))
     return rf.ensemble_sample(velocity, keys[0], (b, h, w, z), schedule, num_samples, decode_fn=decode,
-                              noise_fn=start)
+                              noise_fn=start, samples_per_pass=samples_per_pass)
+
+
+def _repeat_rows(repeats: int, *arrays):
+    """Each array (B, ...) with every row repeated `repeats` times in place, (B * repeats, ...) (None stays
+    None): the conditioning of a pass of several samples per patch, whose rows are patch-major."""
+    if repeats == 1:
+        return arrays
+    return tuple(None if a is None else jnp.repeat(a, repeats, axis=0) for a in arrays)
 
 
 def vae_roundtrip(vae, pixels: jax.Array) -> jax.Array:
@@ -161,21 +173,27 @@ def vae_roundtrip_jit(graphdef, state, pixels: jax.Array) -> jax.Array:
 
 def _velocity_fn(flow_model, cloudy, sar, cloud_prob, guidance_scale: float, drop_cloudy: bool, drop_sar):
     """v(x_t, t) of the conditioned flow model; with guidance, v_u + s (v_c - v_u), both branches in one call
-    of twice the batch (the unconditional one with SAR and cloudy tokens replaced by the null tokens)."""
-    b = cloudy.shape[0]
-    cond_drop = jnp.full((b,), bool(drop_cloudy))
-    cond_drop_sar = jnp.zeros((b,), bool) if drop_sar is None else jnp.asarray(drop_sar, bool)
+    of twice the batch (the unconditional one with SAR and cloudy tokens replaced by the null tokens).
+
+    x_t may hold r rows per patch (r samples of a pass, patch-major): the conditioning is repeated to
+    match."""
+    patches = cloudy.shape[0]
+    drop_all = jnp.full((patches,), bool(drop_cloudy))
+    drop_sar_all = jnp.zeros((patches,), bool) if drop_sar is None else jnp.asarray(drop_sar, bool)
 
     def velocity(x, t):
+        b = x.shape[0]
+        cloudy_, sar_, cloud_prob_, cond_drop, cond_drop_sar = _repeat_rows(
+            b // patches, cloudy, sar, cloud_prob, drop_all, drop_sar_all)
         if guidance_scale == 1.0:
-            return flow_model(x, t, cloudy, sar, cloud_prob, drop_sar=cond_drop_sar,
+            return flow_model(x, t, cloudy_, sar_, cloud_prob_, drop_sar=cond_drop_sar,
                               drop_cloudy=cond_drop).astype(jnp.float32)
 
         def both(a):
             return None if a is None else jnp.concatenate([a, a])
 
         ones = jnp.ones((b,), bool)
-        v = flow_model(both(x), both(t), both(cloudy), both(sar), both(cloud_prob),
+        v = flow_model(both(x), both(t), both(cloudy_), both(sar_), both(cloud_prob_),
                        drop_sar=jnp.concatenate([cond_drop_sar, ones]),
                        drop_cloudy=jnp.concatenate([cond_drop, ones])).astype(jnp.float32)
         v_cond, v_uncond = v[:b], v[b:]
@@ -185,7 +203,9 @@ def _velocity_fn(flow_model, cloudy, sar, cloud_prob, guidance_scale: float, dro
 
 
 sample_patches_jit = jax.jit(
-    sample_patches, static_argnames=("steps", "num_samples", "guidance_scale", "spec", "output", "drop_cloudy")
+    sample_patches,
+    static_argnames=("steps", "num_samples", "guidance_scale", "spec", "output", "drop_cloudy",
+                     "samples_per_pass"),
 )
 
 
