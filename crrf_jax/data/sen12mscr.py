@@ -290,8 +290,9 @@ def check_window(window: Window | None, height: int, width: int) -> Window:
     return Window(col, row, w, h)
 
 
-def _read(ds, path: Path, indexes: list[int], window: Window) -> np.ndarray:
-    """Read bands (1-based indexes) of window -> float32 (H, W, C)."""
+def read_pixels(ds, path: Path, indexes: list[int], window: Window | None = None) -> np.ndarray:
+    """Read bands (1-based indexes) of window (None: the whole file) -> float32 (H, W, C); a DataError naming
+    the file when it cannot be read (shared with the SEN12MS-CR-TS reader)."""
     try:
         data = ds.read(indexes, window=window)
     except rasterio.errors.RasterioError as e:
@@ -299,14 +300,16 @@ def _read(ds, path: Path, indexes: list[int], window: Window) -> np.ndarray:
     return np.moveaxis(data, 0, -1).astype(np.float32)
 
 
-def _s2_pixels(data: np.ndarray, path: Path) -> np.ndarray:
+def s2_pixels(data: np.ndarray, path: Path) -> np.ndarray:
+    """S2 DN (H, W, C) -> [0, 1]; NaN/Inf is a DataError naming the file."""
     bad = ~np.isfinite(data)
     if bad.any():
         raise DataError(path, f"{int(bad.sum())} non-finite (NaN/Inf) values in Sentinel-2 data")
     return normalize_s2(data)
 
 
-def _s1_pixels(data: np.ndarray, path: Path, max_nonfinite: float) -> np.ndarray:
+def s1_pixels(data: np.ndarray, path: Path, max_nonfinite: float) -> np.ndarray:
+    """S1 dB (H, W, 2) -> [0, 1], non-finite values filled unless more than `max_nonfinite` of them."""
     bad = ~np.isfinite(data)
     fraction = float(bad.mean())
     if fraction > max_nonfinite:
@@ -347,9 +350,9 @@ def read_triplet(
                            dtypes=S2_DTYPES, **partner)
         win = check_window(window, s2.height, s2.width)
         return {
-            "s1": _s1_pixels(_read(s1, triplet.s1, [1, 2], win), triplet.s1, s1_max_nonfinite),
-            "s2": _s2_pixels(_read(s2, triplet.s2, band_idx, win), triplet.s2),
-            "s2_cloudy": _s2_pixels(_read(s2c, triplet.s2_cloudy, band_idx, win), triplet.s2_cloudy),
+            "s1": s1_pixels(read_pixels(s1, triplet.s1, [1, 2], win), triplet.s1, s1_max_nonfinite),
+            "s2": s2_pixels(read_pixels(s2, triplet.s2, band_idx, win), triplet.s2),
+            "s2_cloudy": s2_pixels(read_pixels(s2c, triplet.s2_cloudy, band_idx, win), triplet.s2_cloudy),
             "id": triplet.id,
             "crs": s2.crs,
             "transform": s2.window_transform(win),
@@ -370,7 +373,7 @@ def read_s2_file(
         ds = open_geotiff(path, stack, "Sentinel-2", count=len(S2_BANDS), dtypes=S2_DTYPES)
         win = check_window(window, ds.height, ds.width)
         return {
-            "s2": _s2_pixels(_read(ds, path, band_idx, win), path),
+            "s2": s2_pixels(read_pixels(ds, path, band_idx, win), path),
             "crs": ds.crs,
             "transform": ds.window_transform(win),
         }

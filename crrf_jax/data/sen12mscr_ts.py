@@ -396,7 +396,8 @@ def cloud_coverage(series: Series, dates: Sequence[int] | None = None) -> list[f
         for t in dates:
             path = series.s2[t]
             ds = open_geotiff(path, stack, "Sentinel-2", count=len(S2_BANDS), dtypes=S2_DTYPES)
-            x = _s2_pixels(_read(ds, path, list(range(1, len(S2_BANDS) + 1))), path)  # clipped DN / 10000
+            all_bands = list(range(1, len(S2_BANDS) + 1))
+            x = sen12mscr.s2_pixels(sen12mscr.read_pixels(ds, path, all_bands), path)  # clipped DN / 10000
             if (
                 x.mean() * S2_DN_MAX < 1e-5 and x.std() * S2_DN_MAX < 1e-5
             ):  # blank: UnCRtainTS calls it cloudy
@@ -407,30 +408,6 @@ def cloud_coverage(series: Series, dates: Sequence[int] | None = None) -> list[f
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-
-
-def _read(ds, path: Path, indexes: list[int]) -> np.ndarray:
-    try:
-        data = ds.read(indexes)
-    except rasterio.errors.RasterioError as e:
-        raise DataError(path, f"cannot read pixels, file truncated or corrupt? ({e})") from e
-    return np.moveaxis(data, 0, -1).astype(np.float32)
-
-
-def _s2_pixels(data: np.ndarray, path: Path) -> np.ndarray:
-    bad = ~np.isfinite(data)
-    if bad.any():
-        raise DataError(path, f"{int(bad.sum())} non-finite (NaN/Inf) values in Sentinel-2 data")
-    return normalize_s2(data)
-
-
-def _s1_pixels(data: np.ndarray, path: Path, max_nonfinite: float) -> np.ndarray:
-    fraction = float((~np.isfinite(data)).mean())
-    if fraction > max_nonfinite:
-        raise DataError(
-            path, f"{fraction:.1%} of Sentinel-1 values are NaN/Inf (more than {max_nonfinite:.1%})"
-        )
-    return normalize_s1_filled(data)
 
 
 def _days(dates: Sequence[datetime.date]) -> np.ndarray:
@@ -472,12 +449,14 @@ def read_series(
             s2_path, s1_path = series.s2[t], series.s1[t]
             ds2 = open_geotiff(s2_path, stack, "Sentinel-2", count=len(S2_BANDS), dtypes=S2_DTYPES, **grid)
             ds1 = open_geotiff(s1_path, stack, "Sentinel-1", count=len(S1_BANDS), dtypes=S1_DTYPES, **grid)
-            s2_cloudy.append(_s2_pixels(_read(ds2, s2_path, band_idx), s2_path))
-            s1.append(_s1_pixels(_read(ds1, s1_path, [1, 2]), s1_path, s1_max_nonfinite))
+            s2_cloudy.append(sen12mscr.s2_pixels(sen12mscr.read_pixels(ds2, s2_path, band_idx), s2_path))
+            s1_db = sen12mscr.read_pixels(ds1, s1_path, [1, 2])
+            s1.append(sen12mscr.s1_pixels(s1_db, s1_path, s1_max_nonfinite))
         return {
             "s2_cloudy": np.stack(s2_cloudy),
             "s1": np.stack(s1),
-            "s2": _s2_pixels(_read(ref, series.s2[target], band_idx), series.s2[target]),
+            "s2": sen12mscr.s2_pixels(sen12mscr.read_pixels(ref, series.s2[target], band_idx),
+                                      series.s2[target]),
             "dates": tuple(series.s2_dates[t].isoformat() for t in inputs),
             "s1_dates": tuple(series.s1_dates[t].isoformat() for t in inputs),
             "target_date": series.s2_dates[target].isoformat(),
