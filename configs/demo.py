@@ -28,7 +28,7 @@ def get_config(arg: str | None = None):
         s = c[stage]
         s.steps, s.lr, s.batch_size, s.warmup_steps = steps, lr, 8, 20
         s.ema_decay = 0.99
-        s.log_every, s.preview_every, s.checkpoint_every = 25, 200, 200
+        s.log_every, s.preview_every, s.checkpoint_every = 25, 500, 500  # previews sample: keep them few
     # The autoencoders are fully convolutional: batches of 16 32x32 crops cost half of 8 64x64 patches.
     c.vae_s2.crop_size = c.vae_s1.crop_size = 32
     c.vae_s2.batch_size = 16
