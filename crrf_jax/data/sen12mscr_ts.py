@@ -99,8 +99,6 @@ from crrf_jax.data.contract import (
     S2_DN_MAX,
     S2_DTYPES,
     DataError,
-    normalize_s1_filled,
-    normalize_s2,
     open_geotiff,
     resolve_bands,
 )
