@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import CHEAP_XLA_FLAGS
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_FLAGS", CHEAP_XLA_FLAGS)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "crrf_jax_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 

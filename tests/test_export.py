@@ -21,6 +21,7 @@ import pytest
 from crrf_jax import bundle as bundle_lib
 from crrf_jax import export, rundir
 from crrf_jax.inference import CloudRemover
+from tests.helpers import CHEAP_XLA_FLAGS, with_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENT_STATS = {
@@ -216,7 +217,7 @@ def test_eight_devices_match_one(run, tmp_path):
                                            num_samples=2, tile_size={TILE}, overlap={OVERLAP}, batch_size=8)
         np.savez({str(tmp_path / "eight.npz")!r}, clear=clear, std=std)
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=with_devices(CHEAP_XLA_FLAGS, 8), JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import train_run as tr
+from tests.helpers import with_devices
 
 # vae_s2 takes no step (its initial weights become its final ones: one training step less to compile); the S1
 # autoencoder and the flow model train.
@@ -69,7 +70,7 @@ def inference_runs(two_process_run, tmp_path_factory):
     # The one-process runs have two (simulated) devices, so every device computes what it computes in the
     # two-process runs: the results must be identical, bit for bit.
     one = tr.test_env(base / "jax_cache")
-    one["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
+    one["XLA_FLAGS"] = with_devices(one["XLA_FLAGS"], 2)
     runs = {}
     for command, args in commands.items():  # each two-process job has its own coordinator
         runs[(command, "one", 0)] = (args("one"), one)

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import CHEAP_XLA_FLAGS, with_devices
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def report():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=with_devices(CHEAP_XLA_FLAGS, 8), JAX_PLATFORMS="cpu")
     out = subprocess.run(
         [sys.executable, "-m", "tests.helpers.sharded_step"], cwd=ROOT, env=env, capture_output=True,
         text=True, timeout=600,

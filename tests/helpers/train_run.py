@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.helpers import CHEAP_XLA_FLAGS
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Sizes of the tiny runs: 16 synthetic 32x32 scenes (12 in the train split), batches of 4 32x32 crops.
@@ -74,8 +76,7 @@ def test_env(cache_dir: Path, **extra: str) -> dict[str, str]:
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
         PYTHONPATH=str(ROOT),
-        # Cheaper XLA compilation (the runs are a few tiny steps; compiling dominates their time).
-        XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+        XLA_FLAGS=CHEAP_XLA_FLAGS,
     )
     env.update(extra)
     return env
