@@ -32,6 +32,7 @@ def cloud_removal_flux(model_cfg, dtype: str = "float32", remat_policy: str = "n
         dtype=compute_dtype(dtype),
         remat_policy=remat_policy,
         embedded_guidance=float(model_cfg.get("embedded_guidance", 1.0)),
+        max_dates=int(model_cfg.get("max_dates", 1)),
         rngs=nnx.Rngs(seed),
     )
 

@@ -204,10 +204,12 @@ class Flux(nnx.Module):
         timesteps: jax.Array,
         y: jax.Array,
         guidance: jax.Array | None = None,
+        key_mask: jax.Array | None = None,
     ) -> jax.Array:
         """img (B, N, in_channels), img_ids (B, N, 3), txt (B, M, context_in_dim), txt_ids (B, M, 3),
         timesteps (B,) in [0, 1] (t = 1 is noise), y (B, vec_in_dim), guidance (B,) (a CFG scale, needed when
-        guidance_embed) -> (B, N, out_channels) float32."""
+        guidance_embed) -> (B, N, out_channels) float32. key_mask: optional (B, M + N) bool over [txt; img],
+        False = a token nobody attends to (its own output is computed but meaningless)."""
         cfg = self.config
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be (B, L, C), got {img.shape} and {txt.shape}")
@@ -227,9 +229,9 @@ class Flux(nnx.Module):
         pe = self.pe_embedder(jnp.concatenate([txt_ids, img_ids], axis=1))
 
         remat = {"remat": self.remat_policy != "none", "policy": REMAT_POLICIES.get(self.remat_policy)}
-        img, txt = _scan(lambda block, img, txt, vec, pe: block(img, txt, vec, pe),
+        img, txt = _scan(lambda block, img, txt, vec, pe: block(img, txt, vec, pe, key_mask),
                          self.double_blocks, (img, txt), vec, pe, **remat)
-        (x,) = _scan(lambda block, x, vec, pe: (block(x, vec, pe),),
+        (x,) = _scan(lambda block, x, vec, pe: (block(x, vec, pe, key_mask),),
                      self.single_blocks, (jnp.concatenate([txt, img], axis=1),), vec, pe, **remat)
         img = x[:, txt.shape[1] :]
         return self.final_layer(img, vec).astype(jnp.float32)
@@ -258,7 +260,15 @@ def position_ids(batch: int, h: int, w: int, stream: int) -> jax.Array:
 
 
 class CloudRemovalFlux(nnx.Module):
-    """Velocity model for cloud removal: Flux over [noisy target ; cloudy] tokens, SAR tokens as context.
+    """Velocity model for cloud removal: Flux over [noisy target ; cloudy dates] tokens, SAR tokens as context.
+
+    Token streams (RoPE axis 0): the noisy target is stream 0; cloudy date k (k = 1..T, chronological) is
+    stream k, each token carrying its 2x2 latent patch and that date's cloud probability pooled to the token
+    grid (4 channels); the SAR of date k is context stream `max_dates + k`. With max_dates = 1 that is noisy 0,
+    cloudy 1, SAR 2: the single-image model. One model serves any T <= max_dates, and dates absent from a
+    sample (`dates` False, e.g. dropped at random in training) are masked out of attention, so a sample with
+    a date masked gets exactly the prediction it would get without that date (float reassociation aside).
+    `y` (FLUX's vector input) is the cloud encoder's embedding averaged over the present dates.
 
     Args:
         flux_config: FluxConfig or mapping (configs/common.py flux_config): in_channels = 4*z + 4 (latent
@@ -271,6 +281,7 @@ class CloudRemovalFlux(nnx.Module):
             and sampling, so the layer is a learned bias of the conditioning vector (and, seeded from
             FLUX.1-dev, FLUX's conditioning at that distilled guidance scale). Classifier-free guidance stays
             the sampler's explicit `guidance_scale`.
+        max_dates: the most cloudy dates a sample may carry (config.model.max_dates; 1 = single image).
     """
 
     def __init__(
@@ -282,6 +293,7 @@ class CloudRemovalFlux(nnx.Module):
         remat_policy: str = "none",
         zero_init: bool = False,
         embedded_guidance: float = 1.0,
+        max_dates: int = 1,
         rngs: nnx.Rngs | None = None,
     ):
         cfg = _as_flux_config(flux_config)
@@ -297,9 +309,12 @@ class CloudRemovalFlux(nnx.Module):
             raise ValueError(f"context_in_dim must equal out_channels {token_dim} (SAR latent tokens)")
         if cnn.get("out_dim") != cfg.vec_in_dim:
             raise ValueError(f"cloud_cnn out_dim {cnn.get('out_dim')} must equal vec_in_dim {cfg.vec_in_dim}")
+        if int(max_dates) < 1:
+            raise ValueError(f"max_dates must be >= 1, got {max_dates}")
         rngs = nnx.Rngs(0) if rngs is None else rngs
         self.z_channels = token_dim // (PATCH * PATCH)
         self.embedded_guidance = float(embedded_guidance)
+        self.max_dates = int(max_dates)
         self.flux = Flux(cfg, dtype=dtype, remat_policy=remat_policy, zero_init=zero_init, rngs=rngs)
         self.cloud_encoder = CloudProbEncoder(tuple(cnn["channels"]), cnn["out_dim"], dtype=dtype, rngs=rngs)
         null_init = with_axes(nnx.initializers.normal(0.02), "in_features")
@@ -317,53 +332,79 @@ class CloudRemovalFlux(nnx.Module):
         *,
         drop_sar: jax.Array | None = None,
         drop_cloudy: jax.Array | None = None,
+        dates: jax.Array | None = None,
     ) -> jax.Array:
         """Predicted velocity (B, h, w, z) float32.
 
-        x_t, cloudy_latent, sar_latent: (B, h, w, z) latents (h, w even); sar_latent None means SAR absent
-        (the null SAR token everywhere, as in training with SAR dropped). t: (B,) in [0, 1], t = 1 is noise.
-        cloud_prob: (B, H, W, 1) in [0, 1] at pixel resolution (H a multiple of h, 8h for our VAEs).
+        x_t: (B, h, w, z) latent (h, w even). t: (B,) in [0, 1], t = 1 is the source.
+        cloudy_latent: (B, h, w, z) (one date) or (B, T, h, w, z), T <= max_dates, dates in order.
+        sar_latent: like cloudy_latent (the SAR of each date), or None: SAR absent (the null SAR token
+        everywhere, as in training with SAR dropped).
+        cloud_prob: (B, H, W, 1) or (B, T, H, W, 1) in [0, 1] at pixel resolution (H a multiple of h, 8h for
+        our VAEs), one map per date.
         guidance: (B,), used when the Flux config has guidance_embed; None = `embedded_guidance`.
-        drop_sar, drop_cloudy: (B,) bool; True replaces that sample's SAR / cloudy tokens with the learned
-        null token (condition dropout for CFG).
+        drop_sar, drop_cloudy: (B,) bool; True replaces that sample's SAR / cloudy tokens (every date's) with
+        the learned null token (condition dropout for CFG).
+        dates: optional (B, T) bool, False = that date is absent for that sample (masked out of attention and
+        of `y`); every sample needs at least one present date. None = all present.
         """
         b, h, w, z = x_t.shape
         if z != self.z_channels or h % PATCH or w % PATCH:
             raise ValueError(f"x_t must be (B, h, w, {self.z_channels}) with even h, w; got {x_t.shape}")
-        if cloudy_latent.shape != x_t.shape:
-            raise ValueError(f"cloudy_latent {cloudy_latent.shape} must match x_t {x_t.shape}")
-        if sar_latent is not None and sar_latent.shape != x_t.shape:
-            raise ValueError(f"sar_latent {sar_latent.shape} must match x_t {x_t.shape}")
-        hp, wp = cloud_prob.shape[1:3] if cloud_prob.ndim == 4 else (0, 0)
-        if cloud_prob.shape[-1] != 1 or hp < h or hp % h or wp % w or hp // h != wp // w:
-            raise ValueError(f"cloud_prob must be (B, k*{h}, k*{w}, 1), got {cloud_prob.shape}")
+        single = cloudy_latent.ndim == 4
+        cloudy_latent = cloudy_latent[:, None] if single else cloudy_latent
+        n_dates = cloudy_latent.shape[1]
+        if cloudy_latent.shape != (b, n_dates, h, w, z):
+            raise ValueError(f"cloudy_latent {cloudy_latent.shape} must be (B, [T,] h, w, z) of x_t {x_t.shape}")
+        if n_dates > self.max_dates:
+            raise ValueError(f"{n_dates} cloudy dates, but this model takes at most max_dates={self.max_dates}")
+        if sar_latent is not None:
+            sar_latent = sar_latent[:, None] if sar_latent.ndim == 4 else sar_latent
+            if sar_latent.shape != cloudy_latent.shape:
+                raise ValueError(f"sar_latent {sar_latent.shape} must match cloudy_latent {cloudy_latent.shape}")
+        cloud_prob = cloud_prob[:, None] if cloud_prob.ndim == 4 else cloud_prob
+        hp, wp = cloud_prob.shape[2:4] if cloud_prob.ndim == 5 else (0, 0)
+        if (cloud_prob.shape[:2] != (b, n_dates) or cloud_prob.shape[-1] != 1 or hp < h or hp % h or wp % w
+                or hp // h != wp // w):
+            raise ValueError(f"cloud_prob must be (B, [T,] k*{h}, k*{w}, 1) with T = {n_dates}, "
+                             f"got {cloud_prob.shape}")
+        if dates is not None and jnp.shape(dates) != (b, n_dates):
+            raise ValueError(f"dates must be (B, T) = {(b, n_dates)}, got {jnp.shape(dates)}")
 
         cp = cloud_prob.astype(jnp.float32)
-        cp_tokens = patchify(reduce(cp, "b (h fh) (w fw) c -> b h w c", "mean", fh=hp // h, fw=wp // w))
         noisy = patchify(x_t.astype(jnp.float32))
-        cloudy = _replace(patchify(cloudy_latent.astype(jnp.float32)), drop_cloudy, self.null_cloudy[...])
-        img = jnp.concatenate(
-            [
-                jnp.concatenate([noisy, jnp.zeros_like(cp_tokens)], axis=-1),
-                jnp.concatenate([cloudy, cp_tokens], axis=-1),
-            ],
-            axis=1,
-        )
-        img_ids = jnp.concatenate([position_ids(b, h, w, 0), position_ids(b, h, w, 1)], axis=1)
-
         n = noisy.shape[1]
-        if sar_latent is None:
-            txt = jnp.broadcast_to(self.null_sar[...], (b, n, self.null_sar.shape[0]))
-        else:
-            txt = _replace(patchify(sar_latent.astype(jnp.float32)), drop_sar, self.null_sar[...])
-        txt_ids = position_ids(b, h, w, 2)
+        img = [jnp.concatenate([noisy, jnp.zeros((b, n, PATCH * PATCH), jnp.float32)], axis=-1)]
+        txt, img_ids, txt_ids = [], [position_ids(b, h, w, 0)], []
+        for k in range(n_dates):
+            cp_tokens = patchify(reduce(cp[:, k], "b (h fh) (w fw) c -> b h w c", "mean", fh=hp // h, fw=wp // w))
+            cloudy = _replace(patchify(cloudy_latent[:, k].astype(jnp.float32)), drop_cloudy, self.null_cloudy[...])
+            img.append(jnp.concatenate([cloudy, cp_tokens], axis=-1))
+            img_ids.append(position_ids(b, h, w, 1 + k))
+            if sar_latent is None:
+                txt.append(jnp.broadcast_to(self.null_sar[...], (b, n, self.null_sar.shape[0])))
+            else:
+                txt.append(_replace(patchify(sar_latent[:, k].astype(jnp.float32)), drop_sar, self.null_sar[...]))
+            txt_ids.append(position_ids(b, h, w, 1 + self.max_dates + k))
+        img, img_ids = jnp.concatenate(img, axis=1), jnp.concatenate(img_ids, axis=1)
+        txt, txt_ids = jnp.concatenate(txt, axis=1), jnp.concatenate(txt_ids, axis=1)
 
-        y = self.cloud_encoder(cp)
+        embeddings = self.cloud_encoder(rearrange(cp, "b t h w c -> (b t) h w c"))
+        embeddings = rearrange(embeddings, "(b t) d -> b t d", b=b)
+        key_mask = None
+        if dates is None:
+            y = embeddings[:, 0] if n_dates == 1 else jnp.mean(embeddings, axis=1)
+        else:
+            present = jnp.asarray(dates, bool)
+            weights = present.astype(jnp.float32)[..., None]
+            y = jnp.sum(embeddings * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+            per_token = jnp.repeat(present, n, axis=1)  # (B, T * n), date-major like the token groups
+            key_mask = jnp.concatenate([per_token, jnp.ones((b, n), bool), per_token], axis=1)  # [txt; img]
         if not self.flux.config.guidance_embed:
             guidance = None
         elif guidance is None:
             guidance = jnp.full((b,), self.embedded_guidance, jnp.float32)
-        out = self.flux(img, img_ids, txt, txt_ids, t, y, guidance)
+        out = self.flux(img, img_ids, txt, txt_ids, t, y, guidance, key_mask)
         return unpatchify(out[:, :n], h, w)
 
 

@@ -88,8 +88,13 @@ def apply_rope(xq: jax.Array, xk: jax.Array, pe: jax.Array) -> tuple[jax.Array, 
     return rotate(xq), rotate(xk)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, pe: jax.Array) -> jax.Array:
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, pe: jax.Array, key_mask: jax.Array | None = None
+) -> jax.Array:
     """RoPE + scaled dot-product attention. q, k, v (B, H, L, D) -> (B, L, H*D) in v's dtype.
+
+    key_mask: optional (B, L) bool, False = no query attends to that token (an absent date's tokens): every
+    other token's output is then exactly what it would be without those tokens in the sequence.
 
     Through `jax.nn.dot_product_attention`: cuDNN's fused (flash) kernel on GPU for bf16/fp16 where cuDNN
     accepts the shapes, XLA's implementation otherwise (its softmax runs in float32). jax's own default
@@ -97,14 +102,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, pe: jax.Array) -> jax.Ar
     """
     q, k = apply_rope(q, k, pe)
     q, k, v = (rearrange(x.astype(v.dtype), "b h l d -> b l h d") for x in (q, k, v))
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, heads, queries, keys) broadcast
     out = None
     if jax.default_backend() == "gpu" and v.dtype in (jnp.bfloat16, jnp.float16):
         try:
-            out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
         except (ValueError, NotImplementedError, RuntimeError):  # shapes or cuDNN version not supported
             out = None
     if out is None:
-        out = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     return rearrange(out, "b l h d -> b l (h d)")
 
 
@@ -248,7 +254,7 @@ class DoubleStreamBlock(nnx.Module):
         self.txt_mlp = Mlp(hidden_size, mlp_hidden, dtype=dtype, rngs=rngs)
 
     def __call__(
-        self, img: jax.Array, txt: jax.Array, vec: jax.Array, pe: jax.Array
+        self, img: jax.Array, txt: jax.Array, vec: jax.Array, pe: jax.Array, key_mask: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
@@ -256,7 +262,7 @@ class DoubleStreamBlock(nnx.Module):
         img_q, img_k, img_v = self.img_attn.split_heads((1 + i_scale1) * layer_norm(img) + i_shift1)
         txt_q, txt_k, txt_v = self.txt_attn.split_heads((1 + t_scale1) * layer_norm(txt) + t_shift1)
         joint = lambda a, b: jnp.concatenate([a, b], axis=2)  # noqa: E731  (txt first, as BFL)
-        attn = attention(joint(txt_q, img_q), joint(txt_k, img_k), joint(txt_v, img_v), pe)
+        attn = attention(joint(txt_q, img_q), joint(txt_k, img_k), joint(txt_v, img_v), pe, key_mask)
         txt_out, img_out = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + i_gate1 * self.img_attn.proj(img_out)
@@ -291,13 +297,13 @@ class SingleStreamBlock(nnx.Module):
         self.norm = QKNorm(hidden_size // num_heads, rngs=rngs)
         self.modulation = Modulation(hidden_size, double=False, dtype=dtype, zero=zero_init, rngs=rngs)
 
-    def __call__(self, x: jax.Array, vec: jax.Array, pe: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, vec: jax.Array, pe: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
         shift, scale, gate = self.modulation(vec)
         h = self.linear1((1 + scale) * layer_norm(x) + shift)
         qkv, mlp = h[..., : 3 * self.hidden_size], h[..., 3 * self.hidden_size :]
         q, k, v = rearrange(qkv, "b l (k h d) -> k b h l d", k=3, h=self.num_heads)
         q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe)
+        attn = attention(q, k, v, pe, key_mask)
         out = self.linear2(jnp.concatenate([attn, jax.nn.gelu(mlp, approximate=True)], axis=-1))
         return x + gate * out
 
