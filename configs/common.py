@@ -111,6 +111,10 @@ def model_config(variant: str, s2_bands: int = 13) -> ml_collections.ConfigDict:
             # With flux.guidance_embed (the flux variant, FLUX.1-dev's layout): the constant the guidance
             # embedder receives in training and sampling (crrf_jax/models/flux.py CloudRemovalFlux).
             embedded_guidance=1.0,
+            # Cloudy dates per sample, at most (1 = single image); one model serves any T up to this.
+            max_dates=1,
+            # Whether the model has a Sentinel-1 input and autoencoder (False for datasets without SAR).
+            sar=True,
         )
     )
 
@@ -207,6 +211,7 @@ def base_config(variant: str = "base", s2_bands=None) -> ml_collections.ConfigDi
     c.flow.cloudy_dropout = 0.1
     c.flow.joint_dropout = 0.1  # both conditions at once: trains the unconditional branch CFG uses
     c.flow.use_sar = True
+    c.flow.date_dropout = 0.2  # several cloudy dates: each absent with this probability (one always kept)
     c.flow.pixel_loss_weight = 0.0
     c.flow.cache_latents = False  # encode the training set once and train on cached latents
     c.flow.sample_steps = 8  # Euler steps for previews and evaluation

@@ -34,7 +34,7 @@ import numpy as np
 from etils import epath
 
 from crrf_jax import paths
-from crrf_jax.config import has_refiner  # noqa: F401  (re-exported: bundle configs are read with it)
+from crrf_jax.config import has_refiner, has_sar  # (re-exported: bundle configs are read with them)
 
 FORMAT = "crrf-jax-bundle"
 FORMAT_VERSION = 1
@@ -78,8 +78,10 @@ class ModelParts:
 
 
 def networks(cfg: dict[str, Any]) -> tuple[str, ...]:
-    """The networks of a bundle config: the VAEs and the flow, and the refiner when the model has one."""
-    return tuple(n for n in NETWORKS if n != "refiner" or has_refiner(cfg["model"]))
+    """The networks of a bundle config: the VAEs (vae_s1 when the model has SAR) and the flow, and the refiner
+    when the model has one."""
+    return tuple(n for n in NETWORKS if (n != "refiner" or has_refiner(cfg["model"]))
+                 and (n != "vae_s1" or has_sar(cfg["model"])))
 
 
 def bundle_config(run_config) -> dict[str, Any]:
@@ -221,8 +223,7 @@ def write_bundle(parts: ModelParts, out: str | os.PathLike, *, overwrite: bool =
     tmp.mkdir(parents=True, exist_ok=True)
     flow = parts.states["flow"]
     files = {
-        "vae_s2": parts.states["vae_s2"],
-        "vae_s1": parts.states["vae_s1"],
+        **{name: parts.states[name] for name in networks(parts.config) if name.startswith("vae")},
         "transformer": {k: v for k, v in flow.items() if not k.startswith(CLOUD_CNN_PREFIX)},
         "cloud_cnn": {k: v for k, v in flow.items() if k.startswith(CLOUD_CNN_PREFIX)},
     }
@@ -273,19 +274,16 @@ def read_bundle(path: str | os.PathLike) -> ModelParts:
             tensors[name] = load(file.read_bytes())
         except (SafetensorError, OSError, ValueError) as e:
             raise BundleError(f"{file}: unreadable safetensors file ({e})") from e
-    for name in ("vae_s2", "vae_s1", "transformer", "cloud_cnn"):
+    vaes = [name for name in networks(cfg) if name.startswith("vae")]
+    for name in (*vaes, "transformer", "cloud_cnn"):
         if name not in tensors:
             raise BundleError(f"{cfg_path}: 'weights' lists no {name} file")
-    states = {
-        "vae_s2": tensors["vae_s2"],
-        "vae_s1": tensors["vae_s1"],
-        "flow": {**tensors["transformer"], **tensors["cloud_cnn"]},
-    }
+    states = {name: tensors[name] for name in vaes} | {"flow": {**tensors["transformer"], **tensors["cloud_cnn"]}}
     if has_refiner(cfg["model"]):
         if "refiner" not in tensors:
             raise BundleError(f"{cfg_path}: the model has a refiner but 'weights' lists no refiner file")
         states["refiner"] = tensors["refiner"]
-    stats = read_latent_stats(path / LATENT_STATS_FILE)
+    stats = read_latent_stats(path / LATENT_STATS_FILE, vaes)
     return ModelParts(cfg, states, stats, str(path))
 
 
@@ -333,7 +331,7 @@ Inputs: Sentinel-2 L1C (13 bands, SEN12MS-CR order, DN / 10000), Sentinel-1 VV/V
 # ------------------------------------------------------------------------------------------------------------
 
 
-def read_latent_stats(path: str | os.PathLike) -> dict[str, dict[str, float]]:
+def read_latent_stats(path: str | os.PathLike, names=("vae_s2", "vae_s1")) -> dict[str, dict[str, float]]:
     """A latent_stats.json (a bundle's or a run's) -> "vae_s2"/"vae_s1" -> {"scale_factor", "shift_factor"}.
 
     Raises BundleError naming the file when it is missing or its statistics are unusable.
@@ -343,7 +341,7 @@ def read_latent_stats(path: str | os.PathLike) -> dict[str, dict[str, float]]:
         raise BundleError(f"{path}: latent statistics missing; run the latent_stats stage first")
     raw = read_json(path)
     out = {}
-    for name in ("vae_s2", "vae_s1"):
+    for name in names:
         try:
             out[name] = {k: float(raw[name][k]) for k in ("scale_factor", "shift_factor")}
         except (KeyError, TypeError, ValueError) as e:

@@ -20,10 +20,23 @@ def has_refiner(model_cfg) -> bool:
     return bool(refiner and refiner.get("enabled", True))
 
 
+def has_sar(model_cfg) -> bool:
+    """Whether a model config has a Sentinel-1 input (and its autoencoder): `model.sar`, default True. Models
+    of datasets without SAR (CUHK-CR, Sen2_MTC_New) have none and always run the SAR-absent mode."""
+    return bool(model_cfg.get("sar", True))
+
+
+def autoencoders(model_cfg) -> tuple[str, ...]:
+    """The autoencoder stages of a model: vae_s2, and vae_s1 when it has SAR."""
+    return tuple(s for s in AUTOENCODER_STAGES if s != "vae_s1" or has_sar(model_cfg))
+
+
 def stages_to_run(config) -> list[str]:
-    """The configured stage, or every stage in order; the refiner only when the model has one."""
+    """The configured stage, or every stage in order; the refiner only when the model has one, vae_s1 only
+    when it has SAR."""
     stages = [config.stage] if config.stage else list(STAGES)
-    return [s for s in stages if s != "refiner" or has_refiner(config.model)]
+    return [s for s in stages if (s != "refiner" or has_refiner(config.model))
+            and (s != "vae_s1" or has_sar(config.model))]
 
 
 def stage_crop(config, stage: str) -> int:
@@ -71,6 +84,15 @@ def validate(config) -> None:
         )
     if config.stage == "refiner" and not has_refiner(config.model):
         raise ValueError("config.stage='refiner' but config.model.refiner.enabled is False")
+    if config.stage == "vae_s1" and not has_sar(config.model):
+        raise ValueError("config.stage='vae_s1' but config.model.sar is False (a model without SAR)")
+    if int(config.model.get("max_dates", 1)) < 1:
+        raise ValueError(f"config.model.max_dates={config.model.max_dates} must be >= 1")
+    if config.flow.cache_latents and (int(config.model.get("max_dates", 1)) > 1 or not has_sar(config.model)):
+        raise ValueError("config.flow.cache_latents=True needs a single-date model with SAR (the cache holds "
+                         "one cloudy and one SAR latent per sample); turn it off")
+    if not 0.0 <= float(config.flow.get("date_dropout", 0.0)) < 1.0:
+        raise ValueError(f"config.flow.date_dropout={config.flow.date_dropout} must be in [0, 1)")
     _validate_init(config)
     rf.FlowSpec.from_config(config.flow)  # a bad flow.source / source_sigma
     build.compute_dtype(config.dtype)

@@ -64,9 +64,9 @@ class CloudRemover:
                                     f"{parts.source} ({name})")
             for name in parts.states
         }
-        for name in ("vae_s2", "vae_s1"):
+        for name in parts.latent_stats:
             modules[name].set_latent_stats(**parts.latent_stats[name])
-        return cls(modules["flow"], modules["vae_s2"], modules["vae_s1"], parts.config, mesh=mesh,
+        return cls(modules["flow"], modules["vae_s2"], modules.get("vae_s1"), parts.config, mesh=mesh,
                    refiner=modules.get("refiner"))
 
     @classmethod

@@ -161,9 +161,10 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def read_latent_stats(workdir: str | os.PathLike) -> dict[str, dict[str, float]]:
-    """The measured latent scale and shift of each autoencoder (BundleError naming the file if missing)."""
-    return bundle.read_latent_stats(latent_stats_path(workdir))
+def read_latent_stats(workdir: str | os.PathLike, names=("vae_s2", "vae_s1")) -> dict[str, dict[str, float]]:
+    """The measured latent scale and shift of the autoencoders `names` (BundleError naming the file if
+    missing)."""
+    return bundle.read_latent_stats(latent_stats_path(workdir), names)
 
 
 def write_latent_stats(workdir: str | os.PathLike, stats: dict) -> None:
@@ -229,12 +230,13 @@ def read_workdir(workdir: str | os.PathLike, config=None) -> bundle.ModelParts:
         raise BundleError(f"{workdir}: workdir does not exist")
     run_config = load_run_config(workdir) if config is None else config
     cfg = bundle.bundle_config(run_config)
-    stats = bundle.read_latent_stats(latent_stats_path(workdir))
+    vaes = [name for name in bundle.networks(cfg) if name.startswith("vae")]
+    stats = bundle.read_latent_stats(latent_stats_path(workdir), vaes)
     states = {}
     for name in bundle.networks(cfg):
         _, ema, rest = restore_final(stage_path(workdir, name), bundle.abstract_network(cfg, name))
         states[name] = bundle.flatten_state(ema) | bundle.flatten_state(rest)
-    for name in ("vae_s2", "vae_s1"):  # the stage saved its VAE before the statistics were measured
+    for name in vaes:  # the stage saved its VAE before the statistics were measured
         for key, value in stats[name].items():
             states[name][key] = np.asarray(value, np.float32)
     return bundle.ModelParts(cfg, states, stats, str(workdir))

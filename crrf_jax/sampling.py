@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from crrf_jax import flow as rf
+from crrf_jax import temporal
 from crrf_jax.data import contract
 
 
@@ -42,10 +43,9 @@ class Networks:
 
     @classmethod
     def of(cls, flow_model, vae_s2, vae_s1, refiner=None) -> Networks:
-        """From modules; `flow_model` and `refiner` may be None."""
-        flow = nnx.split(flow_model) if flow_model is not None else (None, None)
-        refine = nnx.split(refiner) if refiner is not None else (None, None)
-        return cls(*nnx.split(vae_s2), *nnx.split(vae_s1), *flow, *refine)
+        """From modules; `flow_model`, `vae_s1` (a model without SAR) and `refiner` may be None."""
+        split = lambda module: nnx.split(module) if module is not None else (None, None)  # noqa: E731
+        return cls(*split(vae_s2), *split(vae_s1), *split(flow_model), *split(refiner))
 
     @classmethod
     def of_vaes(cls, vae_s2, vae_s1) -> Networks:
@@ -64,7 +64,7 @@ class Networks:
         return nnx.merge(self.s2_graph, self.s2_state)
 
     def vae_s1(self):
-        return nnx.merge(self.s1_graph, self.s1_state)
+        return nnx.merge(self.s1_graph, self.s1_state) if self.s1_graph is not None else None
 
     def flow(self):
         return nnx.merge(self.flow_graph, self.flow_state) if self.has_flow else None
@@ -98,8 +98,10 @@ def sample_patches(
     """K Euler samples of the cloud-free image of each patch -> per-pixel mean and standard deviation.
 
     Args:
-      s2_cloudy: (B, H, W, C) reflectance in [0, 1]; s1: (B, H, W, 2) in [0, 1] or None (the model's
-        SAR-absent mode); cloud_prob: (B, H, W, 1) in [0, 1]. H, W multiples of 16.
+      s2_cloudy: (B, H, W, C) reflectance in [0, 1], or (B, T, H, W, C): T dates in order (up to the flow
+        model's max_dates; the flow then starts from their least-cloudy composite, which the refiner also
+        sees); s1: (B, [T,] H, W, 2) in [0, 1] or None (the model's SAR-absent mode); cloud_prob:
+        (B, [T,] H, W, 1) in [0, 1]. H, W multiples of 16.
       keys: (B,) PRNG keys, one per patch; sample k of patch i starts from noise drawn with
         `fold_in(keys[i], k)`, so a patch's result does not depend on the rest of the batch.
       steps: Euler steps; guidance_scale: classifier-free guidance (1 = off; the unconditional branch
@@ -122,32 +124,40 @@ def sample_patches(
         raise ValueError("output='roundtrip_refined' needs a refiner; this model has none")
     if output != "roundtrip_refined" and flow_model is None:
         raise ValueError(f"output={output!r} needs a flow model; these networks hold only the VAEs")
-    cloudy = vae_s2.encode(contract.to_model(s2_cloudy)).astype(jnp.float32)
-    sar = None if s1 is None else nets.vae_s1().encode(contract.to_model(s1)).astype(jnp.float32)
-    b, h, w, z = cloudy.shape
+    cloudy = encode(vae_s2, s2_cloudy)
+    sar = None if s1 is None else encode(nets.vae_s1(), s1)
+    view = temporal.single_view(s2_cloudy, cloud_prob, s1)  # the refiner's inputs; the composite of dates
+    source = encode(vae_s2, view[0]) if temporal.is_multitemporal(s2_cloudy) else cloudy
+    b, h, w, z = source.shape
 
     sar_present = None if drop_sar is None else ~jnp.asarray(drop_sar, bool)
 
     def refine(pixels):
         if output == "flow" or refiner is None:
             return pixels
-        return refiner(pixels, *_repeat_rows(pixels.shape[0] // b, s2_cloudy, cloud_prob, s1, sar_present))[0]
+        return refiner(pixels, *_repeat_rows(pixels.shape[0] // b, *view, sar_present))[0]
 
     def decode(x0):
         return refine(contract.from_model(vae_s2.decode(x0).astype(jnp.float32)))
 
     if output == "roundtrip_refined":
-        return decode(cloudy), jnp.zeros(s2_cloudy.shape, jnp.float32)
+        return decode(source), jnp.zeros(view[0].shape, jnp.float32)
 
     velocity = _velocity_fn(flow_model, cloudy, sar, cloud_prob, guidance_scale, drop_cloudy, drop_sar)
 
     def start(k):
         eps = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, k), (h, w, z)))(keys)
-        return spec.start(eps, cloudy)
+        return spec.start(eps, source)
 
     schedule = spec.schedule(steps, (h // 2) * (w // 2))
     return rf.ensemble_sample(velocity, keys[0], (b, h, w, z), schedule, num_samples, decode_fn=decode,
                               noise_fn=start, samples_per_pass=samples_per_pass)
+
+
+def encode(vae, images: jax.Array) -> jax.Array:
+    """float32 latents of (B, H, W, C) or (B, T, H, W, C) images in [0, 1] (each date encoded on its own)."""
+    z = vae.encode(contract.to_model(temporal.flatten_dates(images))).astype(jnp.float32)
+    return temporal.unflatten_dates(z, images.shape[1]) if images.ndim == 5 else z
 
 
 def _repeat_rows(repeats: int, *arrays):
@@ -227,8 +237,9 @@ def predict_batch(
     """Cloud-free estimates of a batch of patches.
 
     Args:
-      batch: `s2_cloudy` (B, H, W, C) and `cloud_prob` (B, H, W, 1) in [0, 1], `s1` (B, H, W, 2) in [0, 1]
-        (ignored when `use_sar` is False: the model's trained SAR-absent mode). H, W multiples of 16.
+      batch: `s2_cloudy` (B, [T,] H, W, C) and `cloud_prob` (B, [T,] H, W, 1) in [0, 1], `s1` (B, [T,] H, W, 2)
+        in [0, 1] (ignored when `use_sar` is False, or absent: the model's trained SAR-absent mode). H, W
+        multiples of 16; T dates as `sample_patches` takes them.
       rng: one PRNG key for the batch (split into one key per patch).
       steps, guidance_scale, num_samples, spec, output: see `sample_patches`; refiner: optional Refiner.
     Returns:
@@ -238,7 +249,7 @@ def predict_batch(
     nets = Networks.of(flow_model, vae_s2, vae_s1, refiner)
     keys = jax.random.split(rng, batch["s2_cloudy"].shape[0])
     mean, std = sample_patches_jit(
-        nets, batch["s2_cloudy"], batch["s1"] if use_sar else None, batch["cloud_prob"], keys,
+        nets, batch["s2_cloudy"], batch.get("s1") if use_sar else None, batch["cloud_prob"], keys,
         steps=int(steps), num_samples=int(num_samples), guidance_scale=float(guidance_scale), spec=spec,
         output=output,
     )

@@ -26,7 +26,7 @@ from flax import nnx
 
 from crrf_jax import config as C
 from crrf_jax import flow as rf
-from crrf_jax import parallel, rundir, sampling, train_lib
+from crrf_jax import parallel, rundir, sampling, temporal, train_lib
 from crrf_jax import visualize as vis
 from crrf_jax.data import contract
 from crrf_jax.models import build, pretrained
@@ -142,6 +142,8 @@ class AutoencoderStage(TrainedStage):
         return functools.partial(train_lib.vae_loss, cfg=cfg)
 
     def preview(self, model, batch, frozen, step):
+        images = np.asarray(batch[self.key])
+        batch = {self.key: images[:, 0] if images.ndim == 5 else images}  # a multi-temporal batch: date 1
         recon = sampling.vae_roundtrip_jit(*nnx.split(model), jnp.asarray(batch[self.key]))
         recon = np.clip(parallel.to_host(recon), 0, 1)
         rgb = rgb_indices(self.config)
@@ -161,11 +163,22 @@ class _SamplingStage(TrainedStage):
         return parallel.to_host(mean)
 
     def panels(self, batch: dict, outputs: dict):
+        """One row per sample: every cloudy date, the SAR (of the first date) where the data has it, the
+        outputs, the target."""
         rgb = rgb_indices(self.config)
-        rows = [[vis.s2_rgb(batch["s2_cloudy"][i], rgb), vis.sar_rgb(batch["s1"][i])]
-                + [vis.s2_rgb(p[i], rgb) for p in outputs.values()] + [vis.s2_rgb(batch["s2"][i], rgb)]
-                for i in range(len(batch["s2"]))]
-        return rows, ["cloudy", "SAR", *outputs, "target"]
+        cloudy = np.asarray(batch["s2_cloudy"])
+        dates = cloudy.shape[1] if cloudy.ndim == 5 else 0
+        sar = None if "s1" not in batch else np.asarray(batch["s1"])
+        sar = sar[:, 0] if sar is not None and dates else sar
+
+        def row(i):
+            inputs = [vis.s2_rgb(x, rgb) for x in (cloudy[i] if dates else cloudy[i : i + 1])]
+            inputs += [] if sar is None else [vis.sar_rgb(sar[i])]
+            return inputs + [vis.s2_rgb(p[i], rgb) for p in outputs.values()] + [vis.s2_rgb(batch["s2"][i], rgb)]
+
+        names = [f"cloudy t{k + 1}" for k in range(dates)] if dates else ["cloudy"]
+        return [row(i) for i in range(len(batch["s2"]))], [*names, *(["SAR"] if sar is not None else []),
+                                                           *outputs, "target"]
 
 
 class FlowStage(_SamplingStage):
@@ -208,7 +221,8 @@ class FlowStage(_SamplingStage):
         FLOPs, without the frozen VAE encoders."""
         c = self.config
         n = (c.data.crop_size // 16) ** 2  # tokens per stream: latent = crop / 8, 2x2 patches
-        per_sample = train_lib.flux_train_flops(c.model.flux, n_img=2 * n, n_txt=n)
+        dates = int(c.model.get("max_dates", 1))  # noisy + one cloudy stream a date; one SAR stream a date
+        per_sample = train_lib.flux_train_flops(c.model.flux, n_img=(1 + dates) * n, n_txt=dates * n)
         return per_sample * c.flow.batch_size / jax.device_count()
 
 
@@ -260,14 +274,14 @@ def make_stage(name: str, config, workdir: str) -> TrainedStage:
 
 
 def trained_vaes(config, workdir: str) -> list:
-    """The trained (S2, S1) autoencoders with their measured latent statistics."""
-    stats = rundir.read_latent_stats(workdir)
-    vaes = []
-    for stage in C.AUTOENCODER_STAGES:
+    """The trained (S2, S1) autoencoders with their measured latent statistics (S1 None without SAR)."""
+    stats = rundir.read_latent_stats(workdir, C.autoencoders(config.model))
+    vaes = [None, None]
+    for i, stage in enumerate(C.autoencoders(config.model)):
         vae = rundir.load_final(rundir.stage_path(workdir, stage),
                                 build.autoencoder(config.model, stage, config.dtype))
         vae.set_latent_stats(stats[stage]["scale_factor"], stats[stage]["shift_factor"])
-        vaes.append(vae)
+        vaes[i] = vae
     return vaes
 
 
@@ -278,7 +292,7 @@ def measure_latent_stats(config, workdir: str, mesh, progress) -> dict:
     processes (`all_processes`), so the statistics are those of every process's batches together.
     """
     if rundir.latent_stats_path(workdir).exists():
-        return rundir.read_latent_stats(workdir)
+        return rundir.read_latent_stats(workdir, C.autoencoders(config.model))
     batch_size = per_process_batch(config.latent_stats.batch_size, mesh)
     stats = {}
     for stage, m in shard_moments(config, workdir, batch_size, progress).items():
@@ -297,19 +311,21 @@ def shard_moments(config, workdir: str, batch_size: int, progress=None,
     A computation on this process alone (its own devices)."""
     vaes = {stage: rundir.load_final(rundir.stage_path(workdir, stage),
                                      build.autoencoder(config.model, stage, config.dtype))
-            for stage in C.AUTOENCODER_STAGES}
+            for stage in C.autoencoders(config.model)}
     batches = config.latent_stats.batches
     data = make_input(config, "train", batch_size, seed=config.seed, shard=shard)
     moments = {stage: train_lib.LatentMoments() for stage in vaes}
 
+    keys = {"vae_s2": "s2", "vae_s1": "s1"}
+
     @jax.jit
-    def posterior_means(batch):
-        return {stage: vae.encode_posterior(contract.to_model(batch[key])).mean
-                for (stage, vae), key in zip(vaes.items(), ("s2", "s1"), strict=True)}
+    def posterior_means(batch):  # every date of a multi-temporal S1 batch is one more image
+        return {stage: vae.encode_posterior(contract.to_model(temporal.flatten_dates(batch[keys[stage]]))).mean
+                for stage, vae in vaes.items()}
 
     for _ in progress("latent_stats", batches) if progress else range(batches):
         local = next(data)
-        for stage, z in posterior_means({k: jnp.asarray(local[k]) for k in ("s2", "s1")}).items():
+        for stage, z in posterior_means({keys[s]: jnp.asarray(local[keys[s]]) for s in vaes}).items():
             moments[stage].update(z)
     return moments
 

@@ -22,7 +22,7 @@ import optax
 from flax import nnx, struct
 
 from crrf_jax import flow as rf  # noqa
-from crrf_jax import sampling
+from crrf_jax import sampling, temporal
 from crrf_jax.data import contract
 
 Batch = dict[str, jax.Array]
@@ -243,9 +243,9 @@ class VaeLossConfig:
 
 
 def vae_loss(model, batch: Batch, rng: jax.Array, frozen, *, cfg: VaeLossConfig):
-    """Loss of an AutoEncoder on `batch[cfg.key]` (B, H, W, C) in [0, 1]."""
+    """Loss of an AutoEncoder on `batch[cfg.key]` (B, [T,] H, W, C) in [0, 1] (dates are more images)."""
     del frozen
-    x = contract.to_model(batch[cfg.key])
+    x = contract.to_model(temporal.flatten_dates(batch[cfg.key]))
     recon, posterior = model(x, rng)
     recon = recon.astype(jnp.float32)
     l1 = jnp.mean(jnp.abs(recon - x))
@@ -275,13 +275,14 @@ class FlowLossConfig:
     pixel_loss_weight: float = 0.0  # > 0 adds the cloud-weighted L1 through the frozen S2 decoder
     joint_dropout: float = 0.0  # both conditions dropped together: the branch classifier-free guidance uses
     spec: rf.FlowSpec = rf.FlowSpec()  # the source distribution (noise or the cloudy latent)
+    date_dropout: float = 0.0  # multi-temporal: each cloudy date absent with this probability (one always kept)
 
     @classmethod
     def from_config(cls, scfg) -> FlowLossConfig:
         """From a config's `flow` section (configs/common.py)."""
         return cls(
             scfg.t_sampling, scfg.sar_dropout, scfg.cloudy_dropout, scfg.use_sar, scfg.pixel_loss_weight,
-            scfg.get("joint_dropout", 0.0), rf.FlowSpec.from_config(scfg),
+            scfg.get("joint_dropout", 0.0), rf.FlowSpec.from_config(scfg), scfg.get("date_dropout", 0.0),
         )
 
 
@@ -295,45 +296,55 @@ def condition_dropout(rng: jax.Array, batch: int, cfg: FlowLossConfig) -> tuple[
     return drop_sar, drop_cloudy
 
 
-def encode_batch(vaes: sampling.Networks, batch: Batch) -> dict[str, jax.Array]:
-    """Scaled latents (B, H/8, W/8, 16) of the target, the cloudy image and the SAR image (no gradients).
+def encode_batch(vaes: sampling.Networks, batch: Batch, present: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Scaled latents (B, [T,] H/8, W/8, 16) of the target, the cloudy image(s) and the SAR image(s), without
+    gradients. "sar" is left out when the batch has no `s1` (a dataset without SAR). A multi-temporal batch
+    also gives "source": the latent of its least-cloudy composite over the `present` dates (the flow's
+    source, `temporal`).
 
     `vaes`: the frozen networks (`sampling.Networks.of_vaes`; only the VAEs are used)."""
-    s2_vae, s1_vae = vaes.vae_s2(), vaes.vae_s1()
-    out = {
-        "x0": s2_vae.encode(contract.to_model(batch["s2"])),
-        "cloudy": s2_vae.encode(contract.to_model(batch["s2_cloudy"])),
-        "sar": s1_vae.encode(contract.to_model(batch["s1"])),
-    }
-    return jax.tree.map(lambda a: jax.lax.stop_gradient(a.astype(jnp.float32)), out)
+    s2_vae, encode = vaes.vae_s2(), sampling.encode
+    out = {"x0": encode(s2_vae, batch["s2"]), "cloudy": encode(s2_vae, batch["s2_cloudy"])}
+    if "s1" in batch:
+        out["sar"] = encode(vaes.vae_s1(), batch["s1"])
+    if temporal.is_multitemporal(batch["s2_cloudy"]):
+        out["source"] = encode(s2_vae, temporal.composite(batch["s2_cloudy"], batch["cloud_prob"], present))
+    return jax.tree.map(jax.lax.stop_gradient, out)
 
 
 def flow_loss(model, batch: Batch, rng: jax.Array, vaes: sampling.Networks, *, cfg: FlowLossConfig):
     """Rectified-flow loss of CloudRemovalFlux on one batch. Latents come from the frozen VAEs, or from the
-    batch itself when it carries cached latents ("x0", "cloudy", "sar")."""
-    lat = {k: batch[k] for k in ("x0", "cloudy", "sar")} if "x0" in batch else encode_batch(vaes, batch)
-    x0 = lat["x0"]
-    b = x0.shape[0]
+    batch itself when it carries cached latents ("x0", "cloudy", "sar"). With several cloudy dates, dates are
+    dropped at random (`cfg.date_dropout`, never all of a sample's) and the flow starts from the composite of
+    the dates kept."""
+    b = batch["s2"].shape[0] if "s2" in batch else batch["x0"].shape[0]
     r_t, r_eps, r_drop = jax.random.split(rng, 3)
+    cloudy = batch["cloudy"] if "x0" in batch else batch["s2_cloudy"]
+    dates = cloudy.shape[1] if cloudy.ndim == 5 else 1
+    present = temporal.date_dropout(jax.random.fold_in(rng, 3), b, dates, cfg.date_dropout)
+    lat = {k: batch[k] for k in ("x0", "cloudy", "sar")} if "x0" in batch else encode_batch(vaes, batch, present)
+    x0 = lat["x0"]
     t = rf.sample_t(r_t, b, kind=cfg.t_sampling)
-    x1 = cfg.spec.start(jax.random.normal(r_eps, x0.shape, x0.dtype), lat["cloudy"])
+    x1 = cfg.spec.start(jax.random.normal(r_eps, x0.shape, x0.dtype), lat.get("source", lat["cloudy"]))
     x_t = rf.interpolate(x0, x1, t)
     drop_sar, drop_cloudy = condition_dropout(r_drop, b, cfg)
     v = model(
         x_t,
         t,
         lat["cloudy"],
-        lat["sar"] if cfg.use_sar else None,
+        lat.get("sar") if cfg.use_sar else None,
         batch["cloud_prob"],
         drop_sar=drop_sar,
         drop_cloudy=drop_cloudy,
+        dates=present,
     ).astype(jnp.float32)
     loss = rf.flow_loss(v, rf.velocity_target(x0, x1))
     aux = {"flow_mse": loss}
     if cfg.pixel_loss_weight:
         x0_hat = rf.x0_from_velocity(x_t, t, v)
         pixels = contract.from_model(vaes.vae_s2().decode(x0_hat).astype(jnp.float32))
-        pix = rf.pixel_l1_loss(pixels, batch["s2"], batch["cloud_prob"])
+        _, cloud_prob, _ = temporal.single_view(batch["s2_cloudy"], batch["cloud_prob"], present=present)
+        pix = rf.pixel_l1_loss(pixels, batch["s2"], cloud_prob)
         loss = loss + cfg.pixel_loss_weight * pix
         aux["pixel_l1"] = pix
     return loss, aux
@@ -367,11 +378,11 @@ class RefinerLossConfig:
 def refiner_input(nets, batch: Batch, rng: jax.Array, drop_sar: jax.Array, cfg: RefinerLossConfig) -> jax.Array:
     """What the refiner restores, (B, H, W, C) in [0, 1], without gradients: a flow sample or a round trip."""
     if cfg.input == "roundtrip":
-        pred = sampling.vae_roundtrip(nets.vae_s2(), batch["s2_cloudy"])
+        pred = sampling.vae_roundtrip(nets.vae_s2(), temporal.single_view(batch["s2_cloudy"], batch["cloud_prob"])[0])
     elif cfg.input == "flow":
         keys = jax.random.split(rng, batch["s2_cloudy"].shape[0])
         pred, _ = sampling.sample_patches(
-            nets, batch["s2_cloudy"], batch["s1"], batch["cloud_prob"], keys, steps=cfg.flow_steps,
+            nets, batch["s2_cloudy"], batch.get("s1"), batch["cloud_prob"], keys, steps=cfg.flow_steps,
             guidance_scale=cfg.guidance_scale, spec=cfg.spec, output="flow", drop_sar=drop_sar,
         )
     else:
@@ -386,7 +397,8 @@ def refiner_loss(model, batch: Batch, rng: jax.Array, nets, *, cfg: RefinerLossC
     r_drop, r_input = jax.random.split(rng)
     drop_sar = jax.random.bernoulli(r_drop, cfg.sar_dropout, (batch["s2"].shape[0],))
     pred = refiner_input(nets, batch, r_input, drop_sar, cfg)
-    refined, trust = model(pred, batch["s2_cloudy"], batch["cloud_prob"], batch["s1"], ~drop_sar)
+    refined, trust = model(pred, *temporal.single_view(batch["s2_cloudy"], batch["cloud_prob"], batch.get("s1")),
+                           ~drop_sar)
     target = batch["s2"].astype(jnp.float32)
     l1 = jnp.mean(jnp.abs(refined - target))
     ssim_map = functools.partial(metrics.ssim_map, blur=metrics.gaussian_blur_matmul)

@@ -348,29 +348,9 @@ class CloudRemovalFlux(nnx.Module):
         dates: optional (B, T) bool, False = that date is absent for that sample (masked out of attention and
         of `y`); every sample needs at least one present date. None = all present.
         """
-        b, h, w, z = x_t.shape
-        if z != self.z_channels or h % PATCH or w % PATCH:
-            raise ValueError(f"x_t must be (B, h, w, {self.z_channels}) with even h, w; got {x_t.shape}")
-        single = cloudy_latent.ndim == 4
-        cloudy_latent = cloudy_latent[:, None] if single else cloudy_latent
-        n_dates = cloudy_latent.shape[1]
-        if cloudy_latent.shape != (b, n_dates, h, w, z):
-            raise ValueError(f"cloudy_latent {cloudy_latent.shape} must be (B, [T,] h, w, z) of x_t {x_t.shape}")
-        if n_dates > self.max_dates:
-            raise ValueError(f"{n_dates} cloudy dates, but this model takes at most max_dates={self.max_dates}")
-        if sar_latent is not None:
-            sar_latent = sar_latent[:, None] if sar_latent.ndim == 4 else sar_latent
-            if sar_latent.shape != cloudy_latent.shape:
-                raise ValueError(f"sar_latent {sar_latent.shape} must match cloudy_latent {cloudy_latent.shape}")
-        cloud_prob = cloud_prob[:, None] if cloud_prob.ndim == 4 else cloud_prob
-        hp, wp = cloud_prob.shape[2:4] if cloud_prob.ndim == 5 else (0, 0)
-        if (cloud_prob.shape[:2] != (b, n_dates) or cloud_prob.shape[-1] != 1 or hp < h or hp % h or wp % w
-                or hp // h != wp // w):
-            raise ValueError(f"cloud_prob must be (B, [T,] k*{h}, k*{w}, 1) with T = {n_dates}, "
-                             f"got {cloud_prob.shape}")
-        if dates is not None and jnp.shape(dates) != (b, n_dates):
-            raise ValueError(f"dates must be (B, T) = {(b, n_dates)}, got {jnp.shape(dates)}")
-
+        b, h, w, _ = x_t.shape
+        cloudy_latent, sar_latent, cloud_prob = self._with_dates(x_t, cloudy_latent, sar_latent, cloud_prob, dates)
+        n_dates, (hp, wp) = cloudy_latent.shape[1], cloud_prob.shape[2:4]
         cp = cloud_prob.astype(jnp.float32)
         noisy = patchify(x_t.astype(jnp.float32))
         n = noisy.shape[1]
@@ -406,6 +386,31 @@ class CloudRemovalFlux(nnx.Module):
             guidance = jnp.full((b,), self.embedded_guidance, jnp.float32)
         out = self.flux(img, img_ids, txt, txt_ids, t, y, guidance, key_mask)
         return unpatchify(out[:, :n], h, w)
+
+    def _with_dates(self, x_t, cloudy_latent, sar_latent, cloud_prob, dates):
+        """The conditioning with its T axis (a single date gets T = 1), checked against x_t."""
+        b, h, w, z = x_t.shape
+        if z != self.z_channels or h % PATCH or w % PATCH:
+            raise ValueError(f"x_t must be (B, h, w, {self.z_channels}) with even h, w; got {x_t.shape}")
+        cloudy_latent = cloudy_latent[:, None] if cloudy_latent.ndim == 4 else cloudy_latent
+        n_dates = cloudy_latent.shape[1]
+        if cloudy_latent.shape != (b, n_dates, h, w, z):
+            raise ValueError(f"cloudy_latent {cloudy_latent.shape} must be (B, [T,] h, w, z) of x_t {x_t.shape}")
+        if n_dates > self.max_dates:
+            raise ValueError(f"{n_dates} cloudy dates, but this model takes at most max_dates={self.max_dates}")
+        if sar_latent is not None:
+            sar_latent = sar_latent[:, None] if sar_latent.ndim == 4 else sar_latent
+            if sar_latent.shape != cloudy_latent.shape:
+                raise ValueError(f"sar_latent {sar_latent.shape} must match cloudy_latent {cloudy_latent.shape}")
+        cloud_prob = cloud_prob[:, None] if cloud_prob.ndim == 4 else cloud_prob
+        hp, wp = cloud_prob.shape[2:4] if cloud_prob.ndim == 5 else (0, 0)
+        if (cloud_prob.shape[:2] != (b, n_dates) or cloud_prob.shape[-1] != 1 or hp < h or hp % h or wp % w
+                or hp // h != wp // w):
+            raise ValueError(f"cloud_prob must be (B, [T,] k*{h}, k*{w}, 1) with T = {n_dates}, "
+                             f"got {cloud_prob.shape}")
+        if dates is not None and jnp.shape(dates) != (b, n_dates):
+            raise ValueError(f"dates must be (B, T) = {(b, n_dates)}, got {jnp.shape(dates)}")
+        return cloudy_latent, sar_latent, cloud_prob
 
 
 def _replace(tokens: jax.Array, drop: jax.Array | None, null: jax.Array) -> jax.Array:
