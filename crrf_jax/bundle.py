@@ -92,14 +92,15 @@ def bundle_config(run_config) -> dict[str, Any]:
     model = run_config.model.to_dict()
     tile = int(run_config.data.crop_size)
     flow = run_config.flow
-    weights = {k: v for k, v in WEIGHT_FILES.items() if k != "refiner" or has_refiner(model)}
+    weights = {k: v for k, v in WEIGHT_FILES.items() if (k != "refiner" or has_refiner(model))
+               and (k != "vae_s1" or has_sar(model))}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": _plain(model),
         "bands": {"indices": list(bands), "names": [contract.S2_BANDS[i] for i in bands]},
         "dtype": str(run_config.dtype),
-        "trained_with_sar": bool(run_config.flow.use_sar),
+        "trained_with_sar": bool(run_config.flow.use_sar) and has_sar(model),
         "sampling": {
             "steps": int(run_config.flow.sample_steps),
             "guidance_scale": float(run_config.flow.guidance_scale),

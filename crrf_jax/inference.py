@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from crrf_jax import bundle, parallel, rundir, sampling
+from crrf_jax import bundle, parallel, rundir, sampling, temporal
 from crrf_jax import flow as rf
 from crrf_jax.data import contract
 from crrf_jax.tiling import Arrays, ReadRows, TileLayout, WriteRows, blend_tiles, pad_to
@@ -102,6 +102,11 @@ class CloudRemover:
         return self.nets.has_refiner
 
     @property
+    def max_dates(self) -> int:
+        """The most cloudy dates of one scene the model takes (1: a single-image model)."""
+        return int(self.config["model"].get("max_dates", 1))
+
+    @property
     def num_devices(self) -> int:
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
@@ -121,6 +126,7 @@ class CloudRemover:
         drop_cloudy: bool = False,
         keep_clear: float | None = None,
         samples_per_pass: int = 1,
+        dates: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Samples a batch of tiles on the mesh.
 
@@ -133,9 +139,14 @@ class CloudRemover:
         probability is below it come back as they came in (std 0); None keeps the model's output everywhere.
         samples_per_pass: how many of the K samples run at once as extra batch rows
         (`sampling.sample_patches`; more fills a large device better, at that many times the activation
-        memory; the same result).
+        memory; the same result). dates: D cloudy dates of a multi-temporal scene, stacked date-major along
+        the channel axis of every input (s2_cloudy (n, T, T, D * C), cloud_prob (n, T, T, D), s1
+        (n, T, T, D * 2), as `remove_clouds` tiles them); keep_clear then keeps the least-cloudy date's pixel.
         Returns host (mean clipped to [0, 1], std), each (n, T, T, C) float32.
         """
+        if dates is not None:
+            tiles = dict(tiles) | {k: unstack_dates(tiles[k], dates) for k in ("s2_cloudy", "cloud_prob", "s1")
+                                   if tiles.get(k) is not None}
         steps = int(steps or self.config["sampling"]["steps"])
         check_samples(num_samples, samples_per_pass)
         default_guidance = self.config["sampling"]["guidance_scale"]
@@ -165,7 +176,8 @@ class CloudRemover:
         )
         mean, std = np.clip(parallel.to_host(mean)[:n], 0.0, 1.0), parallel.to_host(std)[:n]
         if keep_clear is not None:
-            mean, std = keep_clear_pixels(mean, std, tiles["s2_cloudy"], tiles["cloud_prob"], keep_clear)
+            cloudy, prob, _ = (np.asarray(a) for a in temporal.single_view(tiles["s2_cloudy"], tiles["cloud_prob"]))
+            mean, std = keep_clear_pixels(mean, std, cloudy, prob, keep_clear)
         return mean, std
 
     def check_tiling(self, tile_size: int | None, overlap: int | None) -> tuple[int, int]:
@@ -211,7 +223,9 @@ class CloudRemover:
 
         Args:
           s2_cloudy: (H, W, C) float reflectance in [0, 1] (DN / 10000): the model's C bands
-            (`band_names`), or all 13 SEN12MS-CR bands, from which the model's are taken.
+            (`band_names`), or all 13 SEN12MS-CR bands, from which the model's are taken. Or (D, H, W, C):
+            D cloudy dates of the scene in chronological order, D <= `max_dates` (then s1 and cloud_prob
+            carry the same leading D: one per date).
           s1: (H, W, 2) Sentinel-1 VV, VH normalised to [0, 1] (dB clipped to [-25, 0]); None runs the
             degraded SAR-absent mode (with a warning). Non-finite values are filled with 0 (-25 dB).
           cloud_prob: (H, W, 1) or (H, W) in [0, 1]; None computes it with s2cloudless (needs all 13 bands).
@@ -225,14 +239,14 @@ class CloudRemover:
           (clear, std): (H, W, C) float32, the cloud-free estimate in [0, 1] and the per-pixel std over the K
           samples (zeros for K = 1).
         """
-        s2, s1, prob = self.check_inputs(s2_cloudy, s1, cloud_prob)
+        s2, s1, prob, dates = self.check_dates(s2_cloudy, s1, cloud_prob)
         h, w = s2.shape[:2]
         tile, overlap = self.check_tiling(tile_size, overlap)
         layout = TileLayout(h, w, tile, overlap)
         use_sar = self.use_sar(s1 is not None)
         scene = {"s2_cloudy": s2, "cloud_prob": prob} | ({"s1": s1} if use_sar else {})
         scene = {k: pad_to(v, layout.padded_height, layout.padded_width) for k, v in scene.items()}
-        clear = np.empty((h, w, s2.shape[-1]), np.float32)
+        clear = np.empty((h, w, self.num_bands), np.float32)
         std = np.empty_like(clear)
 
         def write(y0: int, y1: int, mean: np.ndarray, sd: np.ndarray) -> None:
@@ -241,9 +255,12 @@ class CloudRemover:
         self.process(layout, lambda y0, y1: {k: v[y0:y1] for k, v in scene.items()}, write,
                      steps=steps, num_samples=num_samples, guidance_scale=guidance_scale, seed=seed,
                      batch_size=batch_size, keep_clear=keep_clear, progress=progress,
-                     samples_per_pass=samples_per_pass)
+                     samples_per_pass=samples_per_pass, dates=dates)
         if keep_clear is not None:  # exact: blending identical tile values can differ from them in the last ulp
-            clear, std = keep_clear_pixels(clear, std, s2, prob, keep_clear)
+            s2, prob = (s2, prob) if dates is None else (unstack_dates(s2[None], dates)[0],
+                                                         unstack_dates(prob[None], dates)[0])
+            cloudy, prob, _ = (np.asarray(a) for a in temporal.single_view(s2[None], prob[None]))
+            clear, std = keep_clear_pixels(clear, std, cloudy[0], prob[0], keep_clear)
         return clear, std
 
     def process(
@@ -260,8 +277,10 @@ class CloudRemover:
         keep_clear: float | None = None,
         progress: bool = False,
         samples_per_pass: int = 1,
+        dates: int | None = None,
     ) -> None:
-        """`blend_tiles` with this model: the streaming core of `remove_clouds` and of GeoTIFF prediction."""
+        """`blend_tiles` with this model: the streaming core of `remove_clouds` and of GeoTIFF prediction.
+        dates: the scene's rows hold that many dates stacked along the channels (`predict_tiles`)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         check_samples(num_samples, samples_per_pass)
@@ -270,9 +289,28 @@ class CloudRemover:
         def predict(tiles: Arrays, ids: np.ndarray):
             return self.predict_tiles(tiles, ids, steps=steps, num_samples=num_samples,
                                       guidance_scale=guidance_scale, seed=seed, pad_batch_to=batch_size,
-                                      keep_clear=keep_clear, samples_per_pass=samples_per_pass)
+                                      keep_clear=keep_clear, samples_per_pass=samples_per_pass, dates=dates)
 
         blend_tiles(layout, read_rows, predict, write_rows, batch_size=batch_size, progress=progress)
+
+    def check_dates(
+        self, s2_cloudy: np.ndarray, s1: np.ndarray | None, cloud_prob: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, int | None]:
+        """`check_inputs` of a single image, or of each of D dates ((D, H, W, C) inputs): then the dates come
+        back stacked date-major along the channels ((H, W, D * C), as `predict_tiles` takes them) with D."""
+        s2_cloudy = np.asarray(s2_cloudy)
+        if s2_cloudy.ndim != 4:
+            return (*self.check_inputs(s2_cloudy, s1, cloud_prob), None)
+        dates = s2_cloudy.shape[0]
+        if not 1 <= dates <= self.max_dates:
+            raise ValueError(f"s2_cloudy holds {dates} dates; this model takes 1 to max_dates={self.max_dates}")
+        for name, x in (("s1", s1), ("cloud_prob", cloud_prob)):
+            if x is not None and len(x) != dates:
+                raise ValueError(f"{name} must have one entry per date ({dates}), got shape {np.shape(x)}")
+        checked = [self.check_inputs(s2_cloudy[d], None if s1 is None else s1[d],
+                                     None if cloud_prob is None else cloud_prob[d]) for d in range(dates)]
+        s2, sar, prob = (None if parts[0] is None else np.concatenate(parts, axis=-1) for parts in zip(*checked))
+        return s2, sar, prob, dates
 
     def check_inputs(
         self, s2_cloudy: np.ndarray, s1: np.ndarray | None, cloud_prob: np.ndarray | None
@@ -316,6 +354,12 @@ class CloudRemover:
                 s1 = np.where(bad, contract.S1_NONFINITE_FILL, s1).astype(np.float32)
             check_reflectance("s1", s1)
         return s2, s1, prob
+
+
+def unstack_dates(x: np.ndarray, dates: int) -> np.ndarray:
+    """(n, T, T, D * C) tiles with D dates stacked date-major along the channels -> (n, D, T, T, C)."""
+    x = np.asarray(x)
+    return np.moveaxis(x.reshape(*x.shape[:-1], dates, x.shape[-1] // dates), -2, 1)
 
 
 def check_samples(num_samples: int, samples_per_pass: int) -> None:

@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from crrf_jax import temporal
+
 Reference = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -139,5 +141,5 @@ def least_cloudy_composite(s2_cloudy: np.ndarray, cloud_prob: np.ndarray) -> np.
                          f"got shape {np.shape(cloud_prob)}")
     if not np.all(np.isfinite(cloud_prob)):
         raise ValueError("least_cloudy_composite: cloud_prob contains NaN or Inf")
-    best = np.argmin(cloud_prob, axis=0)  # the first minimum: ties go to the earliest date
+    best = np.asarray(temporal.least_cloudy_index(cloud_prob[None]))[0]  # the flow's composite rule too
     return np.take_along_axis(s2_cloudy, best[None, ..., None], axis=0)[0]

@@ -58,22 +58,25 @@ def random_state(abstract_model, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def make_fake_workdir(workdir: Path, seed: int = 0) -> Path:
-    """A finished tiny training run (configs/demo.py) with random weights, as train.py writes it."""
+def make_fake_workdir(workdir: Path, seed: int = 0, config=None) -> Path:
+    """A finished tiny training run (configs/demo.py, or `config`) with random weights, as train.py writes it."""
     import optax
 
     from configs import demo
     from crrf_jax import train_lib
 
-    config = demo.get_config()
+    config = demo.get_config() if config is None else config
     rundir.save_run_config(config, workdir)
     cfg = bundle_lib.bundle_config(config)
     for i, stage in enumerate(bundle_lib.NETWORKS):
+        if stage not in bundle_lib.networks(cfg):
+            continue
         abstract = bundle_lib.abstract_network(cfg, stage)
         model = bundle_lib.fill_state(abstract, random_state(abstract, seed + i), "random weights")
         rundir.save_final(str(workdir / stage), train_lib.create_train_state(model, optax.sgd(0.0)))
     (workdir / "latent_stats").mkdir(parents=True, exist_ok=True)
-    (workdir / "latent_stats" / "latent_stats.json").write_text(json.dumps(LATENT_STATS))
+    stats = {k: v for k, v in LATENT_STATS.items() if k in bundle_lib.networks(cfg)}
+    (workdir / "latent_stats" / "latent_stats.json").write_text(json.dumps(stats))
     return workdir
 
 
