@@ -19,6 +19,11 @@ Inputs (checked; errors name the file and, for flags, the flag):
                 without --s1 (a warning says so).
   --cloud-prob  s2cloudless probability on the S2 grid: 1 band, uint8 (x255, crrf_jax.data.cloudprob's cache)
                 or float in [0, 1]. Computed with s2cloudless when absent (it needs B01..B12 with B10).
+Several dates (a multi-temporal bundle, `max_dates` > 1): repeat `--s2` once per date, in chronological order
+(and `--s1`, `--cloud-prob` once per date too, or not at all). Every date is read on the first date's grid
+(the same size, CRS and transform, checked: products of one tile and orbit share it); the outputs are on it.
+What "came in" for `--keep-clear` and `--change-mask` is then the least-cloudy composite of the dates (each
+pixel from the date with the lowest cloud probability), the image the model starts from.
 Outputs (`crrf_jax.scene.outputs`, Cloud-Optimized GeoTIFFs unless `--no-cog`): `--out` with the model's
 bands (13 for a full model) as uint16 DN (reflectance x 10000), named by band, with the input's CRS,
 transform, size and nodata; `--uncertainty` the per-band standard deviation over the K samples (float32
@@ -69,9 +74,9 @@ TRAINED_LEVEL = "L1C"  # SEN12MS-CR's processing level, what every bundle so far
 
 def predict_scene(
     remover: CloudRemover,
-    s2_path: str | os.PathLike,
-    s1_path: str | os.PathLike | None = None,
-    cloud_prob_path: str | os.PathLike | None = None,
+    s2_path: str | os.PathLike | Sequence[str | os.PathLike],
+    s1_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    cloud_prob_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     *,
     out_path: str | os.PathLike,
     uncertainty_path: str | os.PathLike | None = None,
@@ -97,23 +102,32 @@ def predict_scene(
 
     The Python face of the CLI: see the module docstring for the inputs and outputs. The S2 and S1 options
     are those of `crrf_jax.scene.s2.open_s2` and `crrf_jax.scene.s1.open_s1`; the sampling and tiling ones
-    those of `CloudRemover.remove_clouds`. Returns a summary (size, tiles, seconds, use_sar, level, kind).
+    those of `CloudRemover.remove_clouds`. Several dates: a sequence of paths for each input (one per date,
+    in chronological order). Returns a summary (size, tiles, seconds, use_sar, level, kind, dates).
     Raises DataError naming the file for bad inputs. Existing outputs are replaced; on failure no output (or
     partial file) is left. With several processes every process calls it alike; process 0 writes the files.
     """
     out_path = Path(out_path)
+    s2_paths, s1_paths, prob_paths = _dated_paths(remover, s2_path, s1_path, cloud_prob_path)
     optional = {name: Path(p) if p else None for name, p in (
         ("uncertainty", uncertainty_path), ("quicklook", quicklook_path), ("change_mask", change_mask_path))}
-    _check_distinct([Path(p) for p in (s2_path, s1_path, cloud_prob_path) if p],
+    _check_distinct([Path(p) for p in (*s2_paths, *s1_paths, *prob_paths)],
                     [out_path, *[p for p in optional.values() if p is not None]])
     tile, overlap = remover.check_tiling(tile_size, overlap)
     start = time.perf_counter()
     writer = None
     with rasterio.Env(**contract.GDAL_ENV), contextlib.ExitStack() as stack:
-        s2, s1, prob = _open_inputs(stack, remover, s2_path, s1_path, cloud_prob_path,
-                                    dict(offset=s2_offset, fill_b10=fill_b10, units=s2_units), s1_units)
+        opened = []
+        for d, path in enumerate(s2_paths):  # every later date on the first date's grid
+            opened.append(_open_inputs(stack, remover, path, s1_paths[d] if s1_paths else None,
+                                       prob_paths[d] if prob_paths else None,
+                                       dict(offset=s2_offset, fill_b10=fill_b10, units=s2_units), s1_units,
+                                       grid=opened[0][0] if opened else None))
+        s2, s1, prob = opened[0]
         layout = TileLayout(s2.height, s2.width, tile, overlap)
-        reader = _SceneReader(remover, layout, s2, s1, prob, cloud_prob_path)
+        readers = [_SceneReader(remover, layout, *inputs, prob_paths[d] if prob_paths else None)
+                   for d, inputs in enumerate(opened)]
+        reader = readers[0] if len(readers) == 1 else _DatesReader(readers)
         if parallel.is_writer():
             writer = scene_outputs.SceneOutputs(
                 out_path, crs=s2.crs, transform=s2.transform, width=s2.width, height=s2.height,
@@ -124,11 +138,12 @@ def predict_scene(
             write = _Writes(writer, reader) if writer is not None else _discard_rows
             remover.process(layout, reader.read_rows, write, steps=steps, num_samples=num_samples,
                             guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
-                            keep_clear=keep_clear, progress=progress and writer is not None)
+                            keep_clear=keep_clear, progress=progress and writer is not None,
+                            dates=None if len(readers) == 1 else len(readers))
             if writer is not None:
                 writer.tag(steps=steps or remover.config["sampling"]["steps"], samples=num_samples, seed=seed,
                            use_sar=s1 is not None, tile=tile, overlap=overlap, keep_clear=keep_clear,
-                           s2_level=s2.level, s2_offset=s2.offset)
+                           s2_level=s2.level, s2_offset=s2.offset, dates=len(readers))
                 writer.commit()
         except BaseException:
             if writer is not None:
@@ -136,12 +151,30 @@ def predict_scene(
             raise
     return {"height": layout.height, "width": layout.width, "tiles": layout.num_tiles,
             "use_sar": s1 is not None,
-            "level": s2.level, "kind": s2.kind, "seconds": time.perf_counter() - start}
+            "level": s2.level, "kind": s2.kind, "dates": len(readers), "seconds": time.perf_counter() - start}
 
 
-def _open_inputs(stack, remover, s2_path, s1_path, prob_path, s2_options: dict, s1_units: str):
-    """The opened (S2Scene, S1Scene or None, cloud-probability dataset or None), checked."""
+def _dated_paths(remover, s2_path, s1_path, prob_path) -> tuple[list, list, list]:
+    """Each input as a list of paths, one per date (empty: not given); checked against each other and the
+    model's max_dates."""
+    def as_list(p):
+        return [] if p is None else [p] if isinstance(p, str | os.PathLike) else list(p)
+
+    s2, s1, prob = as_list(s2_path), as_list(s1_path), as_list(prob_path)
+    if not 1 <= len(s2) <= remover.max_dates:
+        raise ValueError(f"{len(s2)} Sentinel-2 dates given; this model takes 1 to max_dates={remover.max_dates}")
+    for name, paths in (("Sentinel-1", s1), ("cloud-probability", prob)):
+        if paths and len(paths) != len(s2):
+            raise ValueError(f"{len(paths)} {name} files for {len(s2)} Sentinel-2 dates: give one per date")
+    return s2, s1, prob
+
+
+def _open_inputs(stack, remover, s2_path, s1_path, prob_path, s2_options: dict, s1_units: str, grid=None):
+    """The opened (S2Scene, S1Scene or None, cloud-probability dataset or None), checked; with `grid` (the
+    first date's S2Scene) the S2 scene must lie on that grid."""
     s2 = stack.enter_context(scene_s2.open_s2(s2_path, **s2_options))
+    if grid is not None:
+        contract.check_same_grid(_GridOf(s2), s2.path, _GridOf(grid), grid.path)
     scene_s2.warn_level_mismatch(s2, TRAINED_LEVEL)
     s1 = prob = None
     if remover.use_sar(s1_path is not None):  # warns for the degraded mode, or a model trained without SAR
@@ -237,6 +270,36 @@ class _SceneReader:
         return {k: pad_to(v, y1 - y0, self.layout.padded_width) for k, v in rows.items()}
 
 
+class _DatesReader:
+    """Several dates' `_SceneReader`s as one: rows with the dates stacked date-major along the channels (as
+    `CloudRemover.predict_tiles` takes them), and, for the writer, the least-cloudy composite of the dates'
+    DN (what came in, for --keep-clear and the change mask). A pixel counts as valid where every date is."""
+
+    def __init__(self, readers: list[_SceneReader]):
+        self.readers, self.nodata = readers, readers[0].nodata
+        self._prob_rows: dict[int, np.ndarray] = {}  # scene row -> (W, D) cloud probability, until written
+        self._lock = threading.Lock()
+
+    def read_rows(self, y0: int, y1: int) -> dict[str, np.ndarray]:
+        dates = [r.read_rows(y0, y1) for r in self.readers]
+        rows = {k: np.concatenate([d[k] for d in dates], axis=-1) for k in ("s2_cloudy", "cloud_prob", "s1")
+                if k in dates[0]}
+        if "s1_coverage" in dates[0]:
+            rows["s1_coverage"] = np.logical_and.reduce([d["s1_coverage"] for d in dates])
+        with self._lock:
+            for y in range(y0, min(y1, self.readers[0].layout.height)):
+                self._prob_rows.setdefault(y, rows["cloud_prob"][y - y0])
+        return rows
+
+    def model_dn(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
+        dn, valid = zip(*(r.model_dn(y0, y1) for r in self.readers))
+        with self._lock:
+            prob = np.stack([self._prob_rows.pop(y) for y in range(y0, y1)])  # (rows, W, D)
+        best = np.argmin(prob, axis=-1)  # the composite's rule (temporal.least_cloudy_index): first minimum
+        composite = np.take_along_axis(np.stack(dn), best[None, ..., None], axis=0)[0]
+        return composite, np.logical_and.reduce(valid)
+
+
 class _Writes:
     """What the tiler's blended rows become: DN with the input's nodata kept, the change mask, the std."""
 
@@ -267,13 +330,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--bundle", required=True, help="bundle directory (python -m crrf_jax.export)")
-    add("--s2", required=True, help="Sentinel-2: .SAFE folder or .zip, band-file folder or stacked GeoTIFF")
+    add("--s2", required=True, action="append",
+        help="Sentinel-2: .SAFE folder or .zip, band-file folder or stacked GeoTIFF (repeat once per date)")
     add("--s2-offset", type=float, default=None, help="DN offset of the S2 input (default: its metadata's)")
     add("--s2-units", choices=("auto", "dn", "reflectance"), default="auto", help="S2 values (default: auto)")
     add("--fill-b10", action="store_true", help="fill B10 (cirrus) for L2A products that lack it")
-    add("--s1", default=None, help="Sentinel-1 VV/VH GeoTIFF, any grid (optional)")
+    add("--s1", default=None, action="append", help="Sentinel-1 VV/VH GeoTIFF, any grid (optional; per date)")
     add("--s1-units", choices=("auto", "db", "linear"), default="auto", help="S1 values (default: detected)")
-    add("--cloud-prob", default=None, help="cloud probability GeoTIFF (default: s2cloudless)")
+    add("--cloud-prob", default=None, action="append",
+        help="cloud probability GeoTIFF (default: s2cloudless; per date)")
     add("--out", required=True, help="output Cloud-Optimized GeoTIFF (uint16 DN)")
     add("--uncertainty", default=None, help="optional per-band std GeoTIFF (float32)")
     add("--quicklook", default=None, help="optional RGB quicklook PNG of the output")

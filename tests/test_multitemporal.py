@@ -94,13 +94,18 @@ def test_flow_loss_learns_from_every_date(nets):
 
 
 @pytest.fixture(scope="module")
-def remover(tmp_path_factory):
+def bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("mt")
     config = mt_config(sar=False)
     config.data.bands = "B04,B03,B02,B08"
     workdir = make_fake_workdir(root / "workdir", config=_resized(config))
     bundle = export.export_bundle(workdir, root / "bundle")
     assert not (bundle / "vae_s1.safetensors").exists()
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def remover(bundle):
     return CloudRemover.from_bundle(bundle)
 
 
@@ -131,3 +136,47 @@ def test_a_multitemporal_scene_without_sar(remover):
         remover.remove_clouds(np.concatenate([s2, s2[:1]]), None, np.concatenate([prob, prob[:1]]), steps=1)
     with pytest.raises(ValueError, match="one entry per date"):
         remover.remove_clouds(s2, None, prob[:2], steps=1)
+
+
+def _write(path, bands_last: np.ndarray, descriptions=None):
+    import rasterio
+    from rasterio.transform import from_origin
+
+    data = np.moveaxis(bands_last, -1, 0)
+    with rasterio.open(path, "w", driver="GTiff", height=data.shape[1], width=data.shape[2], count=len(data),
+                       dtype=data.dtype, crs="EPSG:32632", transform=from_origin(500000, 4200000, 10, 10)) as ds:
+        ds.write(data)
+        for i, name in enumerate(descriptions or []):
+            ds.set_band_description(i + 1, name)
+    return path
+
+
+def test_predict_cli_takes_several_dates(bundle, remover, tmp_path, capsys):
+    import rasterio
+
+    from crrf_jax import predict
+    from crrf_jax.data import contract
+
+    rng = np.random.default_rng(8)
+    dn = rng.integers(0, 6000, (D, 40, 48, 4)).astype(np.uint16)
+    prob = rng.uniform(0, 1, (D, 40, 48, 1)).astype(np.float32)
+    s2 = [str(_write(tmp_path / f"s2_{d}.tif", dn[d], ["B04", "B03", "B02", "B08"])) for d in range(D)]
+    cp = [str(_write(tmp_path / f"cp_{d}.tif", prob[d])) for d in range(D)]
+    out, mask = tmp_path / "clear.tif", tmp_path / "changed.tif"
+    args = [f"--bundle={bundle}", *(f"--s2={p}" for p in s2), *(f"--cloud-prob={p}" for p in cp), f"--out={out}",
+            f"--change-mask={mask}", "--steps=1", "--tile=32", "--overlap=8", "--keep-clear=0.3", "--quiet"]
+    assert predict.main(args) == 0
+    expected, _ = remover.remove_clouds(contract.normalize_s2(dn), None, prob, steps=1, tile_size=32, overlap=8,
+                                        keep_clear=0.3)
+    with rasterio.open(out) as ds, rasterio.open(mask) as changed:
+        written = np.moveaxis(ds.read(), 0, -1)
+        np.testing.assert_array_equal(written, contract.denormalize_s2(expected))
+        kept = prob.min(axis=0)[..., 0] < 0.3  # the least-cloudy date's pixels, unchanged
+        composite = references.least_cloudy_composite(dn, prob)
+        np.testing.assert_array_equal(written[kept], composite[kept])
+        assert not changed.read(1)[kept].any()
+        assert ds.tags()["dates"] == str(D)
+    assert predict.main([*args[:1], *(f"--s2={p}" for p in [*s2, s2[0]]), *args[1 + D:]]) == 1
+    assert "this model takes 1 to max_dates=3" in capsys.readouterr().err
+    assert predict.main([a for a in args if a != f"--cloud-prob={cp[2]}"]) == 1
+    assert "2 cloud-probability files for 3 Sentinel-2 dates" in capsys.readouterr().err
