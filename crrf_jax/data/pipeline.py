@@ -1,4 +1,5 @@
-"""Grain input pipelines over SEN12MS-CR: shuffle, augment, batch, shard per JAX process, checkpointable.
+"""Grain input pipelines over SEN12MS-CR and the other benchmarks: shuffle, augment, batch, shard per JAX
+process, checkpointable.
 
 Two sources give the same samples (the data contract of `crrf_jax.data.contract`, docs/ARCHITECTURE.md "Data
 contract"; float32 in [0, 1], channels last):
@@ -17,6 +18,12 @@ process through shared memory and is converted there (half the bytes to move).
 
 Batches are dicts: s1 (B, H, W, 2), s2 and s2_cloudy (B, H, W, C), cloud_prob (B, H, W, 1), all float32;
 id (B,) str; mask (B,) bool, False on padding (evaluation only).
+
+The other benchmarks (`dataset`: `DATASETS`, one source each: `CuhkCrSource`, `Sen2MtcSource`,
+`Sen12mscrTsSource`) give the same keys, without s1 where the dataset has no SAR, and with a date axis on
+s2_cloudy, cloud_prob and s1 where it is multi-temporal: (B, T, H, W, C) (docs/ARCHITECTURE.md, "Data
+contract"). A source that draws per read (`needs_rng`: SEN12MS-CR-TS's random date sampler) is read after the
+shuffle, with a generator seeded by the element's stream position.
 
 Determinism. Shuffling and augmentation draw from the seed and the element's position, so a run is fully
 determined by (seed, process index and count, worker_count). The iterator's state (`get_state` /
