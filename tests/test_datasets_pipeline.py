@@ -301,11 +301,11 @@ def test_tiny_copies_are_quick(tmp_path):
 class _CopyLeastCloudy:
     """A stand-in remover: predicts the least cloudy date (checks what evaluate passes and scores)."""
 
-    config = {"sampling": {"steps": 1, "guidance_scale": 1.0}}
     band_indices = (3, 2, 1, 7)
     band_names = ("B04", "B03", "B02", "B08")
 
     def __init__(self):
+        self.config = {"sampling": {"steps": 1, "guidance_scale": 1.0}}
         self.seen = []
 
     def use_sar(self, wanted):
@@ -347,3 +347,34 @@ def test_evaluate_reads_the_dataset_and_scores_the_temporal_reference(roots, dat
     else:
         assert written == [] and "no georeferenced files" in caplog.text
     assert json.loads((tmp_path / "metrics.json").read_text())["dataset"] == dataset
+
+
+# --------------------------------------------------------------------------------------------- prepare_data
+
+
+def test_prepare_data_writes_the_multi_temporal_demo_data(tmp_path):
+    from configs import demo_mt
+    from crrf_jax import trainer
+
+    config = demo_mt.get_config()
+    config.data.synthetic_scenes, config.data.synthetic_size = 8, 32
+    trainer.prepare_data(config, tmp_path)
+    assert config.data.root == str(tmp_path / "data")
+    counts = {split: len(_source({"sen2_mtc_new": config.data.root}, "sen2_mtc_new", split=split))
+              for split in ("train", "val", "test")}
+    assert counts == {"train": 4, "val": 2, "test": 2}
+
+
+def test_prepare_data_caches_the_ts_coverage(roots, tmp_path):
+    import shutil
+
+    from configs import sen12mscr_ts as ts_config
+    from crrf_jax import trainer
+
+    root = tmp_path / "ts"
+    shutil.copytree(roots["sen12mscr_ts"], root)
+    config = ts_config.get_config()
+    config.data.root = str(root)
+    trainer.prepare_data(config, tmp_path / "run")
+    cache = cloudprob.load_ts_coverage(root)
+    assert len(cache) == 6 and all(len(v) == TS_DATES for v in cache.values())
