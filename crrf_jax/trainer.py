@@ -85,7 +85,7 @@ def prepare_data(config, workdir: str | os.PathLike) -> None:
                 cloudprob.compute_cloud_probs(config.data.root, triplets, workers=max(1, config.data.worker_count))
     elif dataset == "sen12mscr_ts":
         if config.data.compute_cloud_prob and jax.process_index() == 0:
-            cloudprob.compute_ts_coverage(config.data.root)
+            cloudprob.compute_ts_coverage(config.data.root, workers=max(1, config.data.worker_count))
     else:
         pipeline.open_source(config.data.source, root=config.data.root, split="train",
                              bands=config.data.bands or None, **pipeline.dataset_options(config.data))

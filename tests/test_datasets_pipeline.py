@@ -128,12 +128,18 @@ def test_ts_random_draws_follow_the_readers_sampler_and_the_seed(roots):
         np.testing.assert_array_equal(a, b)
 
 
-def test_ts_coverage_cache_is_what_the_reader_computes(roots, tmp_path):
+def test_ts_cache_holds_the_readers_coverage_and_the_probability_maps(roots, tmp_path):
     cache = cloudprob.compute_ts_coverage(roots["sen12mscr_ts"], cache_dir=tmp_path, progress=False)
     series = sen12mscr_ts.find_series(roots["sen12mscr_ts"], "all")
     assert sorted(cache) == sorted(s.id for s in series)
-    assert cache[series[0].id] == sen12mscr_ts.cloud_coverage(series[0])
+    for s in series[:2]:
+        assert cache[s.id] == sen12mscr_ts.cloud_coverage(s)  # exactly the reader's, from the same maps
     assert cloudprob.load_ts_coverage(tmp_path) == cache
+    cached = _source(roots, "sen12mscr_ts", split="test", cloud_prob_dir=tmp_path)
+    fresh = _source(roots, "sen12mscr_ts", split="test")
+    a, b = cached[1], fresh[1]
+    np.testing.assert_array_equal(a["s2_cloudy"], b["s2_cloudy"])
+    np.testing.assert_allclose(a["cloud_prob"], b["cloud_prob"], atol=1 / 510 + 1e-6)  # uint8 cache
     cloudprob.ts_coverage_path(tmp_path).write_text("[1, 2")
     with pytest.raises(DataError, match="sen12mscr_ts_coverage.json: not a SEN12MS-CR-TS coverage cache"):
         cloudprob.load_ts_coverage(tmp_path)
@@ -374,7 +380,9 @@ def test_prepare_data_caches_the_ts_coverage(roots, tmp_path):
     root = tmp_path / "ts"
     shutil.copytree(roots["sen12mscr_ts"], root)
     config = ts_config.get_config()
-    config.data.root = str(root)
+    config.data.root, config.data.worker_count = str(root), 0
     trainer.prepare_data(config, tmp_path / "run")
     cache = cloudprob.load_ts_coverage(root)
     assert len(cache) == 6 and all(len(v) == TS_DATES for v in cache.values())
+    first = sen12mscr_ts.find_series(root, "train")[0]
+    assert all(cloudprob.ts_cloud_prob_path(root, p).is_file() for p in first.s2)

@@ -212,6 +212,15 @@ def ts_coverage_path(cache_dir: str | os.PathLike) -> Path:
     return Path(cache_dir) / TS_COVERAGE_FILE
 
 
+def ts_cloud_prob_path(cache_dir: str | os.PathLike, s2_path: str | os.PathLike) -> Path:
+    """The cached cloud probability of one SEN12MS-CR-TS S2 file <region>/<n>/S2/<t>/s2_<rest>: the same path
+    under cache_dir with folder CLOUDPROB and prefix cloudprob_ (uint8 x 255, the S2 file's grid)."""
+    s2_path = Path(s2_path)
+    t_dir, roi_dir = s2_path.parent, s2_path.parent.parent.parent
+    name = "cloudprob_" + s2_path.name.removeprefix("s2_")
+    return Path(cache_dir) / roi_dir.parent.name / roi_dir.name / "CLOUDPROB" / t_dir.name / name
+
+
 def load_ts_coverage(cache_dir: str | os.PathLike) -> dict[str, list[float]]:
     """The cached coverages ({} when there is no cache yet); DataError naming the file when it is not JSON."""
     path = ts_coverage_path(cache_dir)
@@ -223,14 +232,45 @@ def load_ts_coverage(cache_dir: str | os.PathLike) -> dict[str, list[float]]:
         raise DataError(path, f"not a SEN12MS-CR-TS coverage cache ({e}); delete it to recompute") from e
 
 
-def compute_ts_coverage(root: str | os.PathLike, series=None, cache_dir: str | os.PathLike | None = None, *,
-                        progress: bool = True) -> dict[str, list[float]]:
-    """Cloud coverage of every date of every SEN12MS-CR-TS series (default: all under root), cached.
+def load_ts_cloud_prob(cache_dir: str | os.PathLike, s2_path: str | os.PathLike) -> np.ndarray | None:
+    """The cached (H, W, 1) float32 cloud probability of an S2 file, or None when it is not cached."""
+    path = ts_cloud_prob_path(cache_dir, s2_path)
+    if not path.is_file():
+        return None
+    with rasterio.Env(**contract.GDAL_ENV), contextlib.ExitStack() as stack:
+        ds = contract.open_geotiff(path, stack, "cached cloud probability", count=1, dtypes=("uint8",))
+        try:
+            return contract.cloud_prob_from_uint8(ds.read(1))[..., None]
+        except rasterio.errors.RasterioError as e:
+            raise DataError(path, f"cannot read cached cloud probability ({e})") from e
 
-    Coverage is `sen12mscr_ts.cloud_coverage` (UnCRtainTS's s2cloudless mask fraction), the input of its date
-    samplers; a series needs it for all of its (up to 30) dates before any sample is drawn, so it is computed
-    once here rather than on every read. Series already in the cache are kept; the file is rewritten whole
-    (written to a temporary and renamed). Returns the whole cache.
+
+def _ts_series_cache(cache_dir: str, series) -> tuple[str, list[float]]:
+    """Writes the cloud probability of every date of a series and returns (id, coverage of each date):
+    UnCRtainTS's s2cloudless mask fraction (`sen12mscr_ts.cloud_coverage`), from the same probabilities."""
+    coverage = []
+    for path in series.s2:
+        cloudy = sen12mscr.read_s2_file(path)
+        x = cloudy["s2"]
+        prob = _detector().get_cloud_probability_maps(x[None])  # float64, as s2cloudless's own masks use
+        write_cloud_prob(ts_cloud_prob_path(cache_dir, path), np.clip(prob[0], 0.0, 1.0), cloudy["crs"],
+                         cloudy["transform"])
+        blank = x.mean() * contract.S2_DN_MAX < 1e-5 and x.std() * contract.S2_DN_MAX < 1e-5
+        coverage.append(1.0 if blank else float(np.mean(_detector().get_mask_from_prob(prob)[0])))
+    return series.id, coverage
+
+
+def compute_ts_coverage(root: str | os.PathLike, series=None, cache_dir: str | os.PathLike | None = None, *,
+                        workers: int = 0, progress: bool = True) -> dict[str, list[float]]:
+    """Caches the s2cloudless probability of every date of every SEN12MS-CR-TS series (default: all under
+    root) and the dates' cloud coverage; returns the coverage cache.
+
+    The coverage (UnCRtainTS's s2cloudless mask fraction, equal to `sen12mscr_ts.cloud_coverage`) is what its
+    date samplers choose by: a series needs it for all of its (up to 30) dates before any sample is drawn.
+    The probability maps are the inputs' cloud_prob. Both cost seconds a date on a CPU, so they are computed
+    once, here: maps as uint8 GeoTIFFs (`ts_cloud_prob_path`), coverage in one JSON file
+    (`ts_coverage_path`, rewritten whole through a temporary). Series already in the JSON file are skipped.
+    `workers` > 1: that many processes.
     """
     from crrf_jax.data import sen12mscr_ts
 
@@ -238,15 +278,34 @@ def compute_ts_coverage(root: str | os.PathLike, series=None, cache_dir: str | o
     series = sen12mscr_ts.find_series(root, "all") if series is None else series
     cache = load_ts_coverage(cache_dir)
     todo = [s for s in series if len(cache.get(s.id, ())) != len(s)]
-    for s in tqdm(todo, desc="date coverage", unit="series", disable=not progress):
-        cache[s.id] = sen12mscr_ts.cloud_coverage(s)
-    if todo:
+    bar = tqdm(total=len(todo), desc="date cloud probability", unit="series", disable=not progress)
+
+    def save() -> None:
         path = ts_coverage_path(cache_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + _PARTIAL)
         tmp.write_text(json.dumps(cache, sort_keys=True))
         os.replace(tmp, path)
-    logger.info("SEN12MS-CR-TS coverage: %d series computed, %d cached", len(todo), len(series) - len(todo))
+
+    try:
+        if workers <= 1:
+            for s in todo:
+                sid, coverage = _ts_series_cache(str(cache_dir), s)
+                cache[sid] = coverage
+                bar.update(1)
+        else:
+            ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold JAX/XLA threads
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                for fut in as_completed([pool.submit(_ts_series_cache, str(cache_dir), s) for s in todo]):
+                    sid, coverage = fut.result()
+                    cache[sid] = coverage
+                    bar.update(1)
+    finally:
+        bar.close()
+        if todo:
+            save()  # what was computed stays, so an interrupted run resumes
+    logger.info("SEN12MS-CR-TS cloud probability: %d series computed, %d cached", len(todo),
+                len(series) - len(todo))
     return cache
 
 

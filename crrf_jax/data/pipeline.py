@@ -332,14 +332,15 @@ class Sen2MtcSource:
 class Sen12mscrTsSource:
     """SEN12MS-CR-TS (`crrf_jax.data.sen12mscr_ts`) as a grain source: `dates` input dates and a target chosen
     as UnCRtainTS does, s1 (T, H, W, 2) and s2_cloudy (T, H, W, C) of the inputs in date order, cloud_prob
-    (T, H, W, 1) s2cloudless of each input date (on all 13 bands, computed on read), s2 (H, W, C) the target.
+    (T, H, W, 1) s2cloudless of each input date (on all 13 bands), s2 (H, W, C) the target.
 
     sampler: "random" (`select_dates_random`, UnCRtainTS's train default: a fresh draw per epoch through the
     pipeline's generator, `needs_rng`) or "fixed" (`select_dates_fixed`, its val/test choice: the first
     `dates` dates, the target the earliest least cloudy one, which may be among them); default random for
-    train, fixed otherwise. Both read each date's cloud coverage from `cloudprob.compute_ts_coverage`'s cache
-    under cloud_prob_dir (default root) and compute (and keep) what it lacks. A series with too few dates is
-    a DataError naming its first file.
+    train, fixed otherwise. Both read each date's cloud coverage, and cloud_prob its probability map, from
+    `cloudprob.compute_ts_coverage`'s cache under cloud_prob_dir (default root; train.py fills it first);
+    what the cache lacks is computed on read (seconds a date on a CPU: fill the cache for training). A
+    series with too few dates is a DataError naming its first file.
     """
 
     has_sar = True
@@ -355,7 +356,8 @@ class Sen12mscrTsSource:
         self.channels = list(contract.resolve_bands(bands))
         self.needs_rng = sampler == "random"
         self.items = sen12mscr_ts.find_series(self.root, split)
-        self._coverage = cloudprob.load_ts_coverage(self.root if cloud_prob_dir is None else cloud_prob_dir)
+        self.cache_dir = self.root if cloud_prob_dir is None else Path(cloud_prob_dir)
+        self._coverage = cloudprob.load_ts_coverage(self.cache_dir)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -380,10 +382,15 @@ class Sen12mscrTsSource:
         if rng is None and self.needs_rng:
             rng = np.random.default_rng([self.seed, 17, int(index)])
         choice = self._choice(index, rng)
-        sample = sen12mscr_ts.read_series(self.items[index], choice.inputs, choice.target)  # all 13 bands
+        series = self.items[index]
+        sample = sen12mscr_ts.read_series(series, choice.inputs, choice.target)  # all 13 bands
+        cached = [cloudprob.load_ts_cloud_prob(self.cache_dir, series.s2[t]) for t in choice.inputs]
+        if any(p is None or p.shape[:2] != sample["s2"].shape[:2] for p in cached):
+            cloud_prob = cloudprob.cloud_probability(sample["s2_cloudy"])
+        else:
+            cloud_prob = np.stack(cached)
         return {"s1": sample["s1"], "s2": sample["s2"][..., self.channels],
-                "s2_cloudy": sample["s2_cloudy"][..., self.channels],
-                "cloud_prob": cloudprob.cloud_probability(sample["s2_cloudy"]), "id": sample["id"]}
+                "s2_cloudy": sample["s2_cloudy"][..., self.channels], "cloud_prob": cloud_prob, "id": sample["id"]}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.read(index)
