@@ -6,9 +6,10 @@ variant is given.
 `root` holds the merged train and test downloads (<region>/<n>/S1|S2/<t>/...; crrf_jax/data/sen12mscr_ts.py
 has the layout and UnCRtainTS's ROI split). Inputs are chosen as UnCRtainTS does: a fresh random window of
 dates around a clear target per training draw, the fixed choice for val/test (the first 3 dates, the
-target the earliest least cloudy one). Before training, train.py caches every date's s2cloudless coverage
-(the samplers' input) as <root>/sen12mscr_ts_coverage.json; each input date's cloud probability is
-s2cloudless on its 13 bands, computed on read. Other input counts: --config.data.dates=N.
+target the earliest least cloudy one). Before training, train.py caches every date's s2cloudless map
+(<root>/<region>/<n>/CLOUDPROB/..., the inputs' cloud_prob) and coverage (the samplers' input,
+<root>/sen12mscr_ts_coverage.json): resumable, seconds a date on a CPU, so with
+--config.data.worker_count=N processes. Other input counts: --config.data.dates=N.
 
 Config string keys: variant (tiny|base|large|flux), stage, bands ("" = all 13, rgb, or names), dates.
 """
