@@ -386,3 +386,18 @@ def test_prepare_data_caches_the_ts_coverage(roots, tmp_path):
     assert len(cache) == 6 and all(len(v) == TS_DATES for v in cache.values())
     first = sen12mscr_ts.find_series(root, "train")[0]
     assert all(cloudprob.ts_cloud_prob_path(root, p).is_file() for p in first.s2)
+
+
+def test_ts_training_iterator_resumes_exactly(roots):
+    """The random-sampler route (indices shuffled, then read with a per-position generator) restores from
+    its state: the restored iterator yields the batches the uninterrupted one does."""
+    run = iter(_batches(roots, "sen12mscr_ts", crop_size=16, augment=True))
+    next(run)
+    state = run.get_state()
+    want = _take(run, 2)
+    restored = iter(_batches(roots, "sen12mscr_ts", crop_size=16, augment=True))
+    restored.set_state(state)
+    for a, b in zip(want, _take(restored, 2), strict=True):
+        assert a["id"].tolist() == b["id"].tolist()
+        for key in ("s1", "s2", "s2_cloudy", "cloud_prob"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
