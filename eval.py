@@ -40,6 +40,12 @@ _GEOTIFF = flags.DEFINE_bool("geotiff", None, "Also write each prediction as a G
 _NO_SAR = flags.DEFINE_bool("no_sar", False, "Evaluate the degraded SAR-absent mode.")
 _NO_REFERENCES = flags.DEFINE_bool("no_references", False, "Skip the learning-free references (faster).")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
+_DATASET = flags.DEFINE_enum("dataset", None, ["sen12mscr", "cuhk_cr1", "cuhk_cr2", "sen2_mtc_new", "sen12mscr_ts"],
+                             "Benchmark of --data_root (default: the run's config.data.dataset; sen12mscr).")
+_DATES = flags.DEFINE_integer("dates", None, "Input dates per sample (default: the run's config.data.dates; "
+                              "with --bundle the dataset's, SEN12MS-CR-TS 3).", lower_bound=1)
+_DOWNSAMPLE = flags.DEFINE_integer("downsample", None, "Shrink images on read by this factor (default: the run's "
+                                   "config.data.downsample; with --bundle 2 for CUHK-CR, as EMRDM).", lower_bound=1)
 
 # Flag -> evaluate() keyword, for the flags that override the run's config.
 _OVERRIDES = (
@@ -58,6 +64,7 @@ def main(argv) -> None:
 
     from crrf_jax import config as C
     from crrf_jax import evaluation, parallel, rundir
+    from crrf_jax.data import pipeline
     from crrf_jax.inference import CloudRemover
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax's per-array INFO lines
@@ -67,10 +74,16 @@ def main(argv) -> None:
         remover = CloudRemover.from_workdir(_WORKDIR.value)
         run_config = rundir.load_run_config(_WORKDIR.value)
         root, base = _DATA_ROOT.value or run_config.data.root, _WORKDIR.value
-        options = C.eval_options(run_config)
+        options = C.eval_options(run_config) | pipeline.dataset_options(run_config.data)
+        if _DATASET.value and _DATASET.value != options["dataset"]:
+            raise app.UsageError(f"--dataset={_DATASET.value}: the run was trained on {options['dataset']}")
     else:
         remover = CloudRemover.from_bundle(_BUNDLE.value)
         root, base, options = _DATA_ROOT.value, _BUNDLE.value, dict(C.EVAL_DEFAULTS)
+        dataset = _DATASET.value or "sen12mscr"
+        options.update(dataset=dataset, dates=pipeline.dataset_info(dataset).dates or 3,
+                       downsample=2 if dataset.startswith("cuhk") else 1)
+    options.update({k: f.value for f, k in ((_DATES, "dates"), (_DOWNSAMPLE, "downsample")) if f.value is not None})
     if not root and options["source"] == "geotiff":
         raise app.UsageError("--data_root is required with --bundle")
     options.update({key: flag.value for flag, key in _OVERRIDES if flag.value is not None})

@@ -155,8 +155,39 @@ def optim_config(*, steps: int, lr: float, batch_size: int, warmup_steps: int = 
     )
 
 
-def base_config(variant: str = "base", s2_bands=None) -> ml_collections.ConfigDict:
-    """Everything but the data location; configs/sen12mscr.py and configs/demo.py start from this."""
+# The benchmarks `config.data.dataset` names: their band set (a band spec; "" = all 13), input dates per
+# sample (config.data.dates) and SAR. crrf_jax/data/pipeline.py DATASET_INFO states the same facts for the
+# readers (configs import no data code); tests/test_config.py checks that the two agree.
+RGBN = "B04,B03,B02,B08"  # R, G, B, NIR as Sentinel-2 names: CUHK-CR and Sen2_MTC_New
+DATASETS = {
+    "sen12mscr": {"bands": "", "dates": 1, "has_sar": True},
+    "cuhk_cr1": {"bands": RGBN, "dates": 1, "has_sar": False},
+    "cuhk_cr2": {"bands": RGBN, "dates": 1, "has_sar": False},
+    "sen2_mtc_new": {"bands": RGBN, "dates": 3, "has_sar": False},
+    "sen12mscr_ts": {"bands": "", "dates": 3, "has_sar": True},  # UnCRtainTS's default: 3 input dates
+}
+
+
+def config_args(arg: str | None, allowed) -> dict[str, str]:
+    """A config string "key=value,key=value" (`--config=configs/x.py:variant=tiny,stage=flow`) as a dict;
+    ValueError naming keys outside `allowed`."""
+    args = dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
+    unknown = set(args) - set(allowed)
+    if unknown:
+        raise ValueError(f"unknown config-string keys {sorted(unknown)}; use {', '.join(f'{k}=' for k in allowed)}")
+    return args
+
+
+def base_config(variant: str = "base", s2_bands=None, dataset: str = "sen12mscr") -> ml_collections.ConfigDict:
+    """Everything but the data location; the configs of each benchmark and the demos start from this.
+
+    `dataset` (a key of `DATASETS`) sets config.data.dataset, .dates and .has_sar, and the band set when
+    `s2_bands` is None (the RGBN datasets: 4 bands, which size the networks).
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {tuple(DATASETS)}")
+    if s2_bands is None and DATASETS[dataset]["bands"]:
+        s2_bands = DATASETS[dataset]["bands"]
     # The band count sizes the networks, so the spec is parsed here, by the data contract's one parser (a
     # NumPy-only module).
     from crrf_jax.config import resolve_bands  # noqa: PLC0415 - keeps configs importable cheaply
@@ -170,15 +201,19 @@ def base_config(variant: str = "base", s2_bands=None) -> ml_collections.ConfigDi
     c.remat_policy = "none"  # transformer blocks: none | full | dots_saveable | nothing_saveable
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "geotiff"  # geotiff | tfds
-    c.data.root = ""  # SEN12MS-CR root (official layout); the TFDS manual_dir too
+    c.data.dataset = dataset  # sen12mscr | cuhk_cr1 | cuhk_cr2 | sen2_mtc_new | sen12mscr_ts
+    c.data.dates = DATASETS[dataset]["dates"]  # cloudy input dates per sample (1: single image)
+    c.data.has_sar = DATASETS[dataset]["has_sar"]  # False: batches have no s1 (no vae_s1, SAR-absent model)
+    c.data.downsample = 1  # integer shrink of the images on read (CUHK-CR: 2, EMRDM's 512 -> 256)
+    c.data.source = "geotiff"  # geotiff (the raw official layout of any dataset) | tfds (SEN12MS-CR only)
+    c.data.root = ""  # the dataset's root (official layout); the TFDS manual_dir too
     c.data.tfds_data_dir = ""  # where the ArrayRecord shards are (source=tfds)
     c.data.protocol = "exact"  # exact | legacy (reproduces the published split leak; comparisons only)
     c.data.bands = s2_bands if s2_bands is not None else ""  # "" = all 13; "rgb"; or "B02,B03,B04,B08"
     c.data.crop_size = 256
     c.data.worker_count = 2
     c.data.on_error = "raise"  # raise | skip (bad samples are logged and counted)
-    c.data.compute_cloud_prob = True  # compute missing s2cloudless maps before training
+    c.data.compute_cloud_prob = True  # compute missing s2cloudless maps (SEN12MS-CR-TS: date coverage) first
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.distributed = False  # jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)

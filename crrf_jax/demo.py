@@ -19,7 +19,7 @@ def finish(config, workdir: str | os.PathLike) -> dict:
     from crrf_jax import bundle as bundle_lib
     from crrf_jax import config as C
     from crrf_jax import evaluation, parallel, rundir
-    from crrf_jax.data import synthetic
+    from crrf_jax.data import pipeline, synthetic
     from crrf_jax.inference import CloudRemover
     from crrf_jax.predict import predict_scene
 
@@ -29,9 +29,16 @@ def finish(config, workdir: str | os.PathLike) -> dict:
         bundle_lib.write_bundle(parts, bundle, overwrite=True)
     rundir.sync("demo-bundle")
     remover = CloudRemover.from_bundle(bundle)
-    options = C.eval_options(config)  # config.eval: the test split by default
+    options = C.eval_options(config) | pipeline.dataset_options(config.data)  # the test split by default
     eval_dir = rundir.eval_dir(workdir, options["split"])
     result = evaluation.evaluate(remover, root=config.data.root, out=eval_dir, **options)
+    if options["dataset"] != "sen12mscr":  # the demo scene is a 13-band single-date SEN12MS-CR scene
+        log.info("demo on %s: no scene prediction (the demo scene is SEN12MS-CR's)", options["dataset"])
+        if parallel.is_writer():
+            print("\n" + evaluation.format_table(result) + f"\n\nbundle:        {bundle}\n"
+                  f"metrics:       {eval_dir}/metrics.json, per_image.csv\n"
+                  f"training logs: tensorboard --logdir {workdir}")
+        return result
     scene_dir = rundir.scene_dir(workdir)  # GeoTIFFs (rasterio): a local workdir (trainer.prepare_data checks)
     scene = synthetic.synthetic_scene_paths(scene_dir)
     if parallel.is_writer():

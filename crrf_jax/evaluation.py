@@ -23,6 +23,16 @@ With several processes (jax.distributed) every process calls `evaluate` alike: e
 feeds its devices' part of each batch, gets the gathered predictions back, and scores them; process 0 alone
 writes the files. The result is the one-process result.
 
+Other benchmarks (`dataset`, `crrf_jax.data.pipeline.DATASETS`): the split comes through
+`pipeline.eval_dataset` of that dataset, and the remover gets each batch as it comes (s2_cloudy and
+cloud_prob with their date axis T for the multi-temporal ones, s1 only where the dataset has SAR).
+Multi-temporal data is scored against its per-image least cloudy date (the date of lowest mean cloud
+probability): `cloudy_input` is that date, the single-image references fill it from its own clear pixels,
+and its cloud map decides which pixels count as cloudy; the temporal reference `least_cloudy_composite`
+(every pixel from the date where it is least cloudy) is scored beside them. GeoTIFF predictions need
+georeferenced files (SEN12MS-CR, Sen2_MTC_New, SEN12MS-CR-TS: the target's profile); CUHK-CR's PNGs have
+none, and its predictions are not written (one log line says so).
+
 Predictions are clipped to [0, 1] before scoring (the published code scores unclipped outputs; metrics.json says
 `clipped_to_unit_range`). Each image's sampling noise is seeded by a hash of its id, so results do not depend
 on batch size, ordering or device count.
@@ -145,6 +155,9 @@ def evaluate(
     references: bool = True,
     zero_cloud_prob: bool = False,
     write_examples: bool = True,
+    dataset: str = "sen12mscr",
+    dates: int = 1,
+    downsample: int = 1,
     **predict_options: Any,
 ) -> dict[str, Any]:
     """Scores `remover` (an inference.CloudRemover) on a split; returns what it writes to metrics.json.
@@ -152,18 +165,24 @@ def evaluate(
     Beyond the data and sampling settings: `references` also scores the learning-free references;
     `use_sar=False` runs the SAR-absent mode and `zero_cloud_prob` feeds the model a zero cloud map (ablations;
     the real map still decides which pixels are cloudy); `write_examples` draws the example grids (a second
-    pass); `**predict_options` go to `remover.predict_tiles` (`output=`, `drop_cloudy=`, `keep_clear=`) and
-    into metrics.json.
+    pass); `dataset`, `dates`, `downsample` pick the benchmark (`pipeline.dataset_options(config.data)`);
+    `**predict_options` go to `remover.predict_tiles` (`output=`, `drop_cloudy=`, `keep_clear=`) and into
+    metrics.json.
     """
     steps = int(steps or remover.config["sampling"]["steps"])
     guidance = float(remover.config["sampling"]["guidance_scale"] if guidance_scale is None else guidance_scale)
-    use_sar = use_sar and remover.use_sar(True)
+    info = pipeline.dataset_info(dataset)
+    use_sar = use_sar and info.has_sar and remover.use_sar(True)
+    temporal = dataset in TEMPORAL_DATASETS
+    data_options = {"dataset": dataset, "dates": dates, "downsample": downsample}
+
     def batches():
         return iter(pipeline.make_dataset(
             source=source, root=root, data_dir=data_dir, split=split, protocol=protocol,
             bands=list(remover.band_indices), batch_size=batch_size, crop_size=None, augment=False,
             shuffle=False, num_epochs=1, drop_remainder=False, worker_count=worker_count, on_error=on_error,
             process_index=0, process_count=1,  # every process reads every batch, the remover splits it
+            **data_options,
         ))
 
     predict = functools.partial(
@@ -171,7 +190,10 @@ def evaluate(
         guidance_scale=guidance, seed=seed, pad_batch_to=batch_size, **predict_options,
     )
 
-    methods = ["model", "cloudy_input", *(R.REFERENCES if references else ())]
+    methods = ["model", "cloudy_input", *(R.REFERENCES if references else ()),
+               *(("least_cloudy_composite",) if references and temporal else ())]
+    geotiff = _GeoTiffWriter(root, out, remover.band_indices, split, protocol, data_options) if write_geotiff \
+        else None
     running = {group: M.RunningMean() for method in methods for group in method_groups(method)}
     wall_s = {name: 0.0 for name in methods if name != "cloudy_input"}  # host seconds (model: with compiling)
     rows: list[dict[str, Any]] = []
@@ -186,8 +208,8 @@ def evaluate(
             keep = np.flatnonzero(valid)[: (max_images - len(rows)) if max_images else None]
             for i in keep:
                 rows.append(_image_row(str(batch["id"][i]), scores, i, running))
-                if write_geotiff and parallel.is_writer():
-                    _write_prediction(root, out, rows[-1]["id"], mean[i], remover.band_indices, split, protocol)
+                if geotiff is not None and parallel.is_writer():
+                    geotiff.write(rows[-1]["id"], mean[i])
             bar.update(len(keep))
             if max_images and len(rows) >= max_images:
                 break
@@ -200,6 +222,8 @@ def evaluate(
         "guidance_scale": guidance, "num_samples": num_samples, "use_sar": use_sar,
         "zero_cloud_prob": zero_cloud_prob, "predict_options": dict(predict_options),
         "bands": list(remover.band_names), "clipped_to_unit_range": True, "cloud_threshold": cloud_threshold,
+        "dataset": dataset, "dates": dates if temporal else 1,
+        **({"scored_against": "least cloudy date"} if temporal else {}),
         "mean_cloud_fraction": float(np.mean([r["cloud_fraction"] for r in rows])), "methods": methods,
         "wall_s": wall_s, **summarize(running),
     }
@@ -226,7 +250,7 @@ def _predict(remover, batch, *, use_sar: bool, zero_cloud_prob: bool, **options)
     cloud_prob = np.asarray(batch["cloud_prob"], np.float32)
     tiles = {"s2_cloudy": batch["s2_cloudy"],
              "cloud_prob": np.zeros_like(cloud_prob) if zero_cloud_prob else cloud_prob}
-    if use_sar:
+    if use_sar and "s1" in batch:
         tiles["s1"] = batch["s1"]
     return remover.predict_tiles(tiles, ids, **options)
 
@@ -234,12 +258,34 @@ def _predict(remover, batch, *, use_sar: bool, zero_cloud_prob: bool, **options)
 def _predict_and_score(batch, valid, predict, references: bool, threshold: float, wall_s: dict):
     """The model's prediction of a batch (host seconds into wall_s) and the per-image scores of every method."""
     t0 = time.perf_counter()
-    mean, _ = predict(batch)
+    mean, _ = predict(batch)  # the whole batch, dates included
     wall_s["model"] += time.perf_counter() - t0
-    preds = {"model": mean, "cloudy_input": batch["s2_cloudy"]}
+    single = least_cloudy_date(batch)
+    preds = {"model": mean, "cloudy_input": single["s2_cloudy"]}
     if references:
-        preds |= reference_fills(batch, valid, threshold, wall_s)
-    return mean, score_methods(preds, batch["s2"], batch["cloud_prob"], threshold)
+        preds |= reference_fills(single, valid, threshold, wall_s)
+        if single is not batch:
+            t0 = time.perf_counter()
+            preds["least_cloudy_composite"] = np.stack([
+                R.least_cloudy_composite(x, p) for x, p in zip(batch["s2_cloudy"], batch["cloud_prob"])])
+            wall_s["least_cloudy_composite"] += time.perf_counter() - t0
+    return mean, score_methods(preds, batch["s2"], single["cloud_prob"], threshold)
+
+
+TEMPORAL_DATASETS = ("sen2_mtc_new", "sen12mscr_ts")  # batches with a date axis: (B, T, H, W, C)
+
+
+def least_cloudy_date(batch: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A multi-temporal batch's per-image least cloudy date (lowest mean cloud probability; ties: the earliest)
+    as a single-date view: "s2_cloudy" (B, H, W, C), "cloud_prob" (B, H, W, 1), "date" (B,). What the cloudy
+    input and the single-image references are scored on. A single-date batch comes back as it is."""
+    cloudy = np.asarray(batch["s2_cloudy"])
+    if cloudy.ndim != 5:
+        return batch
+    prob = np.asarray(batch["cloud_prob"])
+    date = np.argmin(prob.mean(axis=(2, 3, 4)), axis=1)
+    rows = np.arange(len(date))
+    return {**batch, "s2_cloudy": cloudy[rows, date], "cloud_prob": prob[rows, date], "date": date}
 
 
 def _image_row(image_id: str, scores: dict, i: int, running: dict[str, M.RunningMean]) -> dict[str, Any]:
@@ -272,16 +318,22 @@ def _write_examples(remover, out: str, rows, batches, predict) -> dict[str, str]
     wanted = {rows[i]["id"] for idx in picks.values() for i in idx}
     panels: dict[str, list[np.ndarray]] = {}
     rgb = contract.rgb_channels(remover.band_indices)
+    middle_label = "SAR"
     for batch in batches():
         hit = [i for i, image_id in enumerate(batch["id"]) if batch["mask"][i] and str(image_id) in wanted]
         if not hit:
             continue
         mean, std = predict(batch)
+        single = least_cloudy_date(batch)
         for i in hit:
+            # SAR where the dataset has it, else the (least cloudy date's) cloud probability
+            middle = (vis.sar_rgb(batch["s1"][i].reshape(-1, *batch["s1"].shape[-3:])[-1]) if "s1" in batch
+                      else vis.heat(single["cloud_prob"][i][..., 0], vmax=1.0))
             panels[str(batch["id"][i])] = [
-                vis.s2_rgb(batch["s2_cloudy"][i], rgb), vis.sar_rgb(batch["s1"][i]), vis.s2_rgb(mean[i], rgb),
+                vis.s2_rgb(single["s2_cloudy"][i], rgb), middle, vis.s2_rgb(mean[i], rgb),
                 vis.s2_rgb(batch["s2"][i], rgb), vis.heat(std[i].mean(-1), vmax=0.05),
             ]
+        middle_label = "SAR" if "s1" in batch else "cloud prob."
         if len(panels) == len(wanted):
             break
     written = {}
@@ -289,7 +341,7 @@ def _write_examples(remover, out: str, rows, batches, predict) -> dict[str, str]
         ids = [rows[i]["id"] for i in idx if rows[i]["id"] in panels]
         labels = [f"{rows[i]['psnr']:.1f} dB" for i in idx if rows[i]["id"] in panels]
         image = vis.grid([panels[i] for i in ids], row_labels=labels,
-                         col_labels=["cloudy", "SAR", "prediction", "target", "uncertainty"])
+                         col_labels=["cloudy", middle_label, "prediction", "target", "uncertainty"])
         written[name] = paths.as_path(out) / f"examples_{name}.png"
         if parallel.is_writer():
             vis.save_png(image, written[name])
@@ -298,13 +350,17 @@ def _write_examples(remover, out: str, rows, batches, predict) -> dict[str, str]
 
 def _write_prediction(root, out, image_id, pred, band_indices, split, protocol) -> None:
     """The prediction as uint16 DN with the georeferencing of the image's cloud-free target file."""
+    _write_geotiff(out, image_id, pred, band_indices, _triplets(root, split, protocol)[image_id].s2)
+
+
+def _write_geotiff(out, image_id, pred, band_indices, reference) -> None:
+    """`pred` as uint16 DN in <out>/predictions/<id>.tif with the profile (grid, CRS) of the file `reference`."""
     import rasterio
 
     if paths.is_url(out):
         raise ValueError(f"{out}: GeoTIFF predictions (write_geotiff) are written with rasterio to a local folder; "
                          "give a local output folder")
-    triplet = _triplets(root, split, protocol)[image_id]
-    with rasterio.open(triplet.s2) as src:
+    with rasterio.open(reference) as src:
         profile = src.profile | {"count": pred.shape[-1], "dtype": "uint16", "compress": "deflate"}
     path = os.path.join(out, "predictions", f"{image_id}.tif")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -312,6 +368,31 @@ def _write_prediction(root, out, image_id, pred, band_indices, split, protocol) 
         dst.write(np.moveaxis(contract.denormalize_s2(pred), -1, 0))
         for i, b in enumerate(band_indices):
             dst.set_band_description(i + 1, contract.S2_BANDS[b])
+
+
+class _GeoTiffWriter:
+    """Writes predictions as GeoTIFFs with the georeferencing of each image's target file: SEN12MS-CR's
+    triplets, or the `reference_file` of the other datasets' sources; datasets without georeferenced files
+    (CUHK-CR) are skipped with one log line."""
+
+    def __init__(self, root, out, band_indices, split, protocol, data_options):
+        self.root, self.out, self.band_indices = root, out, band_indices
+        self.split, self.protocol, self.options = split, protocol, data_options
+        self.files: dict[str, Any] | None = None
+        if not pipeline.dataset_info(data_options["dataset"]).georeferenced:
+            log.info("dataset %s has no georeferenced files: predictions are not written as GeoTIFFs",
+                     data_options["dataset"])
+            self.files = {}
+
+    def write(self, image_id: str, pred: np.ndarray) -> None:
+        if self.options["dataset"] == "sen12mscr":
+            _write_prediction(self.root, self.out, image_id, pred, self.band_indices, self.split, self.protocol)
+            return
+        if self.files is None:
+            src = pipeline.open_source("geotiff", root=self.root, split=self.split, **self.options)
+            self.files = {item.id: src.reference_file(i) for i, item in enumerate(src.items)}
+        if self.files.get(image_id) is not None:
+            _write_geotiff(self.out, image_id, pred, self.band_indices, self.files[image_id])
 
 
 _TRIPLETS: dict[tuple, dict[str, sen12mscr.Triplet]] = {}

@@ -61,31 +61,68 @@ def maybe_initialize_distributed(config) -> None:
 
 
 def prepare_data(config, workdir: str | os.PathLike) -> None:
-    """Resolves the data root; the demo writes synthetic scenes; missing cloud probabilities are computed."""
-    from crrf_jax.data import cloudprob, sen12mscr, synthetic
+    """Resolves the data root; the demo writes synthetic data of its dataset; the cached cloud statistics of
+    the dataset are computed where missing: SEN12MS-CR's s2cloudless maps, SEN12MS-CR-TS's per-date coverage
+    (its input-date choice). CUHK-CR and Sen2_MTC_New cache nothing: their R, G, B, NIR cloud score is computed
+    on read (`cloudprob.rgbn_cloud_score`, a few arithmetic passes); their layout is checked here, so a wrong
+    root fails before any stage starts."""
+    from crrf_jax.data import cloudprob, pipeline, sen12mscr
 
+    dataset = config.data.get("dataset", "sen12mscr")
+    pipeline.dataset_info(dataset)  # a clear error for an unknown name
     if config.get("demo") and paths.is_url(workdir) and not (config.data.root and config.stage):
         raise ValueError(f"--workdir={workdir}: the demo writes its synthetic data and scene GeoTIFFs with rasterio, "
                          "which needs a local --workdir")
     if config.get("demo") and not config.data.root:
         config.data.root = os.fspath(rundir.demo_data_dir(workdir))
-        if jax.process_index() == 0 and not _has_triplets(config.data.root):
-            log.info("writing %d synthetic scenes to %s", config.data.synthetic_scenes, config.data.root)
-            synthetic.write_synthetic_dataset(
-                config.data.root, n_scenes=config.data.synthetic_scenes, size=config.data.synthetic_size, seed=0
-            )
-    if config.data.source == "geotiff":
-        triplets = sen12mscr.find_triplets(config.data.root, "all", config.data.protocol)  # clear error if empty
+        if jax.process_index() == 0 and not _has_samples(config):
+            log.info("writing %d synthetic %s samples to %s", config.data.synthetic_scenes, dataset, config.data.root)
+            write_demo_data(config)
+    if dataset == "sen12mscr":
+        if config.data.source == "geotiff":
+            triplets = sen12mscr.find_triplets(config.data.root, "all", config.data.protocol)  # clear error if empty
+            if config.data.compute_cloud_prob and jax.process_index() == 0:
+                cloudprob.compute_cloud_probs(config.data.root, triplets, workers=max(1, config.data.worker_count))
+    elif dataset == "sen12mscr_ts":
         if config.data.compute_cloud_prob and jax.process_index() == 0:
-            cloudprob.compute_cloud_probs(config.data.root, triplets, workers=max(1, config.data.worker_count))
+            cloudprob.compute_ts_coverage(config.data.root, workers=max(1, config.data.worker_count))
+    else:
+        pipeline.open_source(config.data.source, root=config.data.root, split="train",
+                             bands=config.data.bands or None, **pipeline.dataset_options(config.data))
     rundir.sync("data-ready")
 
 
-def _has_triplets(root: str) -> bool:
-    from crrf_jax.data import sen12mscr
+def write_demo_data(config) -> None:
+    """The demo's synthetic copy of `config.data.dataset` in its official layout under config.data.root:
+    about `config.data.synthetic_scenes` samples of `synthetic_size` pixels over the dataset's splits."""
+    from crrf_jax.data import cuhk_cr, sen2_mtc, sen12mscr_ts, synthetic
+
+    d = config.data
+    dataset, n, size = d.get("dataset", "sen12mscr"), int(d.synthetic_scenes), int(d.synthetic_size)
+    if dataset == "sen12mscr":
+        synthetic.write_synthetic_dataset(d.root, n_scenes=n, size=size, seed=0)
+    elif dataset == "sen2_mtc_new":  # 4 tiles: 2 train, 1 val, 1 test
+        tiles = sen2_mtc.DEFAULT_SYNTHETIC_TILES
+        sen2_mtc.write_synthetic_sen2_mtc(d.root, tiles, images_per_tile=max(1, n // 4), size=size, seed=0)
+    elif dataset in ("cuhk_cr1", "cuhk_cr2"):  # 3/4 train, 1/4 test, at twice the size if halved on read
+        counts = {"train": max(1, n * 3 // 4), "test": max(1, n // 4)}
+        cuhk_cr.write_synthetic_cuhk_cr(d.root, "CR" + dataset[-1], counts, size=size * int(d.get("downsample", 1)))
+    elif dataset == "sen12mscr_ts":  # one train, one val, one test ROI; enough dates for the inputs and a target
+        sen12mscr_ts.write_synthetic_sen12mscr_ts(d.root, n_patches=max(1, n // 3), n_dates=int(d.dates) + 3,
+                                                  size=size, seed=0)
+    else:
+        raise ValueError(f"config.data.dataset={dataset!r} has no synthetic demo data")
+
+
+def _has_samples(config) -> bool:
+    from crrf_jax.data import pipeline, sen12mscr
 
     try:
-        return bool(sen12mscr.find_triplets(root, "all"))
+        if config.data.get("dataset", "sen12mscr") == "sen12mscr":
+            return bool(sen12mscr.find_triplets(config.data.root, "all"))
+        return bool(len(pipeline.open_source("geotiff", root=config.data.root, split="train",
+                                             bands=config.data.bands or None,
+                                             **pipeline.dataset_options(config.data))))
     except (FileNotFoundError, ValueError):
         return False
 

@@ -1,4 +1,5 @@
-"""s2cloudless cloud probability of the cloudy Sentinel-2 image: batched, parallel, cached on disk.
+"""Cloud probability of cloudy images: s2cloudless (13 Sentinel-2 bands; batched, parallel, cached on disk),
+and a learning-free R, G, B, NIR cloud score for the 4-band benchmarks (`rgbn_cloud_score`).
 
 s2cloudless (Sentinel Hub's LightGBM pixel classifier; its model file ships inside the pip package, so this
 runs offline) needs all 13 L1C bands as reflectance, which our normalised S2 (DN / 10000, clipped to [0, 1])
@@ -25,6 +26,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import multiprocessing
 import os
@@ -92,6 +94,59 @@ def _probabilities_of(images: list[np.ndarray], num_threads: int = 0) -> list[np
     return out
 
 
+# ------------------------------------------------------------------------------------------ R, G, B, NIR score
+
+# Fmask's fixed clear-sky line (Zhu & Woodcock 2012, "Basic test": HOT = blue - 0.5 red - 0.08 > 0) and
+# whiteness limit (< 0.7), and a brightness floor, with the soft widths that turn each test into a probability.
+HOT_RED_SLOPE, HOT_OFFSET, HOT_WIDTH = 0.5, 0.08, 0.02
+WHITENESS_MAX, WHITENESS_WIDTH = 0.7, 0.1
+BRIGHTNESS_MIN, BRIGHTNESS_WIDTH = 0.2, 0.03
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free logistic
+
+
+def rgbn_cloud_score(rgbn: np.ndarray, reflectance_scale: float = 1.0) -> np.ndarray:
+    """A learning-free cloud probability from R, G, B, NIR: soft Fmask brightness + whiteness + HOT tests.
+
+    Why this one: s2cloudless needs 10 specific Sentinel-2 bands and the 4-band benchmarks (CUHK-CR, Sen2_MTC_New)
+    have R, G, B and NIR only, so no trained detector applies. Of the learning-free tests that need no SWIR or
+    thermal band, we take the three of Fmask (Zhu & Woodcock 2012) that clouds pass and most land fails:
+
+    - the haze optimized transform, HOT = B - 0.5 R - 0.08 (Zhang et al. 2002, with Fmask's fixed clear-sky
+      line instead of a per-scene regression, which needs clear pixels to fit and fails on overcast images):
+      clouds and haze scatter blue more than the clear-sky line of land predicts;
+    - whiteness, sum |band - mean| / mean over R, G, B < 0.7: clouds are grey, land and water coloured;
+    - a brightness floor (mean of R, G, B above 0.2): dark grey surfaces (roads, shadows) pass whiteness.
+
+    Each test becomes a logistic of its margin (widths 0.02, 0.1 and 0.03 reflectance), and the score is their
+    product, so a pixel is cloudy only where all three agree. NIR is read but not scored: without SWIR, clouds
+    and snow have the same R, G, B, NIR signature, and snow (like bright white roofs) scores as cloud, a known
+    limit of any 4-band test (Fmask separates them with SWIR). The score is computed per pixel, so it is the
+    same for a crop of an image as for the whole.
+
+    Args:
+      rgbn: (..., 4) R, G, B, NIR on [0, 1] (any leading shape: one image, dates, a batch).
+      reflectance_scale: top-of-atmosphere reflectance of a value of 1 (Sen2_MTC_New, DN / 10000: 1; the 8-bit
+        CUHK-CR images: see `crrf_jax.data.pipeline.CUHK_REFLECTANCE_SCALE`).
+    Returns (..., 1) float32 in [0, 1].
+    """
+    x = np.asarray(rgbn, np.float32)
+    if x.shape[-1] != 4:
+        raise ValueError(f"rgbn_cloud_score needs (..., 4) R, G, B, NIR; got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("rgbn_cloud_score: input contains NaN or Inf")
+    x = np.clip(x, 0.0, 1.0) * np.float32(reflectance_scale)
+    red, green, blue = x[..., 0], x[..., 1], x[..., 2]
+    mean = (red + green + blue) / 3
+    whiteness = (np.abs(red - mean) + np.abs(green - mean) + np.abs(blue - mean)) / np.maximum(mean, 1e-3)
+    hot = blue - HOT_RED_SLOPE * red - HOT_OFFSET
+    score = (_sigmoid(hot / HOT_WIDTH) * _sigmoid((WHITENESS_MAX - whiteness) / WHITENESS_WIDTH)
+             * _sigmoid((mean - BRIGHTNESS_MIN) / BRIGHTNESS_WIDTH))
+    return np.clip(score, 0.0, 1.0).astype(np.float32)[..., None]
+
+
 # ------------------------------------------------------------------------------------------------ cache files
 
 
@@ -145,6 +200,113 @@ def load_cloud_prob(root: str | os.PathLike, triplet: Triplet, window: Window | 
         except rasterio.errors.RasterioError as e:
             raise DataError(path, f"cannot read cached cloud probability ({e})") from e
     return contract.cloud_prob_from_uint8(data)[..., None]
+
+
+# ------------------------------------------------------------------------------- SEN12MS-CR-TS date coverage
+
+TS_COVERAGE_FILE = "sen12mscr_ts_coverage.json"
+
+
+def ts_coverage_path(cache_dir: str | os.PathLike) -> Path:
+    """The SEN12MS-CR-TS coverage cache: one JSON file {series id: [coverage of each date]} under cache_dir."""
+    return Path(cache_dir) / TS_COVERAGE_FILE
+
+
+def ts_cloud_prob_path(cache_dir: str | os.PathLike, s2_path: str | os.PathLike) -> Path:
+    """The cached cloud probability of one SEN12MS-CR-TS S2 file <region>/<n>/S2/<t>/s2_<rest>: the same path
+    under cache_dir with folder CLOUDPROB and prefix cloudprob_ (uint8 x 255, the S2 file's grid)."""
+    s2_path = Path(s2_path)
+    t_dir, roi_dir = s2_path.parent, s2_path.parent.parent.parent
+    name = "cloudprob_" + s2_path.name.removeprefix("s2_")
+    return Path(cache_dir) / roi_dir.parent.name / roi_dir.name / "CLOUDPROB" / t_dir.name / name
+
+
+def load_ts_coverage(cache_dir: str | os.PathLike) -> dict[str, list[float]]:
+    """The cached coverages ({} when there is no cache yet); DataError naming the file when it is not JSON."""
+    path = ts_coverage_path(cache_dir)
+    if not path.is_file():
+        return {}
+    try:
+        return {str(k): [float(c) for c in v] for k, v in json.loads(path.read_text()).items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise DataError(path, f"not a SEN12MS-CR-TS coverage cache ({e}); delete it to recompute") from e
+
+
+def load_ts_cloud_prob(cache_dir: str | os.PathLike, s2_path: str | os.PathLike) -> np.ndarray | None:
+    """The cached (H, W, 1) float32 cloud probability of an S2 file, or None when it is not cached."""
+    path = ts_cloud_prob_path(cache_dir, s2_path)
+    if not path.is_file():
+        return None
+    with rasterio.Env(**contract.GDAL_ENV), contextlib.ExitStack() as stack:
+        ds = contract.open_geotiff(path, stack, "cached cloud probability", count=1, dtypes=("uint8",))
+        try:
+            return contract.cloud_prob_from_uint8(ds.read(1))[..., None]
+        except rasterio.errors.RasterioError as e:
+            raise DataError(path, f"cannot read cached cloud probability ({e})") from e
+
+
+def _ts_series_cache(cache_dir: str, series) -> tuple[str, list[float]]:
+    """Writes the cloud probability of every date of a series and returns (id, coverage of each date):
+    UnCRtainTS's s2cloudless mask fraction (`sen12mscr_ts.cloud_coverage`), from the same probabilities."""
+    coverage = []
+    for path in series.s2:
+        cloudy = sen12mscr.read_s2_file(path)
+        x = cloudy["s2"]
+        prob = _detector().get_cloud_probability_maps(x[None])  # float64, as s2cloudless's own masks use
+        write_cloud_prob(ts_cloud_prob_path(cache_dir, path), np.clip(prob[0], 0.0, 1.0), cloudy["crs"],
+                         cloudy["transform"])
+        blank = x.mean() * contract.S2_DN_MAX < 1e-5 and x.std() * contract.S2_DN_MAX < 1e-5
+        coverage.append(1.0 if blank else float(np.mean(_detector().get_mask_from_prob(prob)[0])))
+    return series.id, coverage
+
+
+def compute_ts_coverage(root: str | os.PathLike, series=None, cache_dir: str | os.PathLike | None = None, *,
+                        workers: int = 0, progress: bool = True) -> dict[str, list[float]]:
+    """Caches the s2cloudless probability of every date of every SEN12MS-CR-TS series (default: all under
+    root) and the dates' cloud coverage; returns the coverage cache.
+
+    The coverage (UnCRtainTS's s2cloudless mask fraction, equal to `sen12mscr_ts.cloud_coverage`) is what its
+    date samplers choose by: a series needs it for all of its (up to 30) dates before any sample is drawn.
+    The probability maps are the inputs' cloud_prob. Both cost seconds a date on a CPU, so they are computed
+    once, here: maps as uint8 GeoTIFFs (`ts_cloud_prob_path`), coverage in one JSON file
+    (`ts_coverage_path`, rewritten whole through a temporary). Series already in the JSON file are skipped.
+    `workers` > 1: that many processes.
+    """
+    from crrf_jax.data import sen12mscr_ts
+
+    cache_dir = Path(root if cache_dir is None else cache_dir)
+    series = sen12mscr_ts.find_series(root, "all") if series is None else series
+    cache = load_ts_coverage(cache_dir)
+    todo = [s for s in series if len(cache.get(s.id, ())) != len(s)]
+    bar = tqdm(total=len(todo), desc="date cloud probability", unit="series", disable=not progress)
+
+    def save() -> None:
+        path = ts_coverage_path(cache_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + _PARTIAL)
+        tmp.write_text(json.dumps(cache, sort_keys=True))
+        os.replace(tmp, path)
+
+    try:
+        if workers <= 1:
+            for s in todo:
+                sid, coverage = _ts_series_cache(str(cache_dir), s)
+                cache[sid] = coverage
+                bar.update(1)
+        else:
+            ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold JAX/XLA threads
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                for fut in as_completed([pool.submit(_ts_series_cache, str(cache_dir), s) for s in todo]):
+                    sid, coverage = fut.result()
+                    cache[sid] = coverage
+                    bar.update(1)
+    finally:
+        bar.close()
+        if todo:
+            save()  # what was computed stays, so an interrupted run resumes
+    logger.info("SEN12MS-CR-TS cloud probability: %d series computed, %d cached", len(todo),
+                len(series) - len(todo))
+    return cache
 
 
 # -------------------------------------------------------------------------------------------------- batch job

@@ -15,6 +15,9 @@ A sample (a batch adds a leading B, and evaluation batches a ``mask`` (B,) bool 
 |              |           |         |        | uint8 x 255 (`cloud_prob_to_uint8`, `cloud_prob_from_uint8`) |
 | `id`         | ()        | str     |        | "<season>_<n>_p<k>", e.g. "ROIs1158_spring_106_p30"          |
 
+Datasets without SAR have no `s1` (`OPTIONAL_KEYS`); multi-temporal datasets add a leading date axis T to
+`TEMPORAL_KEYS` (docs/ARCHITECTURE.md, "Data contract", lists the datasets and their shapes).
+
 C is the number of selected bands (`resolve_bands`: all 13 of `S2_BANDS` by default, in the selection's
 order). Channels are last. The networks see every [0, 1] image through `to_model` (x * 2 - 1, so [-1, 1]) and
 their image outputs go back through `from_model`; written predictions are uint16 DN (`denormalize_s2`).
@@ -42,6 +45,19 @@ import numpy as np
 
 ARRAY_KEYS = ("s1", "s2", "s2_cloudy", "cloud_prob")
 KEYS = (*ARRAY_KEYS, "id")
+# Keys a sample may lack: datasets without SAR (CUHK-CR, Sen2_MTC_New) have no `s1` at all (never zeros).
+OPTIONAL_KEYS = ("s1",)
+# Multi-temporal samples (Sen2_MTC_New, SEN12MS-CR-TS) carry these with a leading date axis T, dates in order:
+# s2_cloudy (T, H, W, C), cloud_prob (T, H, W, 1), s1 (T, H, W, 2); the target s2 stays (H, W, C).
+TEMPORAL_KEYS = ("s1", "s2_cloudy", "cloud_prob")
+
+
+def array_keys(sample) -> tuple[str, ...]:
+    """The `ARRAY_KEYS` a sample or batch holds, in `ARRAY_KEYS` order; a missing required key is a KeyError."""
+    missing = [k for k in ARRAY_KEYS if k not in sample and k not in OPTIONAL_KEYS]
+    if missing:
+        raise KeyError(f"sample lacks the required keys {missing} (has {sorted(sample)})")
+    return tuple(k for k in ARRAY_KEYS if k in sample)
 S1_BANDS = ("VV", "VH")
 S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 RGB = (3, 2, 1)  # indices of B04, B03, B02 in S2_BANDS: true colour

@@ -1,4 +1,5 @@
-"""Grain input pipelines over SEN12MS-CR: shuffle, augment, batch, shard per JAX process, checkpointable.
+"""Grain input pipelines over SEN12MS-CR and the other benchmarks: shuffle, augment, batch, shard per JAX
+process, checkpointable.
 
 Two sources give the same samples (the data contract of `crrf_jax.data.contract`, docs/ARCHITECTURE.md "Data
 contract"; float32 in [0, 1], channels last):
@@ -17,6 +18,12 @@ process through shared memory and is converted there (half the bytes to move).
 
 Batches are dicts: s1 (B, H, W, 2), s2 and s2_cloudy (B, H, W, C), cloud_prob (B, H, W, 1), all float32;
 id (B,) str; mask (B,) bool, False on padding (evaluation only).
+
+The other benchmarks (`dataset`: `DATASETS`, one source each: `CuhkCrSource`, `Sen2MtcSource`,
+`Sen12mscrTsSource`) give the same keys, without s1 where the dataset has no SAR, and with a date axis on
+s2_cloudy, cloud_prob and s1 where it is multi-temporal: (B, T, H, W, C) (docs/ARCHITECTURE.md, "Data
+contract"). A source that draws per read (`needs_rng`: SEN12MS-CR-TS's random date sampler) is read after the
+shuffle, with a generator seeded by the element's stream position.
 
 Determinism. Shuffling and augmentation draw from the seed and the element's position, so a run is fully
 determined by (seed, process index and count, worker_count). The iterator's state (`get_state` /
@@ -38,6 +45,7 @@ drop_remainder throws away is logged where it is read, but not counted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -50,8 +58,8 @@ import grain
 import numpy as np
 from grain.python import SharedMemoryArray
 
-from crrf_jax.data import cloudprob, contract, sen12mscr
-from crrf_jax.data.contract import ARRAY_KEYS, DataError
+from crrf_jax.data import cloudprob, contract, cuhk_cr, sen2_mtc, sen12mscr, sen12mscr_ts
+from crrf_jax.data.contract import ARRAY_KEYS, DataError, array_keys
 from crrf_jax.data.sen12mscr import BadSampleLog, Triplet
 
 logger = logging.getLogger(__name__)
@@ -178,6 +186,224 @@ class TfdsSource:
 _TFDS_LOCK = threading.Lock()
 
 
+# ------------------------------------------------------------------------------------ the other benchmarks
+
+# `config.data.dataset` values. The band set comes from the dataset: the RGBN ones hold Sentinel-2 B04, B03,
+# B02, B08 (CUHK-CR's R, G, B, NIR are named so too), SEN12MS-CR and SEN12MS-CR-TS all 13 bands.
+DATASETS = ("sen12mscr", "cuhk_cr1", "cuhk_cr2", "sen2_mtc_new", "sen12mscr_ts")
+RGBN_BANDS = ("B04", "B03", "B02", "B08")
+# Reflectance of an 8-bit CUHK-CR value of 1 for `cloudprob.rgbn_cloud_score`. The archive's 8-bit stretch
+# is not documented; 0.5 is that of our synthetic copies (8 bits = DN / 5000) and puts clouds, which saturate
+# the 8-bit images, at reflectance 0.5, above the score's brightness floor.
+CUHK_REFLECTANCE_SCALE = 0.5
+_CUHK_VARIANT = {"cuhk_cr1": "CR1", "cuhk_cr2": "CR2"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset gives: its bands (S2 names), SAR or not, dates per sample (1: single image; None: set
+    by config.data.dates), and whether its files are georeferenced (eval's GeoTIFF predictions)."""
+
+    bands: tuple[str, ...]
+    has_sar: bool
+    dates: int | None
+    georeferenced: bool
+
+
+DATASET_INFO = {
+    "sen12mscr": DatasetInfo(contract.S2_BANDS, True, 1, True),
+    "cuhk_cr1": DatasetInfo(RGBN_BANDS, False, 1, False),
+    "cuhk_cr2": DatasetInfo(RGBN_BANDS, False, 1, False),
+    "sen2_mtc_new": DatasetInfo(RGBN_BANDS, False, sen2_mtc.N_DATES, True),
+    "sen12mscr_ts": DatasetInfo(contract.S2_BANDS, True, None, True),
+}
+
+
+def dataset_info(dataset: str) -> DatasetInfo:
+    if dataset not in DATASET_INFO:
+        raise ValueError(f"config.data.dataset={dataset!r}: choose one of {DATASETS}")
+    return DATASET_INFO[dataset]
+
+
+def dataset_options(data_config) -> dict[str, Any]:
+    """The `make_dataset` / `open_source` keywords of a config's `data` section that pick the dataset:
+    dataset, dates, downsample (absent keys: SEN12MS-CR, 1 date, full size)."""
+    return {"dataset": data_config.get("dataset", "sen12mscr"), "dates": int(data_config.get("dates", 1)),
+            "downsample": int(data_config.get("downsample", 1))}
+
+
+def _rgbn_selection(dataset: str, bands) -> list[int]:
+    """Channels of a band selection (a `contract.resolve_bands` spec, Sentinel-2 names or indices) in a
+    dataset whose files hold `RGBN_BANDS`; ValueError naming the bands it lacks."""
+    if bands is None:
+        return list(range(len(RGBN_BANDS)))
+    names = [contract.S2_BANDS[i] for i in contract.resolve_bands(bands)]
+    lacking = [n for n in names if n not in RGBN_BANDS]
+    if lacking:
+        raise ValueError(f"dataset {dataset} holds bands {','.join(RGBN_BANDS)} only, not {','.join(lacking)}; "
+                         f"set config.data.bands to them (or a subset)")
+    return [RGBN_BANDS.index(n) for n in names]
+
+
+def downsample_bicubic(image: np.ndarray, factor: int) -> np.ndarray:
+    """(..., H, W, C) float image shrunk by an integer factor with antialiased bicubic (PIL: the kernel of
+    MATLAB's imresize, a = -0.5, widened by the factor; borders renormalised where MATLAB mirrors), clipped
+    to [0, 1]. EMRDM halves CUHK-CR this way (MATLAB-style imresize(x, 1/2)) before training and testing."""
+    from PIL import Image
+
+    image = np.asarray(image, np.float32)
+    if factor == 1:
+        return image
+    height, width = image.shape[-3:-1]
+    size = (width // factor, height // factor)
+    flat = image.reshape(-1, height, width, image.shape[-1])
+    out = np.stack([
+        np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(im[..., c]), mode="F")
+                             .resize(size, Image.Resampling.BICUBIC)) for c in range(im.shape[-1])], -1)
+        for im in flat
+    ])
+    return np.clip(out, 0.0, 1.0).reshape(*image.shape[:-3], size[1], size[0], image.shape[-1])
+
+
+class CuhkCrSource:
+    """CUHK-CR1 / CUHK-CR2 (`crrf_jax.data.cuhk_cr`) as a grain source: s2, s2_cloudy (H, W, C), cloud_prob
+    (H, W, 1) from `cloudprob.rgbn_cloud_score`, id; no s1 (no SAR). `downsample=2` halves the images
+    (`downsample_bicubic`) as EMRDM does (512 -> 256); the cloud score is computed on the shrunk image.
+    Splits: "train", "test" (the archive has no validation folder)."""
+
+    has_sar = False
+
+    def __init__(self, root, dataset: str = "cuhk_cr1", split: str = "train", bands=None, downsample: int = 1,
+                 nir_root=None):
+        if dataset not in _CUHK_VARIANT:
+            raise ValueError(f"CuhkCrSource: dataset must be one of {tuple(_CUHK_VARIANT)}, got {dataset!r}")
+        if downsample < 1:
+            raise ValueError(f"downsample must be >= 1, got {downsample}")
+        self.root, self.dataset, self.split, self.downsample = Path(root), dataset, split, int(downsample)
+        self.channels = _rgbn_selection(dataset, bands)
+        self.items = cuhk_cr.find_pairs(self.root, _CUHK_VARIANT[dataset], split, nir_root=nir_root)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = cuhk_cr.read_pair(self.items[index])  # all 4 bands: the cloud score needs them
+        clear, cloudy = (downsample_bicubic(sample[k], self.downsample) for k in ("s2", "s2_cloudy"))
+        return {"s2": clear[..., self.channels], "s2_cloudy": cloudy[..., self.channels],
+                "cloud_prob": cloudprob.rgbn_cloud_score(cloudy, CUHK_REFLECTANCE_SCALE), "id": sample["id"]}
+
+    def reference_file(self, index: int) -> Path | None:
+        return None  # PNGs: nothing to georeference a prediction with
+
+    def __repr__(self) -> str:
+        return f"CuhkCrSource({self.root}, {self.dataset}, split={self.split}, n={len(self)})"
+
+
+class Sen2MtcSource:
+    """Sen2_MTC_New (`crrf_jax.data.sen2_mtc`) as a grain source: s2 (H, W, C) the clear target, s2_cloudy
+    (3, H, W, C) the cloudy dates _0, _1, _2, cloud_prob (3, H, W, 1) `cloudprob.rgbn_cloud_score` of each
+    date, id; no s1 (no SAR). `dates` must be 3: every sample has exactly 3 cloudy dates."""
+
+    has_sar = False
+
+    def __init__(self, root, split: str = "train", bands=None, dates: int = sen2_mtc.N_DATES):
+        if dates != sen2_mtc.N_DATES:
+            raise ValueError(f"Sen2_MTC_New has {sen2_mtc.N_DATES} cloudy dates per sample; "
+                             f"config.data.dates={dates} (set it to {sen2_mtc.N_DATES})")
+        self.root, self.split = Path(root), split
+        self.channels = _rgbn_selection("sen2_mtc_new", bands)
+        self.items = sen2_mtc.find_samples(self.root, split)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = sen2_mtc.read_sample(self.items[index])
+        return {"s2": sample["s2"][..., self.channels], "s2_cloudy": sample["s2_cloudy"][..., self.channels],
+                "cloud_prob": cloudprob.rgbn_cloud_score(sample["s2_cloudy"]), "id": sample["id"]}
+
+    def reference_file(self, index: int) -> Path | None:
+        return self.items[index].s2
+
+    def __repr__(self) -> str:
+        return f"Sen2MtcSource({self.root}, split={self.split}, n={len(self)})"
+
+
+class Sen12mscrTsSource:
+    """SEN12MS-CR-TS (`crrf_jax.data.sen12mscr_ts`) as a grain source: `dates` input dates and a target chosen
+    as UnCRtainTS does, s1 (T, H, W, 2) and s2_cloudy (T, H, W, C) of the inputs in date order, cloud_prob
+    (T, H, W, 1) s2cloudless of each input date (on all 13 bands), s2 (H, W, C) the target.
+
+    sampler: "random" (`select_dates_random`, UnCRtainTS's train default: a fresh draw per epoch through the
+    pipeline's generator, `needs_rng`) or "fixed" (`select_dates_fixed`, its val/test choice: the first
+    `dates` dates, the target the earliest least cloudy one, which may be among them); default random for
+    train, fixed otherwise. Both read each date's cloud coverage, and cloud_prob its probability map, from
+    `cloudprob.compute_ts_coverage`'s cache under cloud_prob_dir (default root; train.py fills it first);
+    what the cache lacks is computed on read (seconds a date on a CPU: fill the cache for training). A
+    series with too few dates is a DataError naming its first file.
+    """
+
+    has_sar = True
+
+    def __init__(self, root, split: str = "train", bands=None, dates: int = 3, sampler: str | None = None,
+                 cloud_prob_dir=None, seed: int = 0):
+        sampler = sampler or ("random" if split == "train" else "fixed")
+        if sampler not in ("random", "fixed"):
+            raise ValueError(f"sampler must be 'random' or 'fixed', got {sampler!r}")
+        if dates < 1:
+            raise ValueError(f"config.data.dates={dates} must be >= 1")
+        self.root, self.split, self.dates, self.sampler, self.seed = Path(root), split, int(dates), sampler, seed
+        self.channels = list(contract.resolve_bands(bands))
+        self.needs_rng = sampler == "random"
+        self.items = sen12mscr_ts.find_series(self.root, split)
+        self.cache_dir = self.root if cloud_prob_dir is None else Path(cloud_prob_dir)
+        self._coverage = cloudprob.load_ts_coverage(self.cache_dir)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def coverage(self, index: int) -> list[float]:
+        series = self.items[index]
+        if len(self._coverage.get(series.id, ())) != len(series):
+            self._coverage[series.id] = sen12mscr_ts.cloud_coverage(series)
+        return self._coverage[series.id]
+
+    def _choice(self, index: int, rng) -> sen12mscr_ts.DateChoice:
+        series, coverage = self.items[index], self.coverage(index)
+        try:
+            if self.sampler == "fixed":
+                return sen12mscr_ts.select_dates_fixed(coverage, self.dates)
+            return sen12mscr_ts.select_dates_random(coverage, self.dates, rng)
+        except ValueError as err:
+            raise DataError(series.s2[0], f"series {series.id} has {len(series)} dates, too few for "
+                                          f"{self.dates} inputs and a target ({err})") from err
+
+    def read(self, index: int, rng: np.random.Generator | None = None) -> dict[str, Any]:
+        if rng is None and self.needs_rng:
+            rng = np.random.default_rng([self.seed, 17, int(index)])
+        choice = self._choice(index, rng)
+        series = self.items[index]
+        sample = sen12mscr_ts.read_series(series, choice.inputs, choice.target)  # all 13 bands
+        cached = [cloudprob.load_ts_cloud_prob(self.cache_dir, series.s2[t]) for t in choice.inputs]
+        if any(p is None or p.shape[:2] != sample["s2"].shape[:2] for p in cached):
+            cloud_prob = cloudprob.cloud_probability(sample["s2_cloudy"])
+        else:
+            cloud_prob = np.stack(cached)
+        return {"s1": sample["s1"], "s2": sample["s2"][..., self.channels],
+                "s2_cloudy": sample["s2_cloudy"][..., self.channels], "cloud_prob": cloud_prob, "id": sample["id"]}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.read(index)
+
+    def reference_file(self, index: int) -> Path | None:
+        """The target's S2 file (the fixed sampler's; a random draw's target varies)."""
+        series = self.items[index]
+        return series.s2[sen12mscr_ts.select_dates_fixed(self.coverage(index), self.dates).target]
+
+    def __repr__(self) -> str:
+        return f"Sen12mscrTsSource({self.root}, split={self.split}, sampler={self.sampler}, n={len(self)})"
+
+
 def _tfds_modules():
     """(tensorflow_datasets, crrf_jax.data.tfds.sen12mscr_dataset_builder), imported on first use (~1 s)."""
     import tensorflow_datasets
@@ -200,10 +426,15 @@ class _ShardReader:
         return self.length
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.read(index)
+
+    def read(self, index: int, rng: np.random.Generator | None = None) -> dict[str, Any]:
+        """Element `index`; `rng` goes to sources that draw per read (`needs_rng`: SEN12MS-CR-TS's random date
+        sampler), so that each epoch draws afresh."""
         padding = index >= len(self.indices)
         position = self.indices[0 if padding else index]
         try:
-            sample = self.source[position]
+            sample = self.source.read(position, rng) if rng is not None else self.source[position]
         except DataError as err:
             if self.on_error == "raise":
                 raise
@@ -220,8 +451,20 @@ class _ShardReader:
 
 
 def _sample_id(source, position: int) -> str:
-    triplets = getattr(source, "triplets", None)
-    return triplets[position].id if triplets is not None else f"{source!r}[{position}]"
+    items = getattr(source, "triplets", None) or getattr(source, "items", None)
+    return items[position].id if items is not None else f"{source!r}[{position}]"
+
+
+class _ReadWithRng:
+    """map_with_index transform of the element indices: reads element i of a shard with a generator seeded by
+    (seed, i), i the position in the shuffled, repeated stream, so a sample draws anew each epoch and a
+    restored iterator draws what the uninterrupted one would."""
+
+    def __init__(self, reader: _ShardReader, seed: int):
+        self.reader, self.seed = reader, int(seed)
+
+    def __call__(self, index: int, element: int) -> dict[str, Any]:
+        return self.reader.read(int(element), np.random.default_rng([self.seed, 17, int(index)]))
 
 
 # ----------------------------------------------------------------------------------------------- augmentation
@@ -230,8 +473,9 @@ def _sample_id(source, position: int) -> str:
 class RandomCropFlipRotate(grain.transforms.RandomMap):
     """Random crop to crop_size, then (augment) a random 90-degree rotation and horizontal flip.
 
-    The same window and transform apply to every array of the sample (s1, s2, s2_cloudy, cloud_prob), so the
-    modalities stay co-registered. Rotations by 90/270 degrees only for square images.
+    The same window and transform apply to every array of the sample (s1, s2, s2_cloudy, cloud_prob, those it
+    has), so the modalities stay co-registered; multi-temporal arrays (T, H, W, C) get it on every date alike
+    (the T axis untouched). Rotations by 90/270 degrees only for square images.
     """
 
     def __init__(self, crop_size: int | None, augment: bool):
@@ -240,7 +484,7 @@ class RandomCropFlipRotate(grain.transforms.RandomMap):
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         if _BAD in element:
             return element
-        arrays = {k: element[k] for k in ARRAY_KEYS}
+        arrays = {k: element[k] for k in array_keys(element)}
         height, width = arrays["s2"].shape[:2]
         if self.crop_size is not None:
             if self.crop_size > min(height, width):
@@ -250,19 +494,20 @@ class RandomCropFlipRotate(grain.transforms.RandomMap):
             top = int(rng.integers(0, height - self.crop_size + 1))
             left = int(rng.integers(0, width - self.crop_size + 1))
             window = (slice(top, top + self.crop_size), slice(left, left + self.crop_size))
-            arrays = {k: v[window] for k, v in arrays.items()}
+            arrays = {k: v[(slice(None),) * (v.ndim - 3) + window] for k, v in arrays.items()}
             height = width = self.crop_size
         if self.augment:
             turns = int(rng.integers(0, 4)) if height == width else 2 * int(rng.integers(0, 2))
             flip = bool(rng.integers(0, 2))
-            arrays = {k: apply_flip_rotate(v, turns, flip) for k, v in arrays.items()}
+            arrays = {k: apply_flip_rotate(v, turns, flip, axes=(v.ndim - 3, v.ndim - 2)) for k, v in arrays.items()}
         return {**element, **arrays}
 
 
-def apply_flip_rotate(image: np.ndarray, turns: int, flip: bool) -> np.ndarray:
-    """(H, W, C) image rotated by turns x 90 degrees counter-clockwise, then mirrored left-right if flip."""
-    out = np.rot90(image, turns, axes=(0, 1))
-    return out[:, ::-1] if flip else out
+def apply_flip_rotate(image: np.ndarray, turns: int, flip: bool, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
+    """(H, W, C) image rotated by turns x 90 degrees counter-clockwise, then mirrored left-right if flip; `axes`
+    are the (row, column) axes ((1, 2) for a (T, H, W, C) stack of dates)."""
+    out = np.rot90(image, turns, axes=axes)
+    return np.flip(out, axes[1]) if flip else out
 
 
 # --------------------------------------------------------------------------------------------------- batching
@@ -341,7 +586,7 @@ class _BatchSkippingBadIterator(grain.DatasetIterator):
                 )
             raise StopIteration
         if values:
-            self._template = {k: (values[0][k].shape, values[0][k].dtype) for k in ARRAY_KEYS}
+            self._template = {k: (values[0][k].shape, values[0][k].dtype) for k in array_keys(values[0])}
         if len(values) < self.batch_size and self.pad:
             if self._template is None:
                 raise DataError(skipped[0][1], "every sample of the evaluation pass is bad")
@@ -354,7 +599,7 @@ class _BatchSkippingBadIterator(grain.DatasetIterator):
 
     def _assemble(self, values: list[dict[str, Any]]) -> dict[str, Any]:
         batch = {}
-        for key in ARRAY_KEYS:
+        for key in array_keys(values[0]):  # datasets without SAR have no s1
             shape = values[0][key].shape
             dtype = np.float32 if self.to_float32 else values[0][key].dtype
             if self.shared_memory:
@@ -445,8 +690,29 @@ def open_source(
     bands: None | str | Sequence[int | str] = None,
     cloud_prob_dir: str | os.PathLike | None = None,
     decode: bool = True,
+    dataset: str = "sen12mscr",
+    dates: int = 1,
+    downsample: int = 1,
+    seed: int = 0,
 ):
-    """A GeoTiffSource ("geotiff", needs root) or TfdsSource ("tfds", needs data_dir; `decode` see there)."""
+    """The source of a dataset (`DATASETS`). SEN12MS-CR: a GeoTiffSource ("geotiff", needs root) or
+    TfdsSource ("tfds", needs data_dir; `decode` see there). The other datasets read their official layout
+    under root (source "geotiff": the raw files): CuhkCrSource (`downsample`), Sen2MtcSource and
+    Sen12mscrTsSource (`dates` inputs; `cloud_prob_dir` holds its coverage cache, `seed` its default draws).
+    """
+    if dataset != "sen12mscr":
+        dataset_info(dataset)
+        if source != "geotiff":
+            raise ValueError(f"dataset {dataset!r} reads its raw layout (source='geotiff'), got source={source!r}")
+        if root is None:
+            raise ValueError(f"dataset {dataset!r} needs root (the folder of its official layout)")
+        if dataset in _CUHK_VARIANT:
+            return CuhkCrSource(root, dataset, split, bands, downsample)
+        if dataset == "sen2_mtc_new":
+            return Sen2MtcSource(root, split, bands, dates)
+        return Sen12mscrTsSource(root, split, bands, dates, cloud_prob_dir=cloud_prob_dir, seed=seed)
+    if dates != 1 or downsample != 1:
+        raise ValueError(f"SEN12MS-CR is single-date at full size: dates={dates}, downsample={downsample}")
     if source == "geotiff":
         if root is None:
             raise ValueError("source='geotiff' needs root (the SEN12MS-CR folder)")
@@ -496,6 +762,9 @@ def make_dataset(
     process_count: int | None = None,
     on_error: str = "raise",
     cloud_prob_dir: str | os.PathLike | None = None,
+    dataset: str = "sen12mscr",
+    dates: int = 1,
+    downsample: int = 1,
 ) -> grain.IterDataset:
     """The batched grain pipeline; `iter()` of it is a checkpointable PipelineIterator.
 
@@ -512,6 +781,8 @@ def make_dataset(
       process_index, process_count: this process's shard (default: jax.process_index() / process_count()).
       on_error: "raise" (a DataError naming the file) or "skip" (logged and counted, see the module docs).
       cloud_prob_dir: cloud-probability cache of the geotiff source (default root; train.py fills it first).
+      dataset, dates, downsample: which benchmark (`DATASETS`, see `open_source`); `dataset_options(config.data)`
+        gives them from a config.
     """
     _check_options(on_error, batch_size, crop_size, worker_count, num_epochs)
     if process_index is None or process_count is None:
@@ -529,6 +800,10 @@ def make_dataset(
         bands=bands,
         cloud_prob_dir=cloud_prob_dir,
         decode=False,
+        dataset=dataset,
+        dates=dates,
+        downsample=downsample,
+        seed=seed,
     )
     indices, length = shard_indices(len(src), process_index, process_count, even=drop_remainder)
     if not indices:
@@ -537,7 +812,15 @@ def make_dataset(
         raise ValueError(
             f"{src!r}: {length} samples x {num_epochs} epochs cannot fill a batch of {batch_size}"
         )
-    ds = grain.MapDataset.source(_ShardReader(src, indices, length, on_error))
+    reader = _ShardReader(src, indices, length, on_error)
+    if getattr(src, "needs_rng", False):  # draws per read (SEN12MS-CR-TS train): shuffle indices, then read
+        ds = grain.MapDataset.range(length)
+        ds = ds.shuffle(seed=seed) if shuffle else ds
+        ds = ds.repeat(num_epochs) if num_epochs != 1 else ds
+        ds = ds.map_with_index(_ReadWithRng(reader, seed))
+        return _batched(ds, batch_size, crop_size, augment, False, seed, 1, drop_remainder, worker_count,
+                        worker_buffer_size, read_threads)
+    ds = grain.MapDataset.source(reader)
     return _batched(ds, batch_size, crop_size, augment, shuffle, seed, num_epochs, drop_remainder, worker_count,
                     worker_buffer_size, read_threads)
 

@@ -342,20 +342,26 @@ def _write_tif(path: Path, array: np.ndarray) -> None:
 
 
 def synthetic_sample(size: int, seed: int) -> dict[str, np.ndarray]:
-    """One synthetic sample as uint16 DN: "s2" (H, W, 4) and "s2_cloudy" (3, H, W, 4), bands R, G, B, NIR.
+    """One synthetic sample as uint16 DN: "s2" (H, W, 4) and "s2_cloudy" (3, H, W, 4), bands R, G, B, NIR;
+    "thick" and "thin" (3, H, W) float32, each date's cloud opacities (what a cloud detector should find).
 
     Built from ``crrf_jax.data.synthetic.synthetic_scene``: the same ground on every date, the cloudy dates
-    under clouds of decreasing extent (thick-cloud fractions 0.6, 0.35, 0.15; the cloud field is the same
-    seeded one, so the dates' clouds are nested).
+    under clouds of decreasing extent (thick-cloud fractions 0.6, 0.35, 0.15). Each date is its own
+    acquisition (``synthetic_scene(acquisition=j)``): its own cloud field and radiometry, so the clouds move
+    between dates and most pixels cloudy on one date are clear on another (what a temporal model and the
+    least-cloudy composite exploit).
     """
     from crrf_jax.data.contract import S2_BANDS
     from crrf_jax.data.synthetic import synthetic_scene
 
     pick = [S2_BANDS.index(b) for b in BANDS]
-    scenes = [synthetic_scene(size, seed=seed, cloud_cover=c) for c in _SYNTHETIC_COVERS]
+    scenes = [synthetic_scene(size, seed=seed, cloud_cover=c, acquisition=j)
+              for j, c in enumerate(_SYNTHETIC_COVERS)]
     return {
         "s2": scenes[0]["s2"][..., pick],
         "s2_cloudy": np.stack([scene["s2_cloudy"][..., pick] for scene in scenes]),
+        "thick": np.stack([scene["thick"] for scene in scenes]),  # (3, H, W) cloud opacities, for tests
+        "thin": np.stack([scene["thin"] for scene in scenes]),
     }
 
 

@@ -174,13 +174,16 @@ def synthetic_scene(
     *,
     season: str = "ROIs1158_spring",
     cloud_cover: float | None = None,
+    acquisition: int | None = None,
 ) -> dict[str, np.ndarray]:
     """One synthetic scene of `size` (int or (height, width)) pixels, deterministic given `seed`.
 
     Returns s1 (H, W, 2) float32 dB (VV, VH); s2 and s2_cloudy (H, W, 13) uint16 L1C DN; land_cover (H, W)
     uint8 indexing LAND_CLASSES; thick, thin, shadow (H, W) float32 in [0, 1] (cloud opacities and shadow
     strength). `cloud_cover` in [0, 1] is the thick-cloud fraction (random when None); it changes only
-    s2_cloudy and the cloud maps.
+    s2_cloudy and the cloud maps. `acquisition` (None or an int) numbers the cloudy date: scenes of one seed
+    and different acquisitions share the ground, `s2` and `s1` but have their own clouds, shadows and
+    per-date radiometry (a time series whose clouds move); None is the single cloudy date of old.
     """
     shape = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if min(shape) < 8:
@@ -188,6 +191,9 @@ def synthetic_scene(
     land_rng, optical_rng, date_rng, cloud_rng, sar_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence([int(seed), 12]).spawn(5)
     )
+    if acquisition is not None:  # another date: its own radiometric change and clouds, the same ground
+        date_rng, cloud_rng = (np.random.default_rng(s) for s in
+                               np.random.SeedSequence([int(seed), 13, int(acquisition)]).spawn(2))
     cover = _land_cover(land_rng, shape, season)
     ground = _ground_spectra(optical_rng, cover)
     # The cloudy acquisition is another date: small per-band radiometric change and fresh sensor noise.
