@@ -203,7 +203,9 @@ def base_config(variant: str = "base", s2_bands=None, dataset: str = "sen12mscr"
     c.data = ml_collections.ConfigDict()
     c.data.dataset = dataset  # sen12mscr | cuhk_cr1 | cuhk_cr2 | sen2_mtc_new | sen12mscr_ts
     c.data.dates = DATASETS[dataset]["dates"]  # cloudy input dates per sample (1: single image)
-    c.data.has_sar = DATASETS[dataset]["has_sar"]  # False: batches have no s1 (no vae_s1, SAR-absent model)
+    c.data.has_sar = DATASETS[dataset]["has_sar"]  # False: batches have no s1
+    # The model follows its data: as many cloudy-date groups as the samples carry, SAR where they have it.
+    c.model.max_dates, c.model.sar = c.data.dates, c.data.has_sar
     c.data.downsample = 1  # integer shrink of the images on read (CUHK-CR: 2, EMRDM's 512 -> 256)
     c.data.source = "geotiff"  # geotiff (the raw official layout of any dataset) | tfds (SEN12MS-CR only)
     c.data.root = ""  # the dataset's root (official layout); the TFDS manual_dir too

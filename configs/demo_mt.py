@@ -13,8 +13,11 @@ from configs import common
 
 
 def get_config(arg: str | None = None):
-    del arg
+    args = common.config_args(arg, ("dates",))
     c = common.base_config("tiny", dataset="sen2_mtc_new")
+    # dates=1: the single-image baseline on the same data (each sample's least cloudy date), dates=2: the two
+    # least cloudy; the default 3 is every date.
+    c.data.dates = c.model.max_dates = int(args.get("dates", c.data.dates))
     c.demo = True
     c.data.root = ""  # "" = <workdir>/data, generated on first use
     c.data.synthetic_scenes = 48  # 12 per tile: 24 train, 12 val, 12 test

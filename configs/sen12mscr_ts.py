@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
     c = common.base_config(args.get("variant", "base"), args.get("bands") or None, dataset="sen12mscr_ts")
     c.stage = args.get("stage", "")
     c.data.root = ""  # required: --config.data.root=/path/to/SEN12MSCRTS
-    c.data.dates = int(args.get("dates", c.data.dates))
+    c.data.dates = c.model.max_dates = int(args.get("dates", c.data.dates))
     c.data.crop_size = 256
     c.eval.split = "test"
     return c

@@ -86,8 +86,13 @@ def validate(config) -> None:
         raise ValueError("config.stage='refiner' but config.model.refiner.enabled is False")
     if config.stage == "vae_s1" and not has_sar(config.model):
         raise ValueError("config.stage='vae_s1' but config.model.sar is False (a model without SAR)")
-    if int(config.model.get("max_dates", 1)) < 1:
-        raise ValueError(f"config.model.max_dates={config.model.max_dates} must be >= 1")
+    max_dates = int(config.model.get("max_dates", 1))
+    if not 1 <= int(config.data.get("dates", 1)) <= max_dates:
+        raise ValueError(f"config.data.dates={config.data.get('dates', 1)} must be in [1, config.model.max_dates="
+                         f"{max_dates}] (the model's cloudy-date groups)")
+    if has_sar(config.model) and not config.data.get("has_sar", True):
+        raise ValueError(f"config.model.sar=True but config.data.dataset={config.data.dataset!r} has no SAR: "
+                         "set --config.model.sar=False")
     if config.flow.cache_latents and (int(config.model.get("max_dates", 1)) > 1 or not has_sar(config.model)):
         raise ValueError("config.flow.cache_latents=True needs a single-date model with SAR (the cache holds "
                          "one cloudy and one SAR latent per sample); turn it off")

@@ -97,8 +97,15 @@ def test_sen2_mtc_source_is_the_reader_with_one_cloud_map_per_date(roots):
         np.testing.assert_array_equal(sample["s2"], want["s2"])
         np.testing.assert_array_equal(sample["s2_cloudy"], want["s2_cloudy"])
         np.testing.assert_array_equal(sample["cloud_prob"], cloudprob.rgbn_cloud_score(want["s2_cloudy"]))
-    with pytest.raises(ValueError, match="config.data.dates=2"):
-        _source(roots, "sen2_mtc_new", dates=2)
+    # Fewer dates: the least cloudy ones in date order; one date is a single-image sample.
+    one, two = _source(roots, "sen2_mtc_new", split="val", dates=1), _source(roots, "sen2_mtc_new", split="val", dates=2)
+    full = source[0]
+    order = np.argsort(full["cloud_prob"].mean(axis=(1, 2, 3)), kind="stable")
+    np.testing.assert_array_equal(one[0]["s2_cloudy"], full["s2_cloudy"][order[0]])
+    np.testing.assert_array_equal(one[0]["cloud_prob"], full["cloud_prob"][order[0]])
+    np.testing.assert_array_equal(two[0]["s2_cloudy"], full["s2_cloudy"][np.sort(order[:2])])
+    with pytest.raises(ValueError, match="config.data.dates=4"):
+        _source(roots, "sen2_mtc_new", dates=4)
 
 
 def test_ts_source_is_the_readers_fixed_choice_with_s2cloudless_per_date(roots):

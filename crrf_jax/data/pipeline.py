@@ -302,14 +302,17 @@ class CuhkCrSource:
 class Sen2MtcSource:
     """Sen2_MTC_New (`crrf_jax.data.sen2_mtc`) as a grain source: s2 (H, W, C) the clear target, s2_cloudy
     (3, H, W, C) the cloudy dates _0, _1, _2, cloud_prob (3, H, W, 1) `cloudprob.rgbn_cloud_score` of each
-    date, id; no s1 (no SAR). `dates` must be 3: every sample has exactly 3 cloudy dates."""
+    date, id; no s1 (no SAR). With `dates` = k < 3, the k least cloudy dates (lowest mean cloud score; ties to
+    the earlier) in date order; k = 1 gives a single-date sample (s2_cloudy (H, W, C), cloud_prob (H, W, 1)):
+    the single-image baseline of a temporal benchmark."""
 
     has_sar = False
 
     def __init__(self, root, split: str = "train", bands=None, dates: int = sen2_mtc.N_DATES):
-        if dates != sen2_mtc.N_DATES:
+        if not 1 <= dates <= sen2_mtc.N_DATES:
             raise ValueError(f"Sen2_MTC_New has {sen2_mtc.N_DATES} cloudy dates per sample; "
-                             f"config.data.dates={dates} (set it to {sen2_mtc.N_DATES})")
+                             f"config.data.dates={dates} must be 1 to {sen2_mtc.N_DATES}")
+        self.dates = dates
         self.root, self.split = Path(root), split
         self.channels = _rgbn_selection("sen2_mtc_new", bands)
         self.items = sen2_mtc.find_samples(self.root, split)
@@ -319,8 +322,13 @@ class Sen2MtcSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = sen2_mtc.read_sample(self.items[index])
-        return {"s2": sample["s2"][..., self.channels], "s2_cloudy": sample["s2_cloudy"][..., self.channels],
-                "cloud_prob": cloudprob.rgbn_cloud_score(sample["s2_cloudy"]), "id": sample["id"]}
+        cloudy, prob = sample["s2_cloudy"], cloudprob.rgbn_cloud_score(sample["s2_cloudy"])
+        if self.dates < len(cloudy):
+            keep = np.sort(np.argsort(prob.mean(axis=(1, 2, 3)), kind="stable")[: self.dates])
+            cloudy, prob = cloudy[keep], prob[keep]
+            cloudy, prob = (cloudy[0], prob[0]) if self.dates == 1 else (cloudy, prob)
+        return {"s2": sample["s2"][..., self.channels], "s2_cloudy": cloudy[..., self.channels],
+                "cloud_prob": prob, "id": sample["id"]}
 
     def reference_file(self, index: int) -> Path | None:
         return self.items[index].s2
@@ -791,20 +799,9 @@ def make_dataset(
         process_index, process_count = jax.process_index(), jax.process_count()
     if drop_remainder is None:
         drop_remainder = shuffle or num_epochs is None
-    src = open_source(
-        source,
-        root=root,
-        data_dir=data_dir,
-        split=split,
-        protocol=protocol,
-        bands=bands,
-        cloud_prob_dir=cloud_prob_dir,
-        decode=False,
-        dataset=dataset,
-        dates=dates,
-        downsample=downsample,
-        seed=seed,
-    )
+    src = open_source(source, root=root, data_dir=data_dir, split=split, protocol=protocol, bands=bands,
+                      cloud_prob_dir=cloud_prob_dir, decode=False, dataset=dataset, dates=dates,
+                      downsample=downsample, seed=seed)
     indices, length = shard_indices(len(src), process_index, process_count, even=drop_remainder)
     if not indices:
         raise ValueError(f"{src!r}: no element for process {process_index} of {process_count}")
