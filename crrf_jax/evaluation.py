@@ -23,6 +23,11 @@ With several processes (jax.distributed) every process calls `evaluate` alike: e
 feeds its devices' part of each batch, gets the gathered predictions back, and scores them; process 0 alone
 writes the files. The result is the one-process result.
 
+Metric sets (`metric_set`): "sen12mscr" (the default) scores every group with `metrics.batch_metrics`;
+"rgb255" adds EMRDM's CUHK-CR metrics to each method's all-pixel group (`rgb_metrics.RGB255Scorer`: PSNR and
+SSIM of 8-bit images as "psnr_255" / "ssim_255", on R, G, B and NIR when the model has B08, and "lpips" when
+`lpips_weights` names an LPIPS-alex safetensors file); metrics.json records the set, bands and weights file.
+
 Predictions are clipped to [0, 1] before scoring (the published code scores unclipped outputs; metrics.json says
 `clipped_to_unit_range`). Each image's sampling noise is seeded by a hash of its id, so results do not depend
 on batch size, ordering or device count.
@@ -47,7 +52,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from crrf_jax import metrics as M
-from crrf_jax import parallel, paths
+from crrf_jax import parallel, paths, rgb_metrics
 from crrf_jax import references as R
 from crrf_jax import visualize as vis
 from crrf_jax.data import contract, pipeline, sen12mscr
@@ -59,6 +64,26 @@ GROUP_SUFFIXES = ("", "_cloudy_pixels", "_clear_pixels")  # a method's groups: a
 # format_table's columns: (group suffix, metric).
 TABLE_COLUMNS = (("", "psnr"), ("", "ssim"), ("", "sam"),
                  ("_cloudy_pixels", "psnr"), ("_cloudy_pixels", "sam"), ("_clear_pixels", "sam"))
+# format_table's columns of the "rgb255" metric set, shown when the model's group has them.
+RGB255_COLUMNS = (("", "psnr_255"), ("", "ssim_255"), ("", "lpips"))
+METRIC_SETS = ("sen12mscr", "rgb255")
+
+
+def metric_scorer(metric_set: str, band_names, lpips_weights: str | None = None):
+    """The extra scorer of a metric set for `score_methods`: None for "sen12mscr", an
+    `rgb_metrics.RGB255Scorer` for "rgb255" (LPIPS with `lpips_weights`, a safetensors file)."""
+    if metric_set not in METRIC_SETS:
+        raise ValueError(f"metric_set={metric_set!r}: must be one of {', '.join(METRIC_SETS)}")
+    if metric_set == "sen12mscr":
+        if lpips_weights:
+            raise ValueError(f"lpips_weights={lpips_weights!r} is used only with metric_set='rgb255'")
+        return None
+    return rgb_metrics.RGB255Scorer(band_names, lpips_weights)
+
+
+def metric_set_info(extra) -> dict[str, Any]:
+    """What metrics.json records of `metric_scorer`'s scorer: {"rgb255": {"bands", "lpips_weights"}} or {}."""
+    return {} if extra is None else {"rgb255": {"bands": extra.bands, "lpips_weights": extra.lpips_weights}}
 
 
 def image_seed(image_id: str) -> int:
@@ -83,7 +108,8 @@ def _score(methods, target, cloud_prob, threshold):
 
 
 def score_methods(
-    methods: Mapping[str, np.ndarray], target: np.ndarray, cloud_prob: np.ndarray, threshold: float = 0.5
+    methods: Mapping[str, np.ndarray], target: np.ndarray, cloud_prob: np.ndarray, threshold: float = 0.5,
+    extra=None,
 ) -> dict[str, Any]:
     """Per-image metrics of each method's predictions, over all, cloudy and clear pixels.
 
@@ -91,12 +117,17 @@ def score_methods(
       methods: {method name: (B, H, W, C) predictions on [0, 1]} (clipped to [0, 1] before scoring).
       target: (B, H, W, C) cloud-free images on [0, 1].
       cloud_prob: (B, H, W, 1) on [0, 1]; pixels above `threshold` are cloudy, the others clear.
+      extra: `metric_scorer`'s scorer or None; its metrics join each method's all-pixel group.
     Returns:
       host arrays: {"cloud_fraction": (B,), and for every group of `method_groups(name)`: {metric: (B,)}}.
     """
     methods = {name: jnp.asarray(pred, jnp.float32) for name, pred in methods.items()}
-    return jax.device_get(_score(methods, jnp.asarray(target, jnp.float32),
-                                 jnp.asarray(cloud_prob, jnp.float32), float(threshold)))
+    scores = jax.device_get(_score(methods, jnp.asarray(target, jnp.float32),
+                                   jnp.asarray(cloud_prob, jnp.float32), float(threshold)))
+    if extra is not None:
+        for name, values in extra(methods, target).items():
+            scores[name] = {**scores[name], **values}
+    return scores
 
 
 def reference_fills(
@@ -145,6 +176,7 @@ def evaluate(
     references: bool = True,
     zero_cloud_prob: bool = False,
     write_examples: bool = True,
+    metric_set: str = "sen12mscr", lpips_weights: str | None = None,
     **predict_options: Any,
 ) -> dict[str, Any]:
     """Scores `remover` (an inference.CloudRemover) on a split; returns what it writes to metrics.json.
@@ -152,12 +184,13 @@ def evaluate(
     Beyond the data and sampling settings: `references` also scores the learning-free references;
     `use_sar=False` runs the SAR-absent mode and `zero_cloud_prob` feeds the model a zero cloud map (ablations;
     the real map still decides which pixels are cloudy); `write_examples` draws the example grids (a second
-    pass); `**predict_options` go to `remover.predict_tiles` (`output=`, `drop_cloudy=`, `keep_clear=`) and
-    into metrics.json.
+    pass); `metric_set`, `lpips_weights`: `metric_scorer`; `**predict_options` go to `remover.predict_tiles`
+    (`output=`, `drop_cloudy=`, `keep_clear=`) and into metrics.json.
     """
     steps = int(steps or remover.config["sampling"]["steps"])
     guidance = float(remover.config["sampling"]["guidance_scale"] if guidance_scale is None else guidance_scale)
     use_sar = use_sar and remover.use_sar(True)
+    extra = metric_scorer(metric_set, remover.band_names, lpips_weights)
     def batches():
         return iter(pipeline.make_dataset(
             source=source, root=root, data_dir=data_dir, split=split, protocol=protocol,
@@ -182,7 +215,7 @@ def evaluate(
             valid = np.asarray(batch["mask"], bool)
             if not valid.any():
                 continue
-            mean, scores = _predict_and_score(batch, valid, predict, references, cloud_threshold, wall_s)
+            mean, scores = _predict_and_score(batch, valid, predict, references, cloud_threshold, wall_s, extra)
             keep = np.flatnonzero(valid)[: (max_images - len(rows)) if max_images else None]
             for i in keep:
                 rows.append(_image_row(str(batch["id"][i]), scores, i, running))
@@ -201,7 +234,7 @@ def evaluate(
         "zero_cloud_prob": zero_cloud_prob, "predict_options": dict(predict_options),
         "bands": list(remover.band_names), "clipped_to_unit_range": True, "cloud_threshold": cloud_threshold,
         "mean_cloud_fraction": float(np.mean([r["cloud_fraction"] for r in rows])), "methods": methods,
-        "wall_s": wall_s, **summarize(running),
+        "wall_s": wall_s, "metric_set": metric_set, **metric_set_info(extra), **summarize(running),
     }
     result = _write_tables(out, result, rows)
     result["examples"] = _write_examples(remover, out, rows, batches, predict) if write_examples else {}
@@ -231,7 +264,7 @@ def _predict(remover, batch, *, use_sar: bool, zero_cloud_prob: bool, **options)
     return remover.predict_tiles(tiles, ids, **options)
 
 
-def _predict_and_score(batch, valid, predict, references: bool, threshold: float, wall_s: dict):
+def _predict_and_score(batch, valid, predict, references: bool, threshold: float, wall_s: dict, extra=None):
     """The model's prediction of a batch (host seconds into wall_s) and the per-image scores of every method."""
     t0 = time.perf_counter()
     mean, _ = predict(batch)
@@ -239,7 +272,7 @@ def _predict_and_score(batch, valid, predict, references: bool, threshold: float
     preds = {"model": mean, "cloudy_input": batch["s2_cloudy"]}
     if references:
         preds |= reference_fills(batch, valid, threshold, wall_s)
-    return mean, score_methods(preds, batch["s2"], batch["cloud_prob"], threshold)
+    return mean, score_methods(preds, batch["s2"], batch["cloud_prob"], threshold, extra)
 
 
 def _image_row(image_id: str, scores: dict, i: int, running: dict[str, M.RunningMean]) -> dict[str, Any]:
@@ -333,18 +366,20 @@ def method_names(result: Mapping[str, Any]) -> list[str]:
 
 def format_table(result: Mapping[str, Any]) -> str:
     """A plain-text table: one row per method (model, cloudy input, references, any other method group), columns
-    PSNR / SSIM / SAM over all pixels, PSNR / SAM over cloudy pixels, SAM over clear pixels."""
+    PSNR / SSIM / SAM over all pixels, PSNR / SAM over cloudy pixels, SAM over clear pixels, and the "rgb255"
+    set's 8-bit PSNR / SSIM and LPIPS where the model's group has them."""
     widths = (21, 9)
-    spans = {"": "all pixels", "_cloudy_pixels": "cloudy pixels", "_clear_pixels": "clear"}
-    top = f"{'':{widths[0]}s}"
-    for suffix, label in spans.items():
-        n = sum(s == suffix for s, _ in TABLE_COLUMNS)
-        top += f"{label:>{n * widths[1]}s}"
-    head = f"{'':{widths[0]}s}" + "".join(f"{metric:>{widths[1]}s}" for _, metric in TABLE_COLUMNS)
+    spans = [("all pixels", TABLE_COLUMNS[:3]), ("cloudy pixels", TABLE_COLUMNS[3:5]), ("clear", TABLE_COLUMNS[5:])]
+    extra = tuple(c for c in RGB255_COLUMNS if c[1] in result.get("model", {}))
+    if extra:
+        spans.append(("8-bit (EMRDM)", extra))
+    columns = [column for _, span in spans for column in span]
+    top = f"{'':{widths[0]}s}" + "".join(f"{label:>{len(span) * widths[1]}s}" for label, span in spans)
+    head = f"{'':{widths[0]}s}" + "".join(f"{metric:>{widths[1]}s}" for _, metric in columns)
     lines = [_table_title(result), top, head]
     for method in method_names(result):
         cells = []
-        for suffix, metric in TABLE_COLUMNS:
+        for suffix, metric in columns:
             value = result.get(method + suffix, {}).get(metric)
             cells.append(f"{'n/a':>{widths[1]}s}" if value is None else f"{value:{widths[1]}.4f}")
         lines.append(f"{method:{widths[0]}s}" + "".join(cells))
