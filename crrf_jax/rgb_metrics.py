@@ -68,9 +68,12 @@ def psnr_255(a8: jax.Array, b8: jax.Array) -> jax.Array:
 
 
 def _window_sums(x: jax.Array) -> jax.Array:
-    """Sums over every 7x7 window inside the image: (H, W, ...) -> (H - 6, W - 6, ...), same dtype."""
-    size = (WINDOW, WINDOW) + (1,) * (x.ndim - 2)
-    return lax.reduce_window(x, jnp.zeros((), x.dtype), lax.add, size, (1,) * x.ndim, "VALID")
+    """Sums over every 7x7 window inside the image: (H, W, ...) -> (H - 6, W - 6, ...), same dtype (rows, then
+    columns: exact for integers)."""
+    for size in ((WINDOW, 1), (1, WINDOW)):
+        size = size + (1,) * (x.ndim - 2)
+        x = lax.reduce_window(x, jnp.zeros((), x.dtype), lax.add, size, (1,) * x.ndim, "VALID")
+    return x
 
 
 def grey_ssim(a8: jax.Array, b8: jax.Array, weights: Sequence[float]) -> jax.Array:

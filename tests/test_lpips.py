@@ -130,7 +130,7 @@ def test_converter_from_torchvision_and_package_files(lpips_pkg, tmp_path):
     state = ref.state_dict()
     # torchvision's AlexNet file (features.i.* and a classifier) and the package's heads file, as torch.save'd.
     trunk = {"features." + k.split(".", 2)[2]: v for k, v in state.items() if k.startswith("net.")}
-    trunk["classifier.1.weight"] = torch.zeros(4096, 9216)
+    trunk["classifier.1.weight"] = torch.zeros(8, 16)  # dropped by the converter (4096 x 9216 in the real file)
     torch.save(trunk, tmp_path / "alexnet.pth")
     torch.save({k: v for k, v in state.items() if k.startswith("lin")}, tmp_path / "alex.pth")
     out = tmp_path / "lpips_alex.safetensors"
