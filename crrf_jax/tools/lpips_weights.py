@@ -10,6 +10,11 @@ prints where torchvision gets it); --lin: the LPIPS heads that the `lpips` PyPI 
 `torch.load(..., weights_only=True)` (no pickled code runs) on the CPU; this tool needs torch, nothing else
 downloads or needs the network. The output holds the `lpips.LPIPS(net='alex').state_dict()` names
 (`net.slice{s}.{i}.weight|bias`, `lin{k}.model.1.weight`), checked against `lpips.state_dict_shapes()`.
+
+Where `lpips` and torchvision both import, the package's own state dict works too (it names each head twice,
+as `lin{k}` and `lins.{k}`; safetensors wants one of them):
+`safetensors.torch.save_file({k: v for k, v in lpips.LPIPS(net='alex').state_dict().items()
+if not k.startswith('lins.')}, 'lpips_alex.safetensors')`.
 """
 
 from __future__ import annotations
