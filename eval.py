@@ -13,7 +13,9 @@ protocol and source; config.flow: sampling steps and guidance).
 
 --metric_set=rgb255 adds EMRDM's CUHK-CR metrics (crrf_jax/rgb_metrics.py: PSNR and SSIM of 8-bit images on
 R, G, B and NIR, and LPIPS with --lpips_weights=lpips_alex.safetensors, made once by
-`python -m crrf_jax.tools.lpips_weights`).
+`python -m crrf_jax.tools.lpips_weights`). --metric_set=sen2mtc adds EMRDM's Sen2_MTC_New metrics instead: R, G, B
+rounded to DN, clipped to [0, 2000] and stretched per image to [0, 1], then PSNR / SSIM / SAM and (with
+--lpips_weights) LPIPS, as "psnr_mtc", ..., "lpips_mtc".
 
 Several processes (jax.distributed: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID in the
 environment, as for train.py) evaluate together over all their devices; process 0 writes the files and
@@ -44,10 +46,11 @@ _GEOTIFF = flags.DEFINE_bool("geotiff", None, "Also write each prediction as a G
 _NO_SAR = flags.DEFINE_bool("no_sar", False, "Evaluate the degraded SAR-absent mode.")
 _NO_REFERENCES = flags.DEFINE_bool("no_references", False, "Skip the learning-free references (faster).")
 _METRIC_SET = flags.DEFINE_enum(
-    "metric_set", None, ["sen12mscr", "rgb255"],
-    "sen12mscr: the SEN12MS-CR metrics; rgb255: also EMRDM's CUHK-CR metrics (8-bit PSNR / SSIM, LPIPS).")
-_LPIPS = flags.DEFINE_string("lpips_weights", None, "LPIPS-alex safetensors file for --metric_set=rgb255 "
-                             "(make it with python -m crrf_jax.tools.lpips_weights).")
+    "metric_set", None, ["sen12mscr", "rgb255", "sen2mtc"],
+    "sen12mscr: the SEN12MS-CR metrics; rgb255: also EMRDM's CUHK-CR metrics (8-bit PSNR / SSIM, LPIPS); "
+    "sen2mtc: also EMRDM's Sen2_MTC_New metrics (stretched RGB PSNR / SSIM / SAM, LPIPS).")
+_LPIPS = flags.DEFINE_string("lpips_weights", None, "LPIPS-alex safetensors file for --metric_set=rgb255 or "
+                             "sen2mtc (make it with python -m crrf_jax.tools.lpips_weights).")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 
 # Flag -> evaluate() keyword, for the flags that override the run's config.

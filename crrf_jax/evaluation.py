@@ -26,7 +26,10 @@ writes the files. The result is the one-process result.
 Metric sets (`metric_set`): "sen12mscr" (the default) scores every group with `metrics.batch_metrics`;
 "rgb255" adds EMRDM's CUHK-CR metrics to each method's all-pixel group (`rgb_metrics.RGB255Scorer`: PSNR and
 SSIM of 8-bit images as "psnr_255" / "ssim_255", on R, G, B and NIR when the model has B08, and "lpips" when
-`lpips_weights` names an LPIPS-alex safetensors file); metrics.json records the set, bands and weights file.
+`lpips_weights` names an LPIPS-alex safetensors file); "sen2mtc" adds EMRDM's Sen2_MTC_New metrics
+(`rgb_metrics.Sen2MTCScorer`: R, G, B rounded to DN, clipped to [0, 2000] and min-max stretched per image, then
+PSNR / SSIM / SAM / MAE / RMSE as "<metric>_mtc" and, with `lpips_weights`, "lpips_mtc"); metrics.json records
+the set, bands and weights file.
 
 Predictions are clipped to [0, 1] before scoring (the published code scores unclipped outputs; metrics.json says
 `clipped_to_unit_range`). Each image's sampling noise is seeded by a hash of its id, so results do not depend
@@ -64,26 +67,30 @@ GROUP_SUFFIXES = ("", "_cloudy_pixels", "_clear_pixels")  # a method's groups: a
 # format_table's columns: (group suffix, metric).
 TABLE_COLUMNS = (("", "psnr"), ("", "ssim"), ("", "sam"),
                  ("_cloudy_pixels", "psnr"), ("_cloudy_pixels", "sam"), ("_clear_pixels", "sam"))
-# format_table's columns of the "rgb255" metric set, shown when the model's group has them.
+# format_table's columns of the "rgb255" and "sen2mtc" metric sets, shown when the model's group has them.
 RGB255_COLUMNS = (("", "psnr_255"), ("", "ssim_255"), ("", "lpips"))
-METRIC_SETS = ("sen12mscr", "rgb255")
+SEN2MTC_COLUMNS = (("", "psnr_mtc"), ("", "ssim_mtc"), ("", "sam_mtc"), ("", "lpips_mtc"))
+METRIC_SETS = ("sen12mscr", "rgb255", "sen2mtc")
+_SCORERS = {"rgb255": rgb_metrics.RGB255Scorer, "sen2mtc": rgb_metrics.Sen2MTCScorer}
 
 
 def metric_scorer(metric_set: str, band_names, lpips_weights: str | None = None):
     """The extra scorer of a metric set for `score_methods`: None for "sen12mscr", an
-    `rgb_metrics.RGB255Scorer` for "rgb255" (LPIPS with `lpips_weights`, a safetensors file)."""
+    `rgb_metrics.RGB255Scorer` for "rgb255", a `rgb_metrics.Sen2MTCScorer` for "sen2mtc" (LPIPS with
+    `lpips_weights`, a safetensors file)."""
     if metric_set not in METRIC_SETS:
         raise ValueError(f"metric_set={metric_set!r}: must be one of {', '.join(METRIC_SETS)}")
     if metric_set == "sen12mscr":
         if lpips_weights:
-            raise ValueError(f"lpips_weights={lpips_weights!r} is used only with metric_set='rgb255'")
+            raise ValueError(f"lpips_weights={lpips_weights!r} is used only with metric_set='rgb255' or "
+                             f"'sen2mtc'")
         return None
-    return rgb_metrics.RGB255Scorer(band_names, lpips_weights)
+    return _SCORERS[metric_set](band_names, lpips_weights)
 
 
 def metric_set_info(extra) -> dict[str, Any]:
-    """What metrics.json records of `metric_scorer`'s scorer: {"rgb255": {"bands", "lpips_weights"}} or {}."""
-    return {} if extra is None else {"rgb255": {"bands": extra.bands, "lpips_weights": extra.lpips_weights}}
+    """What metrics.json records of `metric_scorer`'s scorer: {<set>: {"bands", "lpips_weights"}} or {}."""
+    return {} if extra is None else {extra.metric_set: {"bands": extra.bands, "lpips_weights": extra.lpips_weights}}
 
 
 def image_seed(image_id: str) -> int:
@@ -367,12 +374,14 @@ def method_names(result: Mapping[str, Any]) -> list[str]:
 def format_table(result: Mapping[str, Any]) -> str:
     """A plain-text table: one row per method (model, cloudy input, references, any other method group), columns
     PSNR / SSIM / SAM over all pixels, PSNR / SAM over cloudy pixels, SAM over clear pixels, and the "rgb255"
-    set's 8-bit PSNR / SSIM and LPIPS where the model's group has them."""
+    set's 8-bit PSNR / SSIM and LPIPS or the "sen2mtc" set's PSNR / SSIM / SAM / LPIPS where the model's group
+    has them."""
     widths = (21, 9)
     spans = [("all pixels", TABLE_COLUMNS[:3]), ("cloudy pixels", TABLE_COLUMNS[3:5]), ("clear", TABLE_COLUMNS[5:])]
-    extra = tuple(c for c in RGB255_COLUMNS if c[1] in result.get("model", {}))
-    if extra:
-        spans.append(("8-bit (EMRDM)", extra))
+    for label, columns in (("8-bit (EMRDM)", RGB255_COLUMNS), ("Sen2_MTC (EMRDM)", SEN2MTC_COLUMNS)):
+        extra = tuple(c for c in columns if c[1] in result.get("model", {}))
+        if extra:
+            spans.append((label, extra))
     columns = [column for _, span in spans for column in span]
     top = f"{'':{widths[0]}s}" + "".join(f"{label:>{len(span) * widths[1]}s}" for label, span in spans)
     head = f"{'':{widths[0]}s}" + "".join(f"{metric:>{widths[1]}s}" for _, metric in columns)

@@ -201,3 +201,23 @@ def test_scorer_matches_emrdm_evaluator(lpips_pkg, tmp_path, bands):
         expected = _emrdm_evaluator(lpips_pkg, ref, target[i][..., order], pred[i][..., order])
         for name, value in expected.items():
             np.testing.assert_allclose(got[name][i], value, rtol=1e-5, atol=1e-5, err_msg=f"{bands} {name}")
+
+
+def test_sen2mtc_scorer_matches_emrdm_metrics(lpips_pkg, tmp_path):
+    from tests.helpers import emrdm_sen2mtc as EMRDM  # the reference, re-typed from EMRDM's source
+
+    ref = _reference(lpips_pkg)  # EMRDM's metrics.py: lpips.LPIPS(net='alex'), version '0.1' (scaling layer)
+    bands = ("B04", "B03", "B02", "B08")
+    scorer = RM.Sen2MTCScorer(bands, _save(ref, tmp_path / "alex.safetensors"))
+    rng = np.random.default_rng(4)
+    target = (rng.integers(0, 2600, (2, SIZE, SIZE, 4)) / np.float32(10000)).astype(np.float32)
+    pred = (target + 0.03 * rng.standard_normal(target.shape)).astype(np.float32)  # unclipped, as EMRDM's
+    got = scorer({"model": pred}, target)["model"]
+    assert scorer.bands == ["B04", "B03", "B02"] and set(got) == set(scorer.metric_names)
+    assert "lpips_mtc" in got
+    names = {"psnr": "PSNR", "ssim": "SSIM", "sam": "SAM", "mae": "MAE", "rmse": "RMSE", "lpips": "LPIPS"}
+    for i in range(2):
+        expected = EMRDM.score(target[i][..., :3], pred[i][..., :3], ref)
+        assert expected["LPIPS"] > 0
+        for name, key in names.items():
+            np.testing.assert_allclose(got[f"{name}_mtc"][i], expected[key], rtol=1e-5, atol=1e-5, err_msg=name)

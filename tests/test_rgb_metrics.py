@@ -80,3 +80,52 @@ def test_channels_from_band_names():
         RM.emrdm_channels(("B04", "B02", "B08"))
     with pytest.raises(ValueError, match=r"\(B, H, W, C\)"):
         RM.batch_metrics_255(jnp.zeros((8, 8, 3)), jnp.zeros((8, 8, 3)))
+
+
+def _sen2mtc_pairs(seed: int = 5, batch: int = 4, size: tuple[int, int] = (24, 20)):
+    """(pred, target) R, G, B batches on [0, 1] = DN / 10000: targets of integer DN up to 3000 (past the 2000
+    clip), predictions = targets + noise, unclipped (a little below 0); image 2's prediction is constant (EMRDM's
+    all-ones branch), image 3's target has a pixel whose 3 stretched values are 0 (SAM NaN)."""
+    rng = np.random.default_rng(seed)
+    target = (rng.integers(100, 3001, (batch, *size, 3)) / np.float32(10000)).astype(np.float32)
+    pred = (target + 0.02 * rng.standard_normal(target.shape) - 0.005).astype(np.float32)
+    pred[2] = 0.1234
+    target[3, 0, 0] = 0.0
+    return pred, target
+
+
+def test_x_times_2_minus_1_is_emrdms_normalisation():
+    x = np.linspace(0, 1, 1_000_003, dtype=np.float32)  # sen_mtc_stretch's v = x * 2 - 1 is EMRDM's (x - 0.5) / 0.5
+    np.testing.assert_array_equal(x * np.float32(2) - np.float32(1), (x - np.float32(0.5)) / np.float32(0.5))
+
+
+def test_sen2mtc_matches_emrdm_reference():
+    torch = pytest.importorskip("torch")
+    from tests.helpers import emrdm_sen2mtc as EMRDM  # the reference, re-typed from EMRDM's source
+
+    pred, target = _sen2mtc_pairs()
+    stretch = jax.jit(jax.vmap(RM.sen_mtc_stretch))
+    for x in (pred, target):  # the stretched images themselves, bit for bit
+        expected = EMRDM.sen_mtc_scale_01((torch.from_numpy(x).permute(0, 3, 1, 2) - 0.5) / 0.5)
+        np.testing.assert_array_equal(np.asarray(stretch(jnp.asarray(x))), expected.permute(0, 2, 3, 1).numpy())
+    got = jax.jit(RM.batch_metrics_sen2mtc)(jnp.asarray(pred), jnp.asarray(target))
+    assert set(got) == set(RM.SEN2MTC_METRIC_NAMES) and got["psnr_mtc"].shape == (4,)
+    for i in range(4):
+        ref = EMRDM.score(target[i], pred[i])
+        for name, key, atol in (("psnr", "PSNR", 1e-4), ("ssim", "SSIM", 1e-5), ("sam", "SAM", 1e-3),
+                                ("mae", "MAE", 1e-6), ("rmse", "RMSE", 1e-6)):
+            np.testing.assert_allclose(got[f"{name}_mtc"][i], ref[key], rtol=1e-5, atol=atol, err_msg=f"{i} {name}")
+    assert np.isnan(got["sam_mtc"][3]) and np.all(np.isfinite(got["sam_mtc"][:3]))
+    same = jax.jit(RM.batch_metrics_sen2mtc)(jnp.asarray(target), jnp.asarray(target))
+    assert np.all(same["psnr_mtc"] == np.inf) and np.allclose(same["ssim_mtc"], 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\(B, H, W, 3\)"):
+        RM.batch_metrics_sen2mtc(jnp.zeros((1, 8, 8, 4)), jnp.zeros((1, 8, 8, 4)))
+
+
+def test_sen2mtc_channels_are_rgb_only():
+    assert RM.emrdm_channels(("B04", "B03", "B02", "B08"), nir=False) == (0, 1, 2)
+    scorer = RM.Sen2MTCScorer(("B08", "B02", "B03", "B04"))
+    assert scorer.channels == (3, 2, 1) and scorer.bands == ["B04", "B03", "B02"]
+    assert scorer.metric_names == RM.SEN2MTC_METRIC_NAMES
+    with pytest.raises(ValueError, match="metric set 'sen2mtc'.*lack B04"):
+        RM.Sen2MTCScorer(("B03", "B02", "B08"))
