@@ -8,8 +8,14 @@ and prints the model against the cloudy input and the learning-free references (
 inpainting; `crrf_jax.references`) over all, cloudy and clear pixels. The split protocol is "exact" unless
 --protocol=legacy (which reproduces the published split leak, for comparison only); metrics.json records which
 one was used. With --workdir, every setting a flag leaves unset comes from the run's config (config.eval:
-split, batch size, samples, cloud threshold, max images, GeoTIFFs; config.data: protocol and source;
-config.flow: sampling steps and guidance).
+split, batch size, samples, cloud threshold, max images, GeoTIFFs, metric set and LPIPS weights; config.data:
+protocol and source; config.flow: sampling steps and guidance).
+
+--metric_set=rgb255 adds EMRDM's CUHK-CR metrics (crrf_jax/rgb_metrics.py: PSNR and SSIM of 8-bit images on
+R, G, B and NIR, and LPIPS with --lpips_weights=lpips_alex.safetensors, made once by
+`python -m crrf_jax.tools.lpips_weights`). --metric_set=sen2mtc adds EMRDM's Sen2_MTC_New metrics instead: R, G, B
+rounded to DN, clipped to [0, 2000] and stretched per image to [0, 1], then PSNR / SSIM / SAM and (with
+--lpips_weights) LPIPS, as "psnr_mtc", ..., "lpips_mtc".
 
 Several processes (jax.distributed: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID in the
 environment, as for train.py) evaluate together over all their devices; process 0 writes the files and
@@ -39,6 +45,12 @@ _MAX_IMAGES = flags.DEFINE_integer("max_images", None, "Stop after this many ima
 _GEOTIFF = flags.DEFINE_bool("geotiff", None, "Also write each prediction as a GeoTIFF.")
 _NO_SAR = flags.DEFINE_bool("no_sar", False, "Evaluate the degraded SAR-absent mode.")
 _NO_REFERENCES = flags.DEFINE_bool("no_references", False, "Skip the learning-free references (faster).")
+_METRIC_SET = flags.DEFINE_enum(
+    "metric_set", None, ["sen12mscr", "rgb255", "sen2mtc"],
+    "sen12mscr: the SEN12MS-CR metrics; rgb255: also EMRDM's CUHK-CR metrics (8-bit PSNR / SSIM, LPIPS); "
+    "sen2mtc: also EMRDM's Sen2_MTC_New metrics (stretched RGB PSNR / SSIM / SAM, LPIPS).")
+_LPIPS = flags.DEFINE_string("lpips_weights", None, "LPIPS-alex safetensors file for --metric_set=rgb255 or "
+                             "sen2mtc (make it with python -m crrf_jax.tools.lpips_weights).")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _DATASET = flags.DEFINE_enum("dataset", None, ["sen12mscr", "cuhk_cr1", "cuhk_cr2", "sen2_mtc_new", "sen12mscr_ts"],
                              "Benchmark of --data_root (default: the run's config.data.dataset; sen12mscr).")
@@ -51,7 +63,8 @@ _DOWNSAMPLE = flags.DEFINE_integer("downsample", None, "Shrink images on read by
 _OVERRIDES = (
     (_SPLIT, "split"), (_PROTOCOL, "protocol"), (_STEPS, "steps"), (_SAMPLES, "num_samples"),
     (_GUIDANCE, "guidance_scale"), (_BATCH, "batch_size"), (_THRESHOLD, "cloud_threshold"),
-    (_MAX_IMAGES, "max_images"), (_GEOTIFF, "write_geotiff"),
+    (_MAX_IMAGES, "max_images"), (_GEOTIFF, "write_geotiff"), (_METRIC_SET, "metric_set"),
+    (_LPIPS, "lpips_weights"),
 )
 
 

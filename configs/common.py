@@ -265,5 +265,10 @@ def base_config(variant: str = "base", s2_bands=None, dataset: str = "sen12mscr"
     c.eval = ml_collections.ConfigDict(
         dict(split="test", batch_size=8, num_samples=1, cloud_threshold=0.5, max_images=0, write_geotiff=False)
     )
+    # "sen12mscr": UnCRtainTS / EMRDM's SEN12MS-CR metrics; "rgb255": also EMRDM's CUHK-CR metrics (8-bit PSNR /
+    # SSIM, and LPIPS from lpips_weights, an LPIPS-alex safetensors file: python -m crrf_jax.tools.lpips_weights);
+    # "sen2mtc": also EMRDM's Sen2_MTC_New metrics (PSNR / SSIM / SAM of per-image stretched RGB, and LPIPS).
+    c.eval.metric_set = "sen12mscr"
+    c.eval.lpips_weights = ""
     c.peak_tflops = 0.0  # per device, for MFU; 0 = look up the device kind (unknown kinds report no MFU)
     return c

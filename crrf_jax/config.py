@@ -114,13 +114,14 @@ def eval_options(config) -> dict:
         steps=int(config.flow.sample_steps), num_samples=int(e.num_samples), batch_size=int(e.batch_size),
         guidance_scale=float(config.flow.guidance_scale), cloud_threshold=float(e.cloud_threshold),
         max_images=int(e.max_images), write_geotiff=bool(e.write_geotiff),
+        metric_set=str(e.get("metric_set", "sen12mscr")), lpips_weights=e.get("lpips_weights") or None,
     )
 
 
 # Evaluation settings without a run config (an exported bundle): the published test split, exact protocol.
 EVAL_DEFAULTS = dict(split="test", protocol="exact", source="geotiff", data_dir=None, steps=None,
                      num_samples=1, batch_size=8, guidance_scale=None, cloud_threshold=0.5, max_images=0,
-                     write_geotiff=False)
+                     write_geotiff=False, metric_set="sen12mscr", lpips_weights=None)
 
 
 def _validate_init(config) -> None:

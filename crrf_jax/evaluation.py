@@ -33,6 +33,14 @@ and its cloud map decides which pixels count as cloudy; the temporal reference `
 georeferenced files (SEN12MS-CR, Sen2_MTC_New, SEN12MS-CR-TS: the target's profile); CUHK-CR's PNGs have
 none, and its predictions are not written (one log line says so).
 
+Metric sets (`metric_set`): "sen12mscr" (the default) scores every group with `metrics.batch_metrics`;
+"rgb255" adds EMRDM's CUHK-CR metrics to each method's all-pixel group (`rgb_metrics.RGB255Scorer`: PSNR and
+SSIM of 8-bit images as "psnr_255" / "ssim_255", on R, G, B and NIR when the model has B08, and "lpips" when
+`lpips_weights` names an LPIPS-alex safetensors file); "sen2mtc" adds EMRDM's Sen2_MTC_New metrics
+(`rgb_metrics.Sen2MTCScorer`: R, G, B rounded to DN, clipped to [0, 2000] and min-max stretched per image, then
+PSNR / SSIM / SAM / MAE / RMSE as "<metric>_mtc" and, with `lpips_weights`, "lpips_mtc"); metrics.json records
+the set, bands and weights file.
+
 Predictions are clipped to [0, 1] before scoring (the published code scores unclipped outputs; metrics.json says
 `clipped_to_unit_range`). Each image's sampling noise is seeded by a hash of its id, so results do not depend
 on batch size, ordering or device count.
@@ -57,7 +65,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from crrf_jax import metrics as M
-from crrf_jax import parallel, paths
+from crrf_jax import parallel, paths, rgb_metrics
 from crrf_jax import references as R
 from crrf_jax import visualize as vis
 from crrf_jax.data import contract, pipeline, sen12mscr
@@ -69,6 +77,30 @@ GROUP_SUFFIXES = ("", "_cloudy_pixels", "_clear_pixels")  # a method's groups: a
 # format_table's columns: (group suffix, metric).
 TABLE_COLUMNS = (("", "psnr"), ("", "ssim"), ("", "sam"),
                  ("_cloudy_pixels", "psnr"), ("_cloudy_pixels", "sam"), ("_clear_pixels", "sam"))
+# format_table's columns of the "rgb255" and "sen2mtc" metric sets, shown when the model's group has them.
+RGB255_COLUMNS = (("", "psnr_255"), ("", "ssim_255"), ("", "lpips"))
+SEN2MTC_COLUMNS = (("", "psnr_mtc"), ("", "ssim_mtc"), ("", "sam_mtc"), ("", "lpips_mtc"))
+METRIC_SETS = ("sen12mscr", "rgb255", "sen2mtc")
+_SCORERS = {"rgb255": rgb_metrics.RGB255Scorer, "sen2mtc": rgb_metrics.Sen2MTCScorer}
+
+
+def metric_scorer(metric_set: str, band_names, lpips_weights: str | None = None):
+    """The extra scorer of a metric set for `score_methods`: None for "sen12mscr", an
+    `rgb_metrics.RGB255Scorer` for "rgb255", a `rgb_metrics.Sen2MTCScorer` for "sen2mtc" (LPIPS with
+    `lpips_weights`, a safetensors file)."""
+    if metric_set not in METRIC_SETS:
+        raise ValueError(f"metric_set={metric_set!r}: must be one of {', '.join(METRIC_SETS)}")
+    if metric_set == "sen12mscr":
+        if lpips_weights:
+            raise ValueError(f"lpips_weights={lpips_weights!r} is used only with metric_set='rgb255' or "
+                             f"'sen2mtc'")
+        return None
+    return _SCORERS[metric_set](band_names, lpips_weights)
+
+
+def metric_set_info(extra) -> dict[str, Any]:
+    """What metrics.json records of `metric_scorer`'s scorer: {<set>: {"bands", "lpips_weights"}} or {}."""
+    return {} if extra is None else {extra.metric_set: {"bands": extra.bands, "lpips_weights": extra.lpips_weights}}
 
 
 def image_seed(image_id: str) -> int:
@@ -93,7 +125,8 @@ def _score(methods, target, cloud_prob, threshold):
 
 
 def score_methods(
-    methods: Mapping[str, np.ndarray], target: np.ndarray, cloud_prob: np.ndarray, threshold: float = 0.5
+    methods: Mapping[str, np.ndarray], target: np.ndarray, cloud_prob: np.ndarray, threshold: float = 0.5,
+    extra=None,
 ) -> dict[str, Any]:
     """Per-image metrics of each method's predictions, over all, cloudy and clear pixels.
 
@@ -101,12 +134,17 @@ def score_methods(
       methods: {method name: (B, H, W, C) predictions on [0, 1]} (clipped to [0, 1] before scoring).
       target: (B, H, W, C) cloud-free images on [0, 1].
       cloud_prob: (B, H, W, 1) on [0, 1]; pixels above `threshold` are cloudy, the others clear.
+      extra: `metric_scorer`'s scorer or None; its metrics join each method's all-pixel group.
     Returns:
       host arrays: {"cloud_fraction": (B,), and for every group of `method_groups(name)`: {metric: (B,)}}.
     """
     methods = {name: jnp.asarray(pred, jnp.float32) for name, pred in methods.items()}
-    return jax.device_get(_score(methods, jnp.asarray(target, jnp.float32),
-                                 jnp.asarray(cloud_prob, jnp.float32), float(threshold)))
+    scores = jax.device_get(_score(methods, jnp.asarray(target, jnp.float32),
+                                   jnp.asarray(cloud_prob, jnp.float32), float(threshold)))
+    if extra is not None:
+        for name, values in extra(methods, target).items():
+            scores[name] = {**scores[name], **values}
+    return scores
 
 
 def reference_fills(
@@ -158,6 +196,7 @@ def evaluate(
     dataset: str = "sen12mscr",
     dates: int = 1,
     downsample: int = 1,
+    metric_set: str = "sen12mscr", lpips_weights: str | None = None,
     **predict_options: Any,
 ) -> dict[str, Any]:
     """Scores `remover` (an inference.CloudRemover) on a split; returns what it writes to metrics.json.
@@ -166,15 +205,16 @@ def evaluate(
     `use_sar=False` runs the SAR-absent mode and `zero_cloud_prob` feeds the model a zero cloud map (ablations;
     the real map still decides which pixels are cloudy); `write_examples` draws the example grids (a second
     pass); `dataset`, `dates`, `downsample` pick the benchmark (`pipeline.dataset_options(config.data)`);
-    `**predict_options` go to `remover.predict_tiles` (`output=`, `drop_cloudy=`, `keep_clear=`) and into
-    metrics.json.
+    `metric_set`, `lpips_weights`: `metric_scorer`; `**predict_options` go to `remover.predict_tiles`
+    (`output=`, `drop_cloudy=`, `keep_clear=`) and into metrics.json.
     """
     steps = int(steps or remover.config["sampling"]["steps"])
     guidance = float(remover.config["sampling"]["guidance_scale"] if guidance_scale is None else guidance_scale)
     info = pipeline.dataset_info(dataset)
     use_sar = use_sar and info.has_sar and remover.use_sar(True)
-    temporal = dataset in TEMPORAL_DATASETS
+    temporal = dataset in TEMPORAL_DATASETS and dates > 1
     data_options = {"dataset": dataset, "dates": dates, "downsample": downsample}
+    extra = metric_scorer(metric_set, remover.band_names, lpips_weights)
 
     def batches():
         return iter(pipeline.make_dataset(
@@ -192,27 +232,13 @@ def evaluate(
 
     methods = ["model", "cloudy_input", *(R.REFERENCES if references else ()),
                *(("least_cloudy_composite",) if references and temporal else ())]
-    geotiff = _GeoTiffWriter(root, out, remover.band_indices, split, protocol, data_options) if write_geotiff \
-        else None
+    geotiff = write_geotiff and _GeoTiffWriter(root, out, remover.band_indices, split, protocol, data_options)
     running = {group: M.RunningMean() for method in methods for group in method_groups(method)}
     wall_s = {name: 0.0 for name in methods if name != "cloudy_input"}  # host seconds (model: with compiling)
-    rows: list[dict[str, Any]] = []
     data = batches()
-    with tqdm(total=max_images or None, desc=f"eval {split}", unit="img", dynamic_ncols=True,
-              disable=not parallel.is_writer()) as bar:
-        for batch in data:
-            valid = np.asarray(batch["mask"], bool)
-            if not valid.any():
-                continue
-            mean, scores = _predict_and_score(batch, valid, predict, references, cloud_threshold, wall_s)
-            keep = np.flatnonzero(valid)[: (max_images - len(rows)) if max_images else None]
-            for i in keep:
-                rows.append(_image_row(str(batch["id"][i]), scores, i, running))
-                if geotiff is not None and parallel.is_writer():
-                    geotiff.write(rows[-1]["id"], mean[i])
-            bar.update(len(keep))
-            if max_images and len(rows) >= max_images:
-                break
+    score = functools.partial(_predict_and_score, predict=predict, references=references, threshold=cloud_threshold,
+                              wall_s=wall_s, extra=extra)
+    rows = _score_batches(data, score, running, geotiff, max_images, f"eval {split}")
     if not rows:
         raise ValueError(f"{root}: no images in split {split!r} (protocol {protocol!r})")
 
@@ -225,11 +251,33 @@ def evaluate(
         "dataset": dataset, "dates": dates if temporal else 1,
         **({"scored_against": "least cloudy date"} if temporal else {}),
         "mean_cloud_fraction": float(np.mean([r["cloud_fraction"] for r in rows])), "methods": methods,
-        "wall_s": wall_s, **summarize(running),
+        "wall_s": wall_s, "metric_set": metric_set, **metric_set_info(extra), **summarize(running),
     }
     result = _write_tables(out, result, rows)
     result["examples"] = _write_examples(remover, out, rows, batches, predict) if write_examples else {}
     return result
+
+
+def _score_batches(data, score, running, geotiff, max_images: int, desc: str) -> list[dict[str, Any]]:
+    """Scores the valid images of every batch of `data` (at most `max_images`, 0 = all) into `running` and the
+    per-image rows; GeoTIFF predictions through `geotiff` (process 0)."""
+    rows: list[dict[str, Any]] = []
+    with tqdm(total=max_images or None, desc=desc, unit="img", dynamic_ncols=True,
+              disable=not parallel.is_writer()) as bar:
+        for batch in data:
+            valid = np.asarray(batch["mask"], bool)
+            if not valid.any():
+                continue
+            mean, scores = score(batch, valid)
+            keep = np.flatnonzero(valid)[: (max_images - len(rows)) if max_images else None]
+            for i in keep:
+                rows.append(_image_row(str(batch["id"][i]), scores, i, running))
+                if geotiff and parallel.is_writer():
+                    geotiff.write(rows[-1]["id"], mean[i])
+            bar.update(len(keep))
+            if max_images and len(rows) >= max_images:
+                break
+    return rows
 
 
 def _write_tables(out: str, result: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -255,7 +303,7 @@ def _predict(remover, batch, *, use_sar: bool, zero_cloud_prob: bool, **options)
     return remover.predict_tiles(tiles, ids, **options)
 
 
-def _predict_and_score(batch, valid, predict, references: bool, threshold: float, wall_s: dict):
+def _predict_and_score(batch, valid, predict, references: bool, threshold: float, wall_s: dict, extra=None):
     """The model's prediction of a batch (host seconds into wall_s) and the per-image scores of every method."""
     t0 = time.perf_counter()
     mean, _ = predict(batch)  # the whole batch, dates included
@@ -269,7 +317,7 @@ def _predict_and_score(batch, valid, predict, references: bool, threshold: float
             preds["least_cloudy_composite"] = np.stack([
                 R.least_cloudy_composite(x, p) for x, p in zip(batch["s2_cloudy"], batch["cloud_prob"])])
             wall_s["least_cloudy_composite"] += time.perf_counter() - t0
-    return mean, score_methods(preds, batch["s2"], single["cloud_prob"], threshold)
+    return mean, score_methods(preds, batch["s2"], single["cloud_prob"], threshold, extra)
 
 
 TEMPORAL_DATASETS = ("sen2_mtc_new", "sen12mscr_ts")  # batches with a date axis: (B, T, H, W, C)
@@ -414,18 +462,22 @@ def method_names(result: Mapping[str, Any]) -> list[str]:
 
 def format_table(result: Mapping[str, Any]) -> str:
     """A plain-text table: one row per method (model, cloudy input, references, any other method group), columns
-    PSNR / SSIM / SAM over all pixels, PSNR / SAM over cloudy pixels, SAM over clear pixels."""
+    PSNR / SSIM / SAM over all pixels, PSNR / SAM over cloudy pixels, SAM over clear pixels, and the "rgb255"
+    set's 8-bit PSNR / SSIM and LPIPS or the "sen2mtc" set's PSNR / SSIM / SAM / LPIPS where the model's group
+    has them."""
     widths = (21, 9)
-    spans = {"": "all pixels", "_cloudy_pixels": "cloudy pixels", "_clear_pixels": "clear"}
-    top = f"{'':{widths[0]}s}"
-    for suffix, label in spans.items():
-        n = sum(s == suffix for s, _ in TABLE_COLUMNS)
-        top += f"{label:>{n * widths[1]}s}"
-    head = f"{'':{widths[0]}s}" + "".join(f"{metric:>{widths[1]}s}" for _, metric in TABLE_COLUMNS)
+    spans = [("all pixels", TABLE_COLUMNS[:3]), ("cloudy pixels", TABLE_COLUMNS[3:5]), ("clear", TABLE_COLUMNS[5:])]
+    for label, columns in (("8-bit (EMRDM)", RGB255_COLUMNS), ("Sen2_MTC (EMRDM)", SEN2MTC_COLUMNS)):
+        extra = tuple(c for c in columns if c[1] in result.get("model", {}))
+        if extra:
+            spans.append((label, extra))
+    columns = [column for _, span in spans for column in span]
+    top = f"{'':{widths[0]}s}" + "".join(f"{label:>{len(span) * widths[1]}s}" for label, span in spans)
+    head = f"{'':{widths[0]}s}" + "".join(f"{metric:>{widths[1]}s}" for _, metric in columns)
     lines = [_table_title(result), top, head]
     for method in method_names(result):
         cells = []
-        for suffix, metric in TABLE_COLUMNS:
+        for suffix, metric in columns:
             value = result.get(method + suffix, {}).get(metric)
             cells.append(f"{'n/a':>{widths[1]}s}" if value is None else f"{value:{widths[1]}.4f}")
         lines.append(f"{method:{widths[0]}s}" + "".join(cells))

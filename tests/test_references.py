@@ -176,6 +176,95 @@ def test_zero_cloud_prob_reaches_the_model_only(scenes, tmp_path):
     assert "cloud probability zeroed" in table and "mean_fill" not in table
 
 
+def test_rgb255_metric_set_adds_emrdm_metrics(scenes, tmp_path):
+    from safetensors.numpy import save_file
+
+    from crrf_jax import rgb_metrics
+    from crrf_jax.models import lpips
+
+    rng = np.random.default_rng(0)
+    weights = tmp_path / "lpips_alex.safetensors"  # random LPIPS-alex weights (the network is tested elsewhere)
+    save_file({k: np.abs(rng.normal(0, 0.1, shape)).astype(np.float32)
+               for k, shape in lpips.state_dict_shapes().items()}, str(weights))
+    result = evaluation.evaluate(OracleRemover(scenes), root=str(scenes), out=str(tmp_path), split="all",
+                                 batch_size=4, references=False, write_examples=False, metric_set="rgb255",
+                                 lpips_weights=str(weights))
+    assert result["metric_set"] == "rgb255"
+    assert result["rgb255"] == {"bands": ["B04", "B03", "B02", "B08"], "lpips_weights": str(weights)}
+    extra = set(rgb_metrics.METRIC_NAMES) | {"lpips"}
+    assert set(result["model"]) == set(M.METRIC_NAMES) | extra
+    assert set(result["model_cloudy_pixels"]) == set(M.METRIC_NAMES)  # EMRDM has no masked 8-bit metrics
+    assert result["model"]["psnr_255"] == np.inf and result["model"]["ssim_255"] == pytest.approx(1.0)
+    assert result["model"]["lpips"] == pytest.approx(0.0, abs=1e-6)
+    assert np.isfinite(result["cloudy_input"]["psnr_255"]) and result["cloudy_input"]["lpips"] > 0
+    header = (tmp_path / "per_image.csv").read_text().splitlines()[0].split(",")
+    assert {"psnr_255", "lpips", "cloudy_input/ssim_255"} <= set(header)
+    table = evaluation.format_table(result)
+    assert "8-bit (EMRDM)" in table and "psnr_255" in table and "lpips" in table
+    assert "psnr_255" not in evaluation.format_table({k: v for k, v in result.items() if k != "model"} | {
+        "model": {k: v for k, v in result["model"].items() if k in M.METRIC_NAMES}})
+
+
+def test_sen2mtc_metric_set_adds_emrdm_metrics(scenes, tmp_path):
+    from safetensors.numpy import save_file
+
+    from crrf_jax import rgb_metrics
+    from crrf_jax.models import lpips
+
+    rng = np.random.default_rng(0)
+    weights = tmp_path / "lpips_alex.safetensors"  # random LPIPS-alex weights (the network is tested elsewhere)
+    save_file({k: np.abs(rng.normal(0, 0.1, shape)).astype(np.float32)
+               for k, shape in lpips.state_dict_shapes().items()}, str(weights))
+    result = evaluation.evaluate(OracleRemover(scenes), root=str(scenes), out=str(tmp_path), split="all",
+                                 batch_size=4, references=False, write_examples=False, metric_set="sen2mtc",
+                                 lpips_weights=str(weights))
+    assert result["metric_set"] == "sen2mtc" and "rgb255" not in result
+    assert result["sen2mtc"] == {"bands": ["B04", "B03", "B02"], "lpips_weights": str(weights)}
+    extra = set(rgb_metrics.SEN2MTC_METRIC_NAMES) | {"lpips_mtc"}
+    assert set(result["model"]) == set(M.METRIC_NAMES) | extra
+    assert set(result["model_cloudy_pixels"]) == set(M.METRIC_NAMES)  # EMRDM has no masked Sen2_MTC metrics
+    assert result["model"]["psnr_mtc"] == np.inf and result["model"]["ssim_mtc"] == pytest.approx(1.0)
+    # float32 arccos next to 1: identical images come out a few 1e-3 degrees, as the default set's "sam" does
+    assert result["model"]["sam_mtc"] < 0.01 and result["model"]["lpips_mtc"] == pytest.approx(0.0, abs=1e-6)
+    cloudy = result["cloudy_input"]
+    assert np.isfinite(cloudy["psnr_mtc"]) and cloudy["sam_mtc"] > 0 and cloudy["lpips_mtc"] > 0
+    assert cloudy["psnr_mtc"] != pytest.approx(cloudy["psnr"])  # stretched RGB, not the 4 bands on [0, 1]
+    header = (tmp_path / "per_image.csv").read_text().splitlines()[0].split(",")
+    assert {"psnr_mtc", "lpips_mtc", "cloudy_input/sam_mtc"} <= set(header)
+    table = evaluation.format_table(result)
+    assert "Sen2_MTC (EMRDM)" in table and "lpips_mtc" in table and "8-bit" not in table
+
+
+def test_metric_scorer_keeps_the_default_scores():
+    rng = np.random.default_rng(1)
+    target = rng.random((2, 16, 16, 4), dtype=np.float32)
+    methods = {"model": np.clip(target + 0.1 * rng.standard_normal(target.shape), 0, 1).astype(np.float32)}
+    prob = rng.random((2, 16, 16, 1), dtype=np.float32)
+    names = ("B04", "B03", "B02", "B08")
+    assert evaluation.metric_scorer("sen12mscr", names) is None
+    plain = evaluation.score_methods(methods, target, prob)
+    scorer = evaluation.metric_scorer("rgb255", names)
+    both = evaluation.score_methods(methods, target, prob, extra=scorer)
+    for group, values in plain.items():
+        if group == "cloud_fraction":
+            continue
+        for metric, value in values.items():
+            np.testing.assert_array_equal(both[group][metric], value)  # bit-identical
+    assert set(both["model"]) - set(plain["model"]) == {"psnr_255", "ssim_255"}
+    mtc = evaluation.score_methods(methods, target, prob, extra=evaluation.metric_scorer("sen2mtc", names))
+    for group, values in plain.items():
+        if group != "cloud_fraction":
+            for metric, value in values.items():
+                np.testing.assert_array_equal(mtc[group][metric], value)  # bit-identical
+    assert set(mtc["model"]) - set(plain["model"]) == {f"{m}_mtc" for m in M.METRIC_NAMES}
+    with pytest.raises(ValueError, match="metric_set='rgb'"):
+        evaluation.metric_scorer("rgb", names)
+    with pytest.raises(ValueError, match="only with metric_set='rgb255'"):
+        evaluation.metric_scorer("sen12mscr", names, "lpips.safetensors")
+    with pytest.raises(ValueError, match="lack B04"):
+        evaluation.metric_scorer("rgb255", ("B02", "B03", "B08"))
+
+
 # ------------------------------------------------------------------------------------ least-cloudy composite
 
 
