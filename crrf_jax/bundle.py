@@ -84,6 +84,13 @@ def networks(cfg: dict[str, Any]) -> tuple[str, ...]:
                  and (n != "vae_s1" or has_sar(cfg["model"])))
 
 
+def _cloud_score(run_config) -> dict[str, Any]:
+    """How the cloud probability the model was trained with is made (`pipeline.DatasetInfo`)."""
+    from crrf_jax.data import pipeline
+
+    return pipeline.dataset_info(str(run_config.data.get("dataset", "sen12mscr"))).cloud_score_config()
+
+
 def bundle_config(run_config) -> dict[str, Any]:
     """The part of a training config that inference needs (the bundle's config.json)."""
     from crrf_jax.data import contract
@@ -109,6 +116,8 @@ def bundle_config(run_config) -> dict[str, Any]:
             "shift_schedule": bool(flow.get("shift_schedule", True)),
         },
         "tiling": {"tile_size": tile, "overlap": max(tile // 8, 8)},
+        "dataset": str(run_config.data.get("dataset", "sen12mscr")),
+        "cloud_score": _cloud_score(run_config),
         "weights": weights,
     }
 

@@ -102,6 +102,31 @@ class CloudRemover:
         return self.nets.has_refiner
 
     @property
+    def cloud_score(self) -> dict[str, Any]:
+        """How the model's cloud probability is made when none is given: {"kind": "s2cloudless"} (all 13
+        bands), or {"kind": "rgbn", "reflectance_scale": s} (`cloudprob.rgbn_cloud_score` of B04, B03, B02,
+        B08: the 4-band benchmarks). Bundles without the entry were all trained with s2cloudless."""
+        return dict(self.config.get("cloud_score", {"kind": "s2cloudless"}))
+
+    def compute_cloud_prob(self, images: np.ndarray, band_names) -> np.ndarray:
+        """(..., H, W, C) reflectance of `band_names` -> (..., H, W, 1) float32: the model's cloud score."""
+        from crrf_jax.data import cloudprob
+
+        names, score = tuple(band_names), self.cloud_score
+        if score["kind"] == "rgbn":
+            rgbn = ("B04", "B03", "B02", "B08")
+            if not set(rgbn) <= set(names):
+                raise ValueError(f"the model's cloud score needs {', '.join(rgbn)}; the image has {', '.join(names)}")
+            return cloudprob.rgbn_cloud_score(images[..., [names.index(b) for b in rgbn]],
+                                              score.get("reflectance_scale", 1.0))
+        if names != tuple(contract.S2_BANDS):
+            raise ValueError("cloud_prob is required: s2cloudless needs all 13 bands and the image has only "
+                             f"{len(names)} ({', '.join(names)}); pass cloud_prob or all 13 bands")
+        lead = images.shape[:-3]
+        flat = images.reshape(-1, *images.shape[-3:])
+        return cloudprob.cloud_probability(flat).reshape(*lead, *images.shape[-3:-1], 1)
+
+    @property
     def max_dates(self) -> int:
         """The most cloudy dates of one scene the model takes (1: a single-image model)."""
         return int(self.config["model"].get("max_dates", 1))
@@ -330,14 +355,8 @@ class CloudRemover:
         if c != self.num_bands:
             s2 = s2[..., list(self.band_indices)]
         if cloud_prob is None:
-            if all_bands is None:
-                raise ValueError(
-                    "cloud_prob is required: s2cloudless needs all 13 bands and s2_cloudy has only the "
-                    f"model's {c}; pass cloud_prob or all 13 bands"
-                )
-            from crrf_jax.data import cloudprob
-
-            prob = cloudprob.cloud_probability(all_bands[None])[0]
+            given = (all_bands, contract.S2_BANDS) if all_bands is not None else (s2, self.band_names)
+            prob = self.compute_cloud_prob(*given)
         else:
             prob = np.asarray(cloud_prob, np.float32)
             prob = prob[..., None] if prob.ndim == 2 else prob

@@ -226,10 +226,11 @@ class _SceneReader:
             log.warning("%s: nodata %s does not fit uint16; the output has no nodata", s2.path, nodata)
             nodata = None
         self.nodata = nodata
-        # s2cloudless needs all 13 bands; otherwise only the model's are read.
-        self.bands = contract.S2_BANDS if prob is None else tuple(remover.band_names)
+        # s2cloudless needs all 13 bands; otherwise (a given map, the RGBN score) only the model's are read.
+        s2cloudless = prob is None and remover.cloud_score["kind"] == "s2cloudless"
+        self.bands = contract.S2_BANDS if s2cloudless else tuple(remover.band_names)
         missing = [b for b in self.bands if b not in s2.bands]
-        if missing and prob is None and missing == ["B10"] and "B10" not in remover.band_names:
+        if missing and s2cloudless and missing == ["B10"] and "B10" not in remover.band_names:
             raise DataError(s2.path, "has no B10, which s2cloudless needs to compute the cloud probability: "
                                      "give --cloud-prob, or --fill-b10")
         self._lock = threading.Lock()
@@ -254,9 +255,7 @@ class _SceneReader:
         s2 = contract.normalize_s2(raw)
         s2[~self.s2.valid(y0, end)] = 0.0
         if self.prob is None:
-            from crrf_jax.data import cloudprob
-
-            prob = cloudprob.cloud_probability(s2[None])[0]
+            prob = self.remover.compute_cloud_prob(s2, self.bands)
         else:
             prob = np.moveaxis(self.prob.read(window=Window(0, y0, self.prob.width, end - y0)), 0, -1)
             prob = contract.cloud_prob_from_uint8(prob) if prob.dtype == np.uint8 else prob.astype(np.float32)

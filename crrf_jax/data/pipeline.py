@@ -202,19 +202,29 @@ _CUHK_VARIANT = {"cuhk_cr1": "CR1", "cuhk_cr2": "CR2"}
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     """What a dataset gives: its bands (S2 names), SAR or not, dates per sample (1: single image; None: set
-    by config.data.dates), and whether its files are georeferenced (eval's GeoTIFF predictions)."""
+    by config.data.dates), whether its files are georeferenced (eval's GeoTIFF predictions), and the cloud
+    probability its samples carry (`cloud_score`: "s2cloudless", or "rgbn" = `cloudprob.rgbn_cloud_score`
+    with `reflectance_scale`), which a model trained on it needs at prediction too."""
 
     bands: tuple[str, ...]
     has_sar: bool
     dates: int | None
     georeferenced: bool
+    cloud_score: str = "s2cloudless"
+    reflectance_scale: float = 1.0
+
+    def cloud_score_config(self) -> dict[str, Any]:
+        """The bundle's record of it (crrf_jax.bundle config "cloud_score")."""
+        if self.cloud_score == "s2cloudless":
+            return {"kind": "s2cloudless"}
+        return {"kind": self.cloud_score, "reflectance_scale": self.reflectance_scale}
 
 
 DATASET_INFO = {
     "sen12mscr": DatasetInfo(contract.S2_BANDS, True, 1, True),
-    "cuhk_cr1": DatasetInfo(RGBN_BANDS, False, 1, False),
-    "cuhk_cr2": DatasetInfo(RGBN_BANDS, False, 1, False),
-    "sen2_mtc_new": DatasetInfo(RGBN_BANDS, False, sen2_mtc.N_DATES, True),
+    "cuhk_cr1": DatasetInfo(RGBN_BANDS, False, 1, False, "rgbn", CUHK_REFLECTANCE_SCALE),
+    "cuhk_cr2": DatasetInfo(RGBN_BANDS, False, 1, False, "rgbn", CUHK_REFLECTANCE_SCALE),
+    "sen2_mtc_new": DatasetInfo(RGBN_BANDS, False, sen2_mtc.N_DATES, True, "rgbn"),
     "sen12mscr_ts": DatasetInfo(contract.S2_BANDS, True, None, True),
 }
 
