@@ -99,7 +99,8 @@ def sample_patches(
 
     Args:
       s2_cloudy: (B, H, W, C) reflectance in [0, 1]; s1: (B, H, W, 2) in [0, 1] or None (the model's
-        SAR-absent mode); cloud_prob: (B, H, W, 1) in [0, 1]. H, W multiples of 16.
+        SAR-absent mode); cloud_prob: (B, H, W, 1) in [0, 1]. H, W multiples of 16. s2_cloudy and cloud_prob
+        may be the pipelines' compact uint16 DN / uint8: normalised here first (`contract.normalize_array`).
       keys: (B,) PRNG keys, one per patch; sample k of patch i starts from noise drawn with
         `fold_in(keys[i], k)`, so a patch's result does not depend on the rest of the batch.
       steps: Euler steps; guidance_scale: classifier-free guidance (1 = off; the unconditional branch
@@ -117,6 +118,8 @@ def sample_patches(
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    s2_cloudy = contract.normalize_array("s2_cloudy", s2_cloudy)
+    cloud_prob = contract.normalize_array("cloud_prob", cloud_prob)
     flow_model, vae_s2, refiner = nets.flow(), nets.vae_s2(), nets.refiner()
     if output == "roundtrip_refined" and refiner is None:
         raise ValueError("output='roundtrip_refined' needs a refiner; this model has none")
@@ -227,8 +230,9 @@ def predict_batch(
     """Cloud-free estimates of a batch of patches.
 
     Args:
-      batch: `s2_cloudy` (B, H, W, C) and `cloud_prob` (B, H, W, 1) in [0, 1], `s1` (B, H, W, 2) in [0, 1]
-        (ignored when `use_sar` is False: the model's trained SAR-absent mode). H, W multiples of 16.
+      batch: `s2_cloudy` (B, H, W, C) and `cloud_prob` (B, H, W, 1) in [0, 1] (or compact, as the pipelines
+        give them: normalised inside the jitted sampler), `s1` (B, H, W, 2) in [0, 1] (ignored when `use_sar`
+        is False: the model's trained SAR-absent mode). H, W multiples of 16.
       rng: one PRNG key for the batch (split into one key per patch).
       steps, guidance_scale, num_samples, spec, output: see `sample_patches`; refiner: optional Refiner.
     Returns:

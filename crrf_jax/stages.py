@@ -304,6 +304,7 @@ def shard_moments(config, workdir: str, batch_size: int, progress=None,
 
     @jax.jit
     def posterior_means(batch):
+        batch = contract.normalize_batch(batch)
         return {stage: vae.encode_posterior(contract.to_model(batch[key])).mean
                 for (stage, vae), key in zip(vaes.items(), ("s2", "s1"), strict=True)}
 

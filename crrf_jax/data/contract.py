@@ -29,6 +29,7 @@ and only NumPy at import time (rasterio when a file is opened), so the networks 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -115,6 +116,56 @@ def cloud_prob_to_uint8(prob: np.ndarray) -> np.ndarray:
 def cloud_prob_from_uint8(stored: np.ndarray) -> np.ndarray:
     """A cached uint8 cloud probability -> float32 in [0, 1]."""
     return np.asarray(stored).astype(np.float32) / CLOUD_PROB_SCALE
+
+
+# ---------------------------------------------------------------------------------------------- compact batches
+
+# Host batches carry these keys in their stored, compact dtypes (half the bytes of float32 for S2, a quarter for
+# the cloud map); `normalize_batch` turns them into the float32 contract, on the device as the first operation
+# of every jitted step, or on the host for consumers that need floats there. Any float array is already the
+# contract (S1 always is: its non-finite fill is decided per patch on the host).
+COMPACT_DTYPES = {"s2": np.dtype(np.uint16), "s2_cloudy": np.dtype(np.uint16), "cloud_prob": np.dtype(np.uint8)}
+
+
+@functools.cache
+def _tables() -> dict[np.dtype, np.ndarray]:
+    """float32 lookup tables of the host conversions: DN 0..10000 -> `normalize_s2`, 0..255 ->
+    `cloud_prob_from_uint8`. The device indexes them instead of dividing because XLA rewrites x / c into
+    x * (1 / c), which rounds differently from the host's division (3186 of the 10001 DN values and 126 of the
+    256 cloud-probability values on CPU)."""
+    return {np.dtype(np.uint16): normalize_s2(np.arange(int(S2_DN_MAX) + 1, dtype=np.uint16)),
+            np.dtype(np.uint8): cloud_prob_from_uint8(np.arange(256, dtype=np.uint8))}
+
+
+def normalize_array(key: str, value, xp=None):
+    """One batch entry -> the float32 contract: `key` "s2" / "s2_cloudy" as uint16 DN (clipped to 10000) and
+    "cloud_prob" as uint8 x 255 are converted (bit-identical to `normalize_s2` / `cloud_prob_from_uint8`);
+    floats become float32 (a float32 array passes through unchanged); other keys pass through.
+
+    xp: None (JAX: jit-traceable, for the device) or numpy (the host). Another integer dtype for an image key
+    is a TypeError naming it.
+    """
+    if key not in COMPACT_DTYPES:
+        return value
+    dtype = np.dtype(value.dtype)
+    if dtype.kind == "f":
+        return value if dtype == np.float32 else value.astype(np.float32)
+    if dtype != COMPACT_DTYPES[key]:
+        raise TypeError(f"batch[{key!r}] is {dtype}; the data contract takes {COMPACT_DTYPES[key]} (stored) or "
+                        f"float32 in [0, 1]")
+    if xp is np:
+        return normalize_s2(value) if dtype == np.uint16 else cloud_prob_from_uint8(value)
+    import jax.numpy as jnp  # here, not at the top: this module imports only NumPy
+
+    table = jnp.asarray(_tables()[dtype])
+    return jnp.take(table, value.astype(jnp.int32), mode="clip")  # clip: DN above 10000 -> 1.0, as on the host
+
+
+def normalize_batch(batch: dict, xp=None) -> dict:
+    """A batch (compact as the pipelines give it, or already float32) -> the float32 contract, every entry
+    through `normalize_array`; other keys (mask, id, cached latents) unchanged. Call it first inside jitted
+    steps (xp None), or with xp=numpy on the host."""
+    return {k: normalize_array(k, v, xp) for k, v in batch.items()}
 
 
 # ------------------------------------------------------------------------------------------------------ bands
