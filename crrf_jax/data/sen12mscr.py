@@ -291,27 +291,31 @@ def check_window(window: Window | None, height: int, width: int) -> Window:
     return Window(col, row, w, h)
 
 
-def read_pixels(ds, path: Path, indexes: list[int], window: Window | None = None) -> np.ndarray:
-    """Read bands (1-based indexes) of window (None: the whole file) -> float32 (H, W, C); a DataError naming
-    the file when it cannot be read (shared with the SEN12MS-CR-TS reader)."""
+def read_hwc(ds, path: Path, indexes: list[int], window: Window | None = None) -> np.ndarray:
+    """Bands (1-based indexes) of window (None: the whole file) as stored, (H, W, C) in the file's dtype and
+    C-contiguous: GDAL writes the bands straight into the channels-last buffer (no transposing copy
+    afterwards). A DataError naming the file when it cannot be read."""
+    height, width = (ds.height, ds.width) if window is None else (int(window.height), int(window.width))
+    out = np.empty((height, width, len(indexes)), ds.dtypes[0])
     try:
-        data = ds.read(indexes, window=window)
+        ds.read(indexes, window=window, out=np.moveaxis(out, -1, 0))
     except rasterio.errors.RasterioError as e:
         raise DataError(path, f"cannot read pixels, file truncated or corrupt? ({e})") from e
-    return np.moveaxis(data, 0, -1).astype(np.float32, copy=False)
+    return out
+
+
+def read_pixels(ds, path: Path, indexes: list[int], window: Window | None = None) -> np.ndarray:
+    """`read_hwc` as float32 (H, W, C) (shared with the SEN12MS-CR-TS reader)."""
+    return read_hwc(ds, path, indexes, window).astype(np.float32, copy=False)
 
 
 def read_s2(ds, path: Path, indexes: list[int], window: Window | None = None, *, compact: bool = False):
     """S2 bands (1-based indexes) of window -> (H, W, C) float32 [0, 1] (`s2_pixels`). compact: a uint16 file's
-    DN as stored instead, (H, W, C) uint16, a view of what rasterio read (no conversion, and no NaN check: uint16
-    holds none); float DN files are normalised either way."""
-    if not compact or ds.dtypes[0] != "uint16":
-        return s2_pixels(read_pixels(ds, path, indexes, window), path)
-    try:
-        data = ds.read(indexes, window=window)
-    except rasterio.errors.RasterioError as e:
-        raise DataError(path, f"cannot read pixels, file truncated or corrupt? ({e})") from e
-    return np.moveaxis(data, 0, -1)
+    DN as stored instead, (H, W, C) uint16 (`read_hwc`: no conversion, and no NaN check, since uint16 holds
+    none); float DN files are normalised either way."""
+    if compact and ds.dtypes[0] == "uint16":
+        return read_hwc(ds, path, indexes, window)
+    return s2_pixels(read_pixels(ds, path, indexes, window), path)
 
 
 def s2_pixels(data: np.ndarray, path: Path) -> np.ndarray:
@@ -374,7 +378,7 @@ def read_triplet(
             "s2_cloudy": read_s2(s2c, triplet.s2_cloudy, band_idx, win, compact=compact),
             "id": triplet.id,
             "crs": s2.crs,
-            "transform": s2.window_transform(win),
+            "transform": s2.transform if window is None else s2.window_transform(win),
         }
 
 
