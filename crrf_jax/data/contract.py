@@ -19,6 +19,10 @@ C is the number of selected bands (`resolve_bands`: all 13 of `S2_BANDS` by defa
 order). Channels are last. The networks see every [0, 1] image through `to_model` (x * 2 - 1, so [-1, 1]) and
 their image outputs go back through `from_model`; written predictions are uint16 DN (`denormalize_s2`).
 
+Where the float32 form is made: the pipelines' batches stay compact on the host (`COMPACT_DTYPES`: s2 and
+s2_cloudy uint16 DN, cloud_prob uint8 x 255; s1 float32), and `normalize_batch` makes the table's float32 as the
+first operation inside the jitted steps, bit-identical to `normalize_s2` / `cloud_prob_from_uint8` on the host.
+
 On disk: S1 GeoTIFFs hold 2 bands of float dB, S2 GeoTIFFs 13 bands of uint16 DN (float DN accepted), cloud
 probability 1 band of uint8 x 255 (float in [0, 1] accepted from users). `open_geotiff` opens any of them and
 checks its bands, dtype and grid, raising `DataError` naming the file.
