@@ -130,6 +130,25 @@ def test_device_normalisation_equals_the_host_float32_bit_for_bit(data, source):
                 assert np.array_equal(got[key][i], expected), f"{source} {sample_id} {key}"
 
 
+def test_a_float_dn_file_makes_its_batch_float32(data, tmp_path):
+    """A float DN GeoTIFF (accepted by the contract) is normalised when read; a batch mixing it with uint16
+    files is float32 for that key, with the values the float32 route gives."""
+    import rasterio
+
+    root = tmp_path / "mixed"
+    shutil.copytree(data[0], root)
+    triplet = sen12mscr.find_triplets(root, "train")[0]
+    with rasterio.open(triplet.s2_cloudy) as src:
+        profile, dn = src.profile, src.read()
+    with rasterio.open(triplet.s2_cloudy, "w", **{**profile, "dtype": "float32"}) as dst:
+        dst.write(dn.astype(np.float32))
+    kwargs = dict(source="geotiff", root=root, split="train", batch_size=12, process_index=0, process_count=1)
+    batch = next(iter(pipeline.eval_dataset(**kwargs)))
+    floats = next(iter(pipeline.eval_dataset(**kwargs, to_float32=True)))
+    assert batch["s2_cloudy"].dtype == np.float32 and batch["s2"].dtype == np.uint16
+    np.testing.assert_array_equal(batch["s2_cloudy"], floats["s2_cloudy"])
+
+
 def test_worker_batches_equal_in_process_batches(data):
     """With a worker, compact batches cross processes through shared memory: the same batches."""
     kwargs = _kwargs(data, "tfds", batch_size=5)
