@@ -10,6 +10,8 @@ Measures patches/s, after a warm-up pass (files in the page cache), for
 - geotiff: `make_dataset(source="geotiff")`: that source, shuffle, flips/rotations, batching;
 - plain: `os.pread` of the ArrayRecord shards' bytes, one record-sized read per patch in shuffled order (shard
   size / records: the records are uncompressed and alike), nothing else: the limit of the ArrayRecord route;
+- records: the ArrayRecord reader alone (riegeli, through TFDS's data source), the record bytes undecoded;
+- tfds_samples: a plain loop over the pipeline's TFDS source (`open_source("tfds", ..., decode=False)`);
 - arrayrecord: `make_dataset(source="tfds")`: the TFDS ArrayRecord source, shuffle, flips/rotations, batching;
 each in this process (0) and with 1 and 2 worker processes (loops: a process pool of that size). Rounds
 interleave all measurements and the best of each is reported. It also times `contract.normalize_batch` on a
@@ -29,6 +31,7 @@ import multiprocessing
 import os
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -60,6 +63,16 @@ def _read_sample(index: int) -> int:
     return sum(v.nbytes for v in _STATE["source"][index].values() if isinstance(v, np.ndarray))
 
 
+def _read_record(index: int) -> int:
+    """The record bytes of patch `index` from the ArrayRecord reader (riegeli), not decoded."""
+    return len(_STATE["tfds"]._open().data_source[index])
+
+
+def _read_tfds_sample(index: int) -> int:
+    """The pipeline's TFDS source on patch `index` (the record read and decoded into its arrays)."""
+    return sum(v.nbytes for v in _STATE["tfds"][index].values() if isinstance(v, np.ndarray))
+
+
 def _read_plain(index: int) -> int:
     """One record-sized `os.pread` of the ArrayRecord shards (record `index` of a shuffled order)."""
     path, offset, size = _STATE["records"][index]
@@ -81,16 +94,19 @@ def record_ranges(data_dir: Path, n: int) -> list[tuple[str, int, int]]:
     return [ranges[i] for i in order]
 
 
-def _init(files: list[list[str]], root: str, records: list | None = None) -> None:
+def _init(files: list[list[str]], root: str, records: list | None = None, data_dir: str | None = None) -> None:
     source = pipeline.open_source("geotiff", root=root, split="train", decode=False)
-    _STATE.update(files=files, source=source, records=records or [], fds={})
+    tfds = pipeline.open_source("tfds", data_dir=data_dir, split="train", decode=False) if data_dir else None
+    _STATE.update(files=files, source=source, records=records or [], fds={}, tfds=tfds)
 
 
-def loop_rate(read, files: list[list[str]], root: Path, workers: int, repeats: int, records=None) -> float:
+def loop_rate(read, files: list[list[str]], root: Path, workers: int, repeats: int, records=None,
+              data_dir: Path | None = None) -> float:
     """Patches/s of `read(index)` over `repeats` passes, in this process (0) or a pool of `workers`."""
     indices = list(range(len(files))) * repeats
+    data_dir = str(data_dir) if data_dir else None
     if workers == 0:
-        _init(files, str(root), records)
+        _init(files, str(root), records, data_dir)
         for index in range(len(files)):
             read(index)
         start = time.perf_counter()
@@ -98,7 +114,7 @@ def loop_rate(read, files: list[list[str]], root: Path, workers: int, repeats: i
             read(index)
         return len(indices) / (time.perf_counter() - start)
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init, initargs=(files, str(root), records)) as pool:
+    with ctx.Pool(workers, initializer=_init, initargs=(files, str(root), records, data_dir)) as pool:
         pool.map(read, range(len(files)), chunksize=4)  # warm-up: page cache, imports
         start = time.perf_counter()
         pool.map(read, indices, chunksize=4)
@@ -150,7 +166,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best rate is reported")
     parser.add_argument("--work", default=None, help="folder for the data (kept; default: a temporary one)")
     parser.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
-    parser.add_argument("--json", default=None, help="also write this run's figures to this JSON file")
+    parser.add_argument("--json", default=None, help="also write this run's figures to this JSON file (an "
+                        "existing one is merged into: the best of its runs and this one)")
     parser.add_argument("--before", default=None, help="a --json file of an earlier run, shown beside this one")
     args = parser.parse_args()
 
@@ -190,6 +207,8 @@ def main() -> None:
                 "samples": loop_rate(_read_sample, files, root, workers, args.passes),
                 "geotiff": pipeline_rate({**common, "source": "geotiff"}, workers, batches),
                 "plain": loop_rate(_read_plain, files, root, workers, args.passes, records),
+                "records": loop_rate(_read_record, files, root, workers, args.passes, data_dir=data_dir),
+                "tfds_samples": loop_rate(_read_tfds_sample, files, root, workers, args.passes, data_dir=data_dir),
                 "arrayrecord": pipeline_rate({**common, "source": "tfds"}, workers, batches),
             }
             for name, rate in rates.items():
@@ -202,7 +221,12 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     run = {"results": {f"{k}/{w}": v for (k, w), v in results.items()}, "normalize_ms": norm_ms,
            "dtypes": dtypes, "load": [load_before, load_after], "commit": _commit()}
-    if args.json:
+    if args.json:  # an existing file is merged into: best of its runs and this one (runs interleaved by hand)
+        if Path(args.json).exists():
+            old = json.loads(Path(args.json).read_text())
+            run["results"] = {k: max(v, old["results"].get(k, 0.0)) for k, v in run["results"].items()}
+            run["load"] = [min(old["load"][0], load_before), max(old["load"][1], load_after)]
+            run["runs"] = old.get("runs", 1) + 1
         Path(args.json).write_text(json.dumps(run, indent=2))
     before = json.loads(Path(args.before).read_text()) if args.before else None
     command = (
@@ -229,6 +253,8 @@ ROUTES = (
     ("samples", "loop over the pipeline's GeoTIFF source (no pipeline)"),
     ("geotiff", 'GeoTIFF pipeline (`source="geotiff"`)'),
     ("plain", "plain `pread` of the ArrayRecord bytes (the ArrayRecord limit)"),
+    ("records", "ArrayRecord reader alone (riegeli, record bytes undecoded)"),
+    ("tfds_samples", "loop over the pipeline's TFDS source (read + decode, no pipeline)"),
     ("arrayrecord", 'ArrayRecord pipeline (`source="tfds"`)'),
 )
 
@@ -278,7 +304,7 @@ pipeline compact ({run['dtypes']}); `contract.normalize_batch` makes them float3
 {run['normalize_ms']:.1f} ms for a batch of {args.batch} on this CPU{
 f" (before: {before['dtypes']}, made on the host)" if before else ""}.
 
-Patches per second, best of {args.rounds} interleaved rounds (0 = in the main process; loops: a pool of that
+Patches per second, best of {args.rounds * run.get("runs", 1)} rounds (0 = in the main process; loops: a pool of that
 many processes; pipelines: grain worker processes){", before -> after" if before else ""}:
 
 | route | 0 workers | 1 worker | 2 workers |
@@ -289,7 +315,22 @@ Goals (0 / 1 / 2 workers{", before -> after" if before else ""}):
 - GeoTIFF pipeline >= 80 % of the raw reads: {pcts("geo_vs_raw", ".0%")} ({met(goal_geo)}).
 - ArrayRecord pipeline >= 5x the GeoTIFF pipeline: {pcts("ar_vs_geo", ".1f")}, or >= 80 % of a plain read of
   the same bytes: {pcts("ar_vs_plain", ".0%")} ({met(goal_ar)}).
-"""
+
+{breakdown(after, "Where the time goes now")}
+{breakdown(before["results"], "Before (float32 made on the host)") if before else ""}"""
+
+
+def breakdown(results: dict, title: str) -> str:
+    """Milliseconds a patch in this process (0 workers), stage by stage, from the loop and pipeline rates."""
+    ms = {k.split("/")[0]: 1e3 / v for k, v in results.items() if k.endswith("/0")}
+    return textwrap.fill(
+        f"{title} (ms a patch, in-process): GeoTIFF route: raw reads {ms['raw']:.1f}, the source (checks, "
+        f"the cloud map, (C, H, W) -> (H, W, C){', float32' if 'float32' in title else ''}) "
+        f"{ms['samples'] - ms['raw']:+.1f}, the pipeline (shuffle, augmentation, batching, threads) "
+        f"{ms['geotiff'] - ms['samples']:+.1f} = {ms['geotiff']:.1f}. ArrayRecord route: a plain read "
+        f"{ms['plain']:.1f}, the riegeli reader {ms['records']:.1f}, decoding the record "
+        f"{ms['tfds_samples'] - ms['records']:+.1f}, the pipeline {ms['arrayrecord'] - ms['tfds_samples']:+.1f} "
+        f"= {ms['arrayrecord']:.1f}.", width=110, initial_indent="- ", subsequent_indent="  ")
 
 
 if __name__ == "__main__":
