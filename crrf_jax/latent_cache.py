@@ -13,8 +13,9 @@ means, scaled with the measured latent statistics) into NumPy files in `rundir.l
 `iterator` serves them through grain (seeded shuffle, repeat, random crop of `crop_size / 8` latent pixels,
 flips and 90-degree rotations applied identically to the latents and the cloud map, batching) with a
 checkpointable state, like the image pipeline. Its batches carry the cloud map as stored (uint8), which the
-train step normalises (`contract.normalize_batch`), as it does the image pipeline's compact batches. Geometric augmentation in latent space is an approximation
-(the VAE is not exactly equivariant), the usual price of a latent cache.
+train step normalises (`contract.normalize_batch`), as it does the image pipeline's compact batches.
+Geometric augmentation in latent space is an approximation (the VAE is not exactly equivariant), the usual
+price of a latent cache.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ def cache(tmp_path_factory):
         }
 
     def compact(b):  # as the pipelines give it: uint16 DN, uint8 cloud probability
-        return {**b, "s2": contract.denormalize_s2(b["s2"]), "s2_cloudy": contract.denormalize_s2(b["s2_cloudy"]),
+        return {**b, "s2": contract.denormalize_s2(b["s2"]),
+                "s2_cloudy": contract.denormalize_s2(b["s2_cloudy"]),
                 "cloud_prob": contract.cloud_prob_to_uint8(b["cloud_prob"])}
 
     batches = [batch(0, 4, [True] * 4), compact(batch(4, 4, [True, True, False, False]))]  # last batch padded

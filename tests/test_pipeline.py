@@ -119,7 +119,8 @@ def test_device_normalisation_equals_the_host_float32_bit_for_bit(data, source):
     device = jax.device_get(jax.jit(contract.normalize_batch)(compact))
     host = contract.normalize_batch(compact, np)
     floats = next(iter(pipeline.eval_dataset(**kwargs, to_float32=True)))
-    old = pipeline.GeoTiffSource(root, "train") if source == "geotiff" else pipeline.TfdsSource(data_dir, "train")
+    old = (pipeline.GeoTiffSource(root, "train") if source == "geotiff"
+           else pipeline.TfdsSource(data_dir, "train"))
     old_by_id = {str(old[i]["id"]): old[i] for i in range(len(old))}
     assert batch["s2"].dtype == np.uint16 and batch["cloud_prob"].dtype == np.uint8
     for i, sample_id in enumerate(batch["id"]):

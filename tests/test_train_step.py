@@ -131,8 +131,8 @@ def test_consecutive_non_finite_steps_halt_on_device_and_never_apply():
 
 
 def test_a_compact_batch_is_normalised_first_inside_the_step():
-    """The pipelines' uint8 cloud probability (and uint16 DN) become float32 inside the jitted step: one step on
-    the compact batch is the step on its host float32 form."""
+    """The pipelines' uint8 cloud probability (and uint16 DN) become float32 inside the jitted step: one step
+    on the compact batch is the step on its host float32 form."""
     from crrf_jax.data import contract
 
     stored = np.random.default_rng(5).integers(0, 256, (B, 8 * HW, 8 * HW, 1), dtype=np.uint8)

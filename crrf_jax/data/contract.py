@@ -20,8 +20,9 @@ order). Channels are last. The networks see every [0, 1] image through `to_model
 their image outputs go back through `from_model`; written predictions are uint16 DN (`denormalize_s2`).
 
 Where the float32 form is made: the pipelines' batches stay compact on the host (`COMPACT_DTYPES`: s2 and
-s2_cloudy uint16 DN, cloud_prob uint8 x 255; s1 float32), and `normalize_batch` makes the table's float32 as the
-first operation inside the jitted steps, bit-identical to `normalize_s2` / `cloud_prob_from_uint8` on the host.
+s2_cloudy uint16 DN, cloud_prob uint8 x 255; s1 float32), and `normalize_batch` makes the table's float32
+as the first operation inside the jitted steps, bit-identical to `normalize_s2` / `cloud_prob_from_uint8`
+on the host.
 
 On disk: S1 GeoTIFFs hold 2 bands of float dB, S2 GeoTIFFs 13 bands of uint16 DN (float DN accepted), cloud
 probability 1 band of uint8 x 255 (float in [0, 1] accepted from users). `open_geotiff` opens any of them and
@@ -122,13 +123,14 @@ def cloud_prob_from_uint8(stored: np.ndarray) -> np.ndarray:
     return np.asarray(stored).astype(np.float32) / CLOUD_PROB_SCALE
 
 
-# ---------------------------------------------------------------------------------------------- compact batches
+# -------------------------------------------------------------------------------------------- compact batches
 
-# Host batches carry these keys in their stored, compact dtypes (half the bytes of float32 for S2, a quarter for
-# the cloud map); `normalize_batch` turns them into the float32 contract, on the device as the first operation
-# of every jitted step, or on the host for consumers that need floats there. Any float array is already the
-# contract (S1 always is: its non-finite fill is decided per patch on the host).
-COMPACT_DTYPES = {"s2": np.dtype(np.uint16), "s2_cloudy": np.dtype(np.uint16), "cloud_prob": np.dtype(np.uint8)}
+# Host batches carry these keys in their stored, compact dtypes (half the bytes of float32 for S2, a quarter
+# for the cloud map); `normalize_batch` turns them into the float32 contract, on the device as the first
+# operation of every jitted step, or on the host for consumers that need floats there. Any float array is
+# already the contract (S1 always is: its non-finite fill is decided per patch on the host).
+COMPACT_DTYPES = {"s2": np.dtype(np.uint16), "s2_cloudy": np.dtype(np.uint16),
+                  "cloud_prob": np.dtype(np.uint8)}
 
 
 @functools.cache
@@ -155,14 +157,15 @@ def normalize_array(key: str, value, xp=None):
     if dtype.kind == "f":
         return value if dtype == np.float32 else value.astype(np.float32)
     if dtype != COMPACT_DTYPES[key]:
-        raise TypeError(f"batch[{key!r}] is {dtype}; the data contract takes {COMPACT_DTYPES[key]} (stored) or "
-                        f"float32 in [0, 1]")
+        raise TypeError(f"batch[{key!r}] is {dtype}; the data contract takes {COMPACT_DTYPES[key]} (stored) "
+                        f"or float32 in [0, 1]")
     if xp is np:
         return normalize_s2(value) if dtype == np.uint16 else cloud_prob_from_uint8(value)
     import jax.numpy as jnp  # here, not at the top: this module imports only NumPy
 
     table = jnp.asarray(_tables()[dtype])
-    return jnp.take(table, value.astype(jnp.int32), mode="clip")  # clip: DN above 10000 -> 1.0, as on the host
+    # mode="clip": DN above 10000 index the last entry, 1.0, as the host's clip gives
+    return jnp.take(table, value.astype(jnp.int32), mode="clip")
 
 
 def normalize_batch(batch: dict, xp=None) -> dict:

@@ -15,7 +15,7 @@ Where normalisation happens. Batches stay compact on the host: both sources read
 the cloud probability as stored uint8 x 255, and so do the augmentation, the batch, grain's worker processes
 and their shared memory (half the bytes of float32 for S2, a quarter for the cloud map). The float32 contract
 is made by `contract.normalize_batch` as the first operation inside the jitted steps (train_lib.train_step,
-sampling.predict_batch, the latent encoders), bit-identical to the host conversions it replaces; host
+sampling.sample_patches, the latent encoders), bit-identical to the host conversions it replaces; host
 consumers that need floats (evaluation, previews) call it with xp=numpy, or pass `to_float32=True`.
 
 Batches are dicts: s1 (B, H, W, 2) float32 [0, 1]; s2 and s2_cloudy (B, H, W, C) uint16 DN; cloud_prob
@@ -72,8 +72,9 @@ class GeoTiffSource:
 
     `source[i]` reads triplet i of `find_triplets(root, split, protocol)` and its cached cloud probability
     (under `cloud_prob_dir`, default root) -> dict of s1, s2, s2_cloudy, cloud_prob float32 arrays and id.
-    With compact=True (the pipeline's form) s2 / s2_cloudy stay uint16 DN and cloud_prob uint8 as stored,
-    views of what rasterio read. Raises DataError naming the file on a bad or missing file.
+    With compact=True (the pipeline's form) s2 / s2_cloudy stay uint16 DN and cloud_prob uint8 as stored
+    (read straight into channels-last arrays, nothing converted). Raises DataError naming the file on a bad or
+    missing file.
     """
 
     def __init__(
@@ -118,8 +119,8 @@ class TfdsSource:
 
     `source[i]` -> the same dict as GeoTiffSource (decoded by `crrf_jax.data.tfds.decode_example`). With
     decode=False the arrays keep their stored dtypes (s2 uint16 DN, cloud_prob uint8 x255, s1 float32), the
-    pipeline's compact form (`contract.normalize_batch` converts). The TFDS reader is opened lazily in each process, so
-    the source pickles cheaply into grain workers.
+    pipeline's compact form (`contract.normalize_batch` converts). The TFDS reader is opened lazily in each
+    process, so the source pickles cheaply into grain workers.
     """
 
     def __init__(
@@ -164,7 +165,8 @@ class TfdsSource:
             return _tfds_modules()[1].decode_example(reader[index], self.bands)
         sample = self._parse(reader.data_source[index], index)  # the record's bytes, without TFDS's decoding
         if len(self.bands) != len(contract.S2_BANDS):
-            sample["s2"], sample["s2_cloudy"] = (sample[k][..., list(self.bands)] for k in ("s2", "s2_cloudy"))
+            sample["s2"], sample["s2_cloudy"] = (sample[k][..., list(self.bands)]
+                                                 for k in ("s2", "s2_cloudy"))
         return sample
 
     def _parse(self, record: bytes, index: int) -> dict[str, Any]:
@@ -180,8 +182,8 @@ class TfdsSource:
                       .reshape(tuple(feature[f"{key}/shape"].int64_list.value)) for key in ARRAY_KEYS}
             sample["id"] = feature["id"].bytes_list.value[0].decode()
         except (KeyError, IndexError, ValueError) as err:
-            raise DataError(self.data_dir, f"record {index} of split {self.split!r} is not a sen12mscr example "
-                                           f"({type(err).__name__}: {err}); rebuild the shards") from err
+            reason = f"record {index} of split {self.split!r} is not a sen12mscr example"
+            raise DataError(self.data_dir, f"{reason} ({type(err).__name__}: {err}); rebuild the shards") from err
         return sample
 
     def __getstate__(self):

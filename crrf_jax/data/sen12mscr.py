@@ -310,9 +310,9 @@ def read_pixels(ds, path: Path, indexes: list[int], window: Window | None = None
 
 
 def read_s2(ds, path: Path, indexes: list[int], window: Window | None = None, *, compact: bool = False):
-    """S2 bands (1-based indexes) of window -> (H, W, C) float32 [0, 1] (`s2_pixels`). compact: a uint16 file's
-    DN as stored instead, (H, W, C) uint16 (`read_hwc`: no conversion, and no NaN check, since uint16 holds
-    none); float DN files are normalised either way."""
+    """S2 bands (1-based indexes) of window -> (H, W, C) float32 [0, 1] (`s2_pixels`). compact: a uint16
+    file's DN as stored instead, (H, W, C) uint16 (`read_hwc`: no conversion, and no NaN check, since uint16
+    holds none); float DN files are normalised either way."""
     if compact and ds.dtypes[0] == "uint16":
         return read_hwc(ds, path, indexes, window)
     return s2_pixels(read_pixels(ds, path, indexes, window), path)
