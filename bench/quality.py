@@ -108,7 +108,7 @@ def images(source: str, root: str | None, data_dir: str | None, split: str, prot
     """The images of a split one by one: "s1" (H, W, 2), "s2", "s2_cloudy" (H, W, C), "cloud_prob" (H, W, 1)."""
     dataset = pipeline.make_dataset(source=source, root=root, data_dir=data_dir, split=split, protocol=protocol,
                                     bands=list(bands), batch_size=batch_size, crop_size=None, shuffle=False,
-                                    num_epochs=1, drop_remainder=False)
+                                    num_epochs=1, drop_remainder=False, to_float32=True)
     for batch in dataset:
         for i in np.flatnonzero(np.asarray(batch["mask"], bool)):
             yield {k: np.asarray(batch[k][i], np.float32) for k in ("s1", "s2", "s2_cloudy", "cloud_prob")}

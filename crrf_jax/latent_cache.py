@@ -12,8 +12,10 @@ means, scaled with the measured latent statistics) into NumPy files in `rundir.l
 
 `iterator` serves them through grain (seeded shuffle, repeat, random crop of `crop_size / 8` latent pixels,
 flips and 90-degree rotations applied identically to the latents and the cloud map, batching) with a
-checkpointable state, like the image pipeline. Geometric augmentation in latent space is an approximation
-(the VAE is not exactly equivariant), the usual price of a latent cache.
+checkpointable state, like the image pipeline. Its batches carry the cloud map as stored (uint8), which the
+train step normalises (`contract.normalize_batch`), as it does the image pipeline's compact batches.
+Geometric augmentation in latent space is an approximation (the VAE is not exactly equivariant), the usual
+price of a latent cache.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def build(directory: str | os.PathLike, batches, vaes: sampling.Networks) -> str
     if os.path.exists(os.path.join(directory, "DONE")):
         return directory
     os.makedirs(directory, exist_ok=True)
-    encode = jax.jit(train_lib.encode_batch)
+    encode = jax.jit(lambda nets, batch: train_lib.encode_batch(nets, contract.normalize_batch(batch)))
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in (*LATENT_KEYS, "cloud_prob")}
     ids: list[str] = []
     for batch in tqdm(batches, desc="caching latents", unit="batch", dynamic_ncols=True):
@@ -54,7 +56,8 @@ def build(directory: str | os.PathLike, batches, vaes: sampling.Networks) -> str
         latents = jax.device_get(encode(vaes, {k: jnp.asarray(batch[k]) for k in ("s2", "s2_cloudy", "s1")}))
         for k in LATENT_KEYS:
             chunks[k].append(np.asarray(latents[k], np.float32)[valid])
-        chunks["cloud_prob"].append(contract.cloud_prob_to_uint8(batch["cloud_prob"][valid]))
+        prob = np.asarray(batch["cloud_prob"])[valid]  # kept uint8 x 255, as stored
+        chunks["cloud_prob"].append(prob if prob.dtype == np.uint8 else contract.cloud_prob_to_uint8(prob))
         ids.extend(str(i) for i in np.asarray(batch["id"])[valid])
     if not ids:
         raise ValueError(f"{directory}: no training samples to cache")
@@ -83,7 +86,7 @@ class LatentSource(grain.sources.RandomAccessDataSource):
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         out = {k: np.asarray(self._arrays[k][index], np.float32) for k in LATENT_KEYS}
-        out["cloud_prob"] = contract.cloud_prob_from_uint8(self._arrays["cloud_prob"][index])
+        out["cloud_prob"] = np.asarray(self._arrays["cloud_prob"][index])  # uint8: the step normalises it
         return out
 
 

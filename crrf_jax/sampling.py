@@ -101,7 +101,8 @@ def sample_patches(
       s2_cloudy: (B, H, W, C) reflectance in [0, 1], or (B, T, H, W, C): T dates in order (up to the flow
         model's max_dates; the flow then starts from their least-cloudy composite, which the refiner also
         sees); s1: (B, [T,] H, W, 2) in [0, 1] or None (the model's SAR-absent mode); cloud_prob:
-        (B, [T,] H, W, 1) in [0, 1]. H, W multiples of 16.
+        (B, [T,] H, W, 1) in [0, 1]. H, W multiples of 16. s2_cloudy and cloud_prob may be the pipelines'
+        compact uint16 DN / uint8: normalised here first (`contract.normalize_array`).
       keys: (B,) PRNG keys, one per patch; sample k of patch i starts from noise drawn with
         `fold_in(keys[i], k)`, so a patch's result does not depend on the rest of the batch.
       steps: Euler steps; guidance_scale: classifier-free guidance (1 = off; the unconditional branch
@@ -119,6 +120,8 @@ def sample_patches(
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    s2_cloudy = contract.normalize_array("s2_cloudy", s2_cloudy)
+    cloud_prob = contract.normalize_array("cloud_prob", cloud_prob)
     flow_model, vae_s2, refiner = nets.flow(), nets.vae_s2(), nets.refiner()
     if output == "roundtrip_refined" and refiner is None:
         raise ValueError("output='roundtrip_refined' needs a refiner; this model has none")
@@ -239,7 +242,8 @@ def predict_batch(
     Args:
       batch: `s2_cloudy` (B, [T,] H, W, C) and `cloud_prob` (B, [T,] H, W, 1) in [0, 1], `s1` (B, [T,] H, W, 2)
         in [0, 1] (ignored when `use_sar` is False, or absent: the model's trained SAR-absent mode). H, W
-        multiples of 16; T dates as `sample_patches` takes them.
+        multiples of 16; T dates as `sample_patches` takes them; compact dtypes are normalised inside the
+        jitted sampler.
       rng: one PRNG key for the batch (split into one key per patch).
       steps, guidance_scale, num_samples, spec, output: see `sample_patches`; refiner: optional Refiner.
     Returns:

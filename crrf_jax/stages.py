@@ -321,6 +321,7 @@ def shard_moments(config, workdir: str, batch_size: int, progress=None,
 
     @jax.jit
     def posterior_means(batch):  # every date of a multi-temporal S1 batch is one more image
+        batch = contract.normalize_batch(batch)
         return {stage: vae.encode_posterior(contract.to_model(temporal.flatten_dates(batch[keys[stage]]))).mean
                 for stage, vae in vaes.items()}
 

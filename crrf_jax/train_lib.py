@@ -162,7 +162,10 @@ def train_step(
 
     The guard runs on device: a step whose loss or gradients are not finite changes nothing but the guard's
     counters; after `max_bad_steps` consecutive ones the state is frozen (`guard.halted_at`) and every later
-    step is a no-op until the host notices (`check_finite`)."""
+    step is a no-op until the host notices (`check_finite`). The batch may be compact (the pipelines' uint16
+    DN and uint8 cloud probability): it becomes the float32 contract here, first
+    (`contract.normalize_batch`)."""
+    batch = contract.normalize_batch(batch)
     loss, aux, grads = _gradients(state, batch, rng, frozen, loss_fn, cfg.grad_accum)
     grad_norm = optax.global_norm(grads)
     guard = state.guard

@@ -23,6 +23,7 @@ import numpy as np
 from crrf_jax import checkpoint, parallel, paths, rundir, stages, train_lib
 from crrf_jax import config as C
 from crrf_jax import visualize as vis
+from crrf_jax.data import contract
 
 log = logging.getLogger("crrf_jax.train")
 
@@ -249,8 +250,9 @@ class _Loop:
 
 def _host_rows(local: dict) -> dict[str, np.ndarray]:
     """The first PREVIEW_ROWS images of the global batch whose part on this process is `local`, the same host
-    arrays on every process (gathered across processes), so all compute the same preview."""
-    return parallel.gather_rows(_arrays(local), PREVIEW_ROWS)
+    arrays on every process (gathered across processes), so all compute the same preview; normalised to the
+    float32 contract on the host (the preview draws them)."""
+    return contract.normalize_batch(parallel.gather_rows(_arrays(local), PREVIEW_ROWS), np)
 
 
 def _arrays(batch: dict) -> dict[str, np.ndarray]:

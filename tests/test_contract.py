@@ -101,6 +101,30 @@ def test_s1_fill_and_cloud_probability_cache():
 # ------------------------------------------------------------------------------------------------------ bands
 
 
+def test_normalize_batch_equals_the_host_conversions_for_every_stored_value():
+    """Every uint16 DN (0..65535: clipping above 10000 included) and every uint8 cloud probability becomes, on
+    the device (jit), exactly the float32 of the host's `normalize_s2` / `cloud_prob_from_uint8`; floats and
+    other keys pass through."""
+    import jax
+
+    dn = np.arange(65536, dtype=np.uint16).reshape(1, 256, 256, 1)
+    prob = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+    s1 = np.random.default_rng(0).uniform(0, 1, (1, 16, 16, 2)).astype(np.float32)
+    batch = {"s2": dn, "s2_cloudy": dn[..., ::-1], "cloud_prob": prob, "s1": s1, "mask": np.ones(1, bool)}
+    on_device = jax.device_get(jax.jit(contract.normalize_batch)(batch))
+    for out in (on_device, contract.normalize_batch(batch, np)):
+        assert all(out[k].dtype == np.float32 for k in contract.ARRAY_KEYS)
+        assert np.array_equal(out["s2"], contract.normalize_s2(dn))
+        assert np.array_equal(out["s2_cloudy"], contract.normalize_s2(dn[..., ::-1]))
+        assert np.array_equal(out["cloud_prob"], contract.cloud_prob_from_uint8(prob))
+        assert np.array_equal(out["s1"], s1) and out["mask"].dtype == bool
+    assert contract.normalize_batch(batch, np)["s1"] is s1  # float32 is already the contract
+    half = contract.normalize_array("s2", np.float16([0.5]), np)
+    assert half.dtype == np.float32 and half[0] == 0.5
+    with pytest.raises(TypeError, match=r"batch\['s2'\] is uint8"):
+        contract.normalize_array("s2", np.zeros(3, np.uint8), np)
+
+
 def test_resolve_bands():
     assert contract.resolve_bands(None) == tuple(range(13))
     assert contract.resolve_bands("all") == tuple(range(13))

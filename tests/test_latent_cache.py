@@ -5,6 +5,7 @@ import pytest
 
 from configs import common
 from crrf_jax import latent_cache, sampling, train_lib
+from crrf_jax.data import contract
 from crrf_jax.models import build
 
 
@@ -26,7 +27,12 @@ def cache(tmp_path_factory):
             "mask": np.array(valid),
         }
 
-    batches = [batch(0, 4, [True] * 4), batch(4, 4, [True, True, False, False])]  # last batch padded
+    def compact(b):  # as the pipelines give it: uint16 DN, uint8 cloud probability
+        return {**b, "s2": contract.denormalize_s2(b["s2"]),
+                "s2_cloudy": contract.denormalize_s2(b["s2_cloudy"]),
+                "cloud_prob": contract.cloud_prob_to_uint8(b["cloud_prob"])}
+
+    batches = [batch(0, 4, [True] * 4), compact(batch(4, 4, [True, True, False, False]))]  # last batch padded
     directory = latent_cache.build(str(tmp_path_factory.mktemp("latents")), batches, vaes)
     return directory, vaes, batches
 
@@ -40,7 +46,15 @@ def test_cache_holds_every_valid_sample_encoded_by_the_frozen_vaes(cache):
     for k in latent_cache.LATENT_KEYS:
         np.testing.assert_allclose(source[1][k], np.asarray(expected[k][1]), atol=1e-6)
         assert source[1][k].shape == (4, 4, 16)
-    np.testing.assert_allclose(source[0]["cloud_prob"], batches[0]["cloud_prob"][0], atol=0.5 / 255)
+    assert source[0]["cloud_prob"].dtype == np.uint8  # served as stored; the train step normalises it
+    np.testing.assert_allclose(contract.cloud_prob_from_uint8(source[0]["cloud_prob"]),
+                               batches[0]["cloud_prob"][0], atol=0.5 / 255)
+    # a compact batch is normalised before encoding: its latents are those of its float32 form
+    floats = contract.normalize_batch({k: batches[1][k] for k in ("s2", "s2_cloudy", "s1")}, np)
+    expected = train_lib.encode_batch(vaes, floats)
+    for k in latent_cache.LATENT_KEYS:
+        np.testing.assert_allclose(source[5][k], np.asarray(expected[k][1]), atol=1e-6)
+    np.testing.assert_array_equal(source[5]["cloud_prob"], batches[1]["cloud_prob"][1])
 
 
 def test_crops_keep_latents_and_cloud_map_aligned(cache):
@@ -55,7 +69,7 @@ def test_crops_keep_latents_and_cloud_map_aligned(cache):
                    if np.array_equal(source[j]["x0"][top:top + 2, left:left + 2], batch["x0"][i])]
         assert len(matches) == 1
         _, _, left = matches[0]
-        cols = np.rint(batch["cloud_prob"][i, 0, :, 0] * 31)
+        cols = np.rint(contract.cloud_prob_from_uint8(batch["cloud_prob"][i, 0, :, 0]) * 31)
         np.testing.assert_array_equal(cols, np.arange(left * 8, left * 8 + 16))
 
 

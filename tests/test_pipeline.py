@@ -82,8 +82,9 @@ def test_evaluation_pass_sees_every_patch_once(data, source):
     _assert_same_batches(batches, again)
 
 
-def test_both_sources_give_identical_batches(data):
-    """The TFDS route converts stored uint16/uint8 while batching: bit-identical to reading the GeoTIFFs."""
+def test_both_sources_give_identical_compact_batches(data):
+    """Batches stay compact on the host (uint16 DN, uint8 cloud probability, float32 S1), the same from the
+    TFDS shards as from the GeoTIFFs."""
     per_source = {}
     for source in ("geotiff", "tfds"):
         batches = list(pipeline.eval_dataset(**_kwargs(data, source, batch_size=5, bands="B02,B8A,B12")))
@@ -94,17 +95,63 @@ def test_both_sources_give_identical_batches(data):
             if b["mask"][i]
         }
     assert per_source["geotiff"].keys() == per_source["tfds"].keys() and len(per_source["tfds"]) == 12
+    stored = {"s1": np.float32, **contract.COMPACT_DTYPES}
     for sample_id, arrays in per_source["geotiff"].items():
         assert arrays["s2"].shape == (SIZE, SIZE, 3)
         for key, value in arrays.items():
-            assert value.dtype == np.float32
+            assert value.dtype == stored[key], key
             np.testing.assert_array_equal(
                 per_source["tfds"][sample_id][key], value, err_msg=f"{sample_id} {key}"
             )
 
 
+@pytest.mark.parametrize("source", ["geotiff", "tfds"])
+def test_device_normalisation_equals_the_host_float32_bit_for_bit(data, source):
+    """The data contract moved to the device: `contract.normalize_batch` inside jit turns a compact batch into
+    exactly the float32 the host made before (read_triplet + load_cloud_prob for the GeoTIFFs, decode_example
+    for the TFDS shards); so does its host form and `to_float32=True`."""
+    import jax
+
+    root, data_dir = data
+    kwargs = _kwargs(data, source, batch_size=6)
+    batch = next(iter(pipeline.eval_dataset(**kwargs)))
+    compact = {k: batch[k] for k in contract.ARRAY_KEYS}
+    device = jax.device_get(jax.jit(contract.normalize_batch)(compact))
+    host = contract.normalize_batch(compact, np)
+    floats = next(iter(pipeline.eval_dataset(**kwargs, to_float32=True)))
+    old = (pipeline.GeoTiffSource(root, "train") if source == "geotiff"
+           else pipeline.TfdsSource(data_dir, "train"))
+    old_by_id = {str(old[i]["id"]): old[i] for i in range(len(old))}
+    assert batch["s2"].dtype == np.uint16 and batch["cloud_prob"].dtype == np.uint8
+    for i, sample_id in enumerate(batch["id"]):
+        for key in contract.ARRAY_KEYS:
+            expected = old_by_id[str(sample_id)][key]
+            assert expected.dtype == device[key].dtype == host[key].dtype == floats[key].dtype == np.float32
+            for got in (device, host, floats):
+                assert np.array_equal(got[key][i], expected), f"{source} {sample_id} {key}"
+
+
+def test_a_float_dn_file_makes_its_batch_float32(data, tmp_path):
+    """A float DN GeoTIFF (accepted by the contract) is normalised when read; a batch mixing it with uint16
+    files is float32 for that key, with the values the float32 route gives."""
+    import rasterio
+
+    root = tmp_path / "mixed"
+    shutil.copytree(data[0], root)
+    triplet = sen12mscr.find_triplets(root, "train")[0]
+    with rasterio.open(triplet.s2_cloudy) as src:
+        profile, dn = src.profile, src.read()
+    with rasterio.open(triplet.s2_cloudy, "w", **{**profile, "dtype": "float32"}) as dst:
+        dst.write(dn.astype(np.float32))
+    kwargs = dict(source="geotiff", root=root, split="train", batch_size=12, process_index=0, process_count=1)
+    batch = next(iter(pipeline.eval_dataset(**kwargs)))
+    floats = next(iter(pipeline.eval_dataset(**kwargs, to_float32=True)))
+    assert batch["s2_cloudy"].dtype == np.float32 and batch["s2"].dtype == np.uint16
+    np.testing.assert_array_equal(batch["s2_cloudy"], floats["s2_cloudy"])
+
+
 def test_worker_batches_equal_in_process_batches(data):
-    """With a worker, compact batches cross processes and become float32 in the main process: same values."""
+    """With a worker, compact batches cross processes through shared memory: the same batches."""
     kwargs = _kwargs(data, "tfds", batch_size=5)
     in_process = list(pipeline.eval_dataset(**kwargs))
     iterator = iter(pipeline.eval_dataset(**kwargs, worker_count=1))
@@ -164,7 +211,7 @@ def _dihedral(image, turns, flip):
 def test_augmentation_identical_across_modalities(data):
     """Every augmented sample is one crop + rotation + flip of its patch, the same for all four arrays."""
     root, _ = data
-    source = pipeline.GeoTiffSource(root, "train")
+    source = pipeline.GeoTiffSource(root, "train", compact=True)
     originals = {t.id: source[i] for i, t in enumerate(source.triplets)}
     batch = next(iter(pipeline.make_dataset(**_kwargs(data, batch_size=8, crop_size=20, augment=True))))
     assert batch["s2"].shape == (8, 20, 20, 13) and batch["s1"].shape == (8, 20, 20, 2)

@@ -109,7 +109,7 @@ class OracleRemover:
     def __init__(self, root):
         self.targets, self.calls = {}, []
         for batch in pipeline.make_dataset(source="geotiff", root=root, split="all", batch_size=4, shuffle=False,
-                                           num_epochs=1, drop_remainder=False):
+                                           num_epochs=1, drop_remainder=False, to_float32=True):
             for i, image_id in enumerate(batch["id"]):
                 if batch["mask"][i]:
                     self.targets[evaluation.image_seed(str(image_id))] = np.asarray(batch["s2"][i], np.float32)

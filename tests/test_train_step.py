@@ -128,3 +128,16 @@ def test_consecutive_non_finite_steps_halt_on_device_and_never_apply():
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
     with pytest.raises(train_lib.NonFiniteError, match="at step 3"):
         train_lib.check_finite(state, 2)
+
+
+def test_a_compact_batch_is_normalised_first_inside_the_step():
+    """The pipelines' uint8 cloud probability (and uint16 DN) become float32 inside the jitted step: one step
+    on the compact batch is the step on its host float32 form."""
+    from crrf_jax.data import contract
+
+    stored = np.random.default_rng(5).integers(0, 256, (B, 8 * HW, 8 * HW, 1), dtype=np.uint8)
+    compact = {**_batch(0), "cloud_prob": stored}
+    floats = {**_batch(0), "cloud_prob": contract.cloud_prob_from_uint8(stored)}
+    (a, trace_a), (b, trace_b) = _run(_optim(), [compact]), _run(_optim(), [floats])
+    assert trace_a[0]["loss"] == trace_b[0]["loss"]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(a.params), jax.device_get(b.params))

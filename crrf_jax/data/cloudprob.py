@@ -179,8 +179,11 @@ def write_cloud_prob(path: str | os.PathLike, prob: np.ndarray, crs, transform) 
     os.replace(tmp, path)
 
 
-def load_cloud_prob(root: str | os.PathLike, triplet: Triplet, window: Window | None = None) -> np.ndarray:
-    """Cached cloud probability of triplet (H, W, 1) float32 in [0, 1], of window when given.
+def load_cloud_prob(
+    root: str | os.PathLike, triplet: Triplet, window: Window | None = None, *, compact: bool = False
+) -> np.ndarray:
+    """Cached cloud probability of triplet (H, W, 1) float32 in [0, 1], of window when given; with compact the
+    stored uint8 x 255 (`contract.cloud_prob_from_uint8` makes it float32).
 
     Raises FileNotFoundError with the command that computes the cache when it is missing, DataError when the
     file is unreadable or not a single-band uint8 raster.
@@ -199,7 +202,7 @@ def load_cloud_prob(root: str | os.PathLike, triplet: Triplet, window: Window | 
             data = ds.read(1, window=window)
         except rasterio.errors.RasterioError as e:
             raise DataError(path, f"cannot read cached cloud probability ({e})") from e
-    return contract.cloud_prob_from_uint8(data)[..., None]
+    return data[..., None] if compact else contract.cloud_prob_from_uint8(data)[..., None]
 
 
 # ------------------------------------------------------------------------------- SEN12MS-CR-TS date coverage

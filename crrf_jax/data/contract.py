@@ -22,6 +22,11 @@ C is the number of selected bands (`resolve_bands`: all 13 of `S2_BANDS` by defa
 order). Channels are last. The networks see every [0, 1] image through `to_model` (x * 2 - 1, so [-1, 1]) and
 their image outputs go back through `from_model`; written predictions are uint16 DN (`denormalize_s2`).
 
+Where the float32 form is made: the pipelines' batches stay compact on the host (`COMPACT_DTYPES`: s2 and
+s2_cloudy uint16 DN, cloud_prob uint8 x 255; s1 float32), and `normalize_batch` makes the table's float32
+as the first operation inside the jitted steps, bit-identical to `normalize_s2` / `cloud_prob_from_uint8`
+on the host.
+
 On disk: S1 GeoTIFFs hold 2 bands of float dB, S2 GeoTIFFs 13 bands of uint16 DN (float DN accepted), cloud
 probability 1 band of uint8 x 255 (float in [0, 1] accepted from users). `open_geotiff` opens any of them and
 checks its bands, dtype and grid, raising `DataError` naming the file.
@@ -32,6 +37,7 @@ and only NumPy at import time (rasterio when a file is opened), so the networks 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -131,6 +137,58 @@ def cloud_prob_to_uint8(prob: np.ndarray) -> np.ndarray:
 def cloud_prob_from_uint8(stored: np.ndarray) -> np.ndarray:
     """A cached uint8 cloud probability -> float32 in [0, 1]."""
     return np.asarray(stored).astype(np.float32) / CLOUD_PROB_SCALE
+
+
+# -------------------------------------------------------------------------------------------- compact batches
+
+# Host batches carry these keys in their stored, compact dtypes (half the bytes of float32 for S2, a quarter
+# for the cloud map); `normalize_batch` turns them into the float32 contract, on the device as the first
+# operation of every jitted step, or on the host for consumers that need floats there. Any float array is
+# already the contract (S1 always is: its non-finite fill is decided per patch on the host).
+COMPACT_DTYPES = {"s2": np.dtype(np.uint16), "s2_cloudy": np.dtype(np.uint16),
+                  "cloud_prob": np.dtype(np.uint8)}
+
+
+@functools.cache
+def _tables() -> dict[np.dtype, np.ndarray]:
+    """float32 lookup tables of the host conversions: DN 0..10000 -> `normalize_s2`, 0..255 ->
+    `cloud_prob_from_uint8`. The device indexes them instead of dividing because XLA rewrites x / c into
+    x * (1 / c), which rounds differently from the host's division (3186 of the 10001 DN values and 126 of the
+    256 cloud-probability values on CPU)."""
+    return {np.dtype(np.uint16): normalize_s2(np.arange(int(S2_DN_MAX) + 1, dtype=np.uint16)),
+            np.dtype(np.uint8): cloud_prob_from_uint8(np.arange(256, dtype=np.uint8))}
+
+
+def normalize_array(key: str, value, xp=None):
+    """One batch entry -> the float32 contract: `key` "s2" / "s2_cloudy" as uint16 DN (clipped to 10000) and
+    "cloud_prob" as uint8 x 255 are converted (bit-identical to `normalize_s2` / `cloud_prob_from_uint8`);
+    floats become float32 (a float32 array passes through unchanged); other keys pass through.
+
+    xp: None (JAX: jit-traceable, for the device) or numpy (the host). Another integer dtype for an image key
+    is a TypeError naming it.
+    """
+    if key not in COMPACT_DTYPES:
+        return value
+    dtype = np.dtype(value.dtype)
+    if dtype.kind == "f":
+        return value if dtype == np.float32 else value.astype(np.float32)
+    if dtype != COMPACT_DTYPES[key]:
+        raise TypeError(f"batch[{key!r}] is {dtype}; the data contract takes {COMPACT_DTYPES[key]} (stored) "
+                        f"or float32 in [0, 1]")
+    if xp is np:
+        return normalize_s2(value) if dtype == np.uint16 else cloud_prob_from_uint8(value)
+    import jax.numpy as jnp  # here, not at the top: this module imports only NumPy
+
+    table = jnp.asarray(_tables()[dtype])
+    # mode="clip": DN above 10000 index the last entry, 1.0, as the host's clip gives
+    return jnp.take(table, value.astype(jnp.int32), mode="clip")
+
+
+def normalize_batch(batch: dict, xp=None) -> dict:
+    """A batch (compact as the pipelines give it, or already float32) -> the float32 contract, every entry
+    through `normalize_array`; other keys (mask, id, cached latents) unchanged. Call it first inside jitted
+    steps (xp None), or with xp=numpy on the host."""
+    return {k: normalize_array(k, v, xp) for k, v in batch.items()}
 
 
 # ------------------------------------------------------------------------------------------------------ bands
@@ -271,7 +329,7 @@ def check_same_grid(ds, path: str | os.PathLike, ref, ref_path: str | os.PathLik
         problem = f"size {ds.height}x{ds.width} vs {ref.height}x{ref.width}"
     elif ds.crs and ref.crs and ds.crs != ref.crs:
         problem = f"CRS {ds.crs} vs {ref.crs}"
-    else:
+    elif ds.transform != ref.transform:  # identical transforms (co-registered partners): nothing to measure
         offset = _grid_offset(ds.transform, ref.transform, ds.height, ds.width)
         if offset > GRID_TOLERANCE:
             problem = (f"transform {tuple(ds.transform)[:6]} vs {tuple(ref.transform)[:6]} "

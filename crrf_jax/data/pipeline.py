@@ -2,7 +2,7 @@
 process, checkpointable.
 
 Two sources give the same samples (the data contract of `crrf_jax.data.contract`, docs/ARCHITECTURE.md "Data
-contract"; float32 in [0, 1], channels last):
+contract"; channels last):
 
 - `GeoTiffSource`: the raw layout, read with `read_triplet` plus the cached cloud probability;
 - `TfdsSource`: the ArrayRecord shards of `crrf_jax.data.tfds` through `tfds.data_source` (no TensorFlow).
@@ -12,12 +12,16 @@ contract"; float32 in [0, 1], channels last):
     source -> this process's shard -> shuffle(seed) -> repeat(num_epochs) -> read (skip or raise)
       -> random crop / flips / 90-degree rotations (same for every modality) -> batch -> worker processes
 
-The TFDS source keeps its compact stored dtypes (uint16 S2 DN, uint8 cloud probability) up to the batch,
-which converts them to float32 in one pass; with worker processes the compact batch crosses to the main
-process through shared memory and is converted there (half the bytes to move).
+Where normalisation happens. Batches stay compact on the host: both sources read S2 as stored uint16 DN and
+the cloud probability as stored uint8 x 255, and so do the augmentation, the batch, grain's worker processes
+and their shared memory (half the bytes of float32 for S2, a quarter for the cloud map). The float32 contract
+is made by `contract.normalize_batch` as the first operation inside the jitted steps (train_lib.train_step,
+sampling.sample_patches, the latent encoders), bit-identical to the host conversions it replaces; host
+consumers that need floats (evaluation, previews) call it with xp=numpy, or pass `to_float32=True`.
 
-Batches are dicts: s1 (B, H, W, 2), s2 and s2_cloudy (B, H, W, C), cloud_prob (B, H, W, 1), all float32;
-id (B,) str; mask (B,) bool, False on padding (evaluation only).
+Batches are dicts: s1 (B, H, W, 2) float32 [0, 1]; s2 and s2_cloudy (B, H, W, C) uint16 DN; cloud_prob
+(B, H, W, 1) uint8; id (B,) str; mask (B,) bool, False on padding (evaluation only). A float DN GeoTIFF gives
+float32 [0, 1] S2 (so does a batch mixing it with uint16 files); `to_float32=True` gives float32 throughout.
 
 The other benchmarks (`dataset`: `DATASETS`, one source each: `CuhkCrSource`, `Sen2MtcSource`,
 `Sen12mscrTsSource`) give the same keys, without s1 where the dataset has no SAR, and with a date axis on
@@ -76,7 +80,9 @@ class GeoTiffSource:
 
     `source[i]` reads triplet i of `find_triplets(root, split, protocol)` and its cached cloud probability
     (under `cloud_prob_dir`, default root) -> dict of s1, s2, s2_cloudy, cloud_prob float32 arrays and id.
-    Raises DataError naming the file on a bad or missing file.
+    With compact=True (the pipeline's form) s2 / s2_cloudy stay uint16 DN and cloud_prob uint8 as stored
+    (read straight into channels-last arrays, nothing converted). Raises DataError naming the file on a bad or
+    missing file.
     """
 
     def __init__(
@@ -86,8 +92,9 @@ class GeoTiffSource:
         protocol: str = "exact",
         bands: None | str | Sequence[int | str] = None,
         cloud_prob_dir: str | os.PathLike | None = None,
+        compact: bool = False,
     ):
-        self.root = Path(root)
+        self.root, self.compact = Path(root), compact
         self.split, self.protocol = split, protocol
         self.bands = contract.resolve_bands(bands)
         self.cloud_prob_dir = Path(cloud_prob_dir) if cloud_prob_dir is not None else self.root
@@ -98,9 +105,9 @@ class GeoTiffSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         triplet = self.triplets[index]
-        sample = sen12mscr.read_triplet(triplet, self.bands)
+        sample = sen12mscr.read_triplet(triplet, self.bands, compact=self.compact)
         try:
-            cloud_prob = cloudprob.load_cloud_prob(self.cloud_prob_dir, triplet)
+            cloud_prob = cloudprob.load_cloud_prob(self.cloud_prob_dir, triplet, compact=self.compact)
         except FileNotFoundError as err:
             raise DataError(cloudprob.cloud_prob_path(self.cloud_prob_dir, triplet), str(err)) from err
         return {
@@ -119,9 +126,9 @@ class TfdsSource:
     """Random access to the `sen12mscr/<protocol>` ArrayRecord shards under data_dir (no TensorFlow).
 
     `source[i]` -> the same dict as GeoTiffSource (decoded by `crrf_jax.data.tfds.decode_example`). With
-    decode=False the arrays keep their stored dtypes (s2 uint16 DN, cloud_prob uint8 x255, s1 float32): the
-    pipeline converts them while batching, in one pass. The TFDS reader is opened lazily in each process, so
-    the source pickles cheaply into grain workers.
+    decode=False the arrays keep their stored dtypes (s2 uint16 DN, cloud_prob uint8 x255, s1 float32), the
+    pipeline's compact form (`contract.normalize_batch` converts). The TFDS reader is opened lazily in each
+    process, so the source pickles cheaply into grain workers.
     """
 
     def __init__(
@@ -161,15 +168,30 @@ class TfdsSource:
         return self._length
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        stored = self._open()[index]
+        reader = self._open()
         if self.decode:
-            return _tfds_modules()[1].decode_example(stored, self.bands)
-        sample = {key: stored[key] for key in ARRAY_KEYS}
+            return _tfds_modules()[1].decode_example(reader[index], self.bands)
+        sample = self._parse(reader.data_source[index], index)  # the record's bytes, without TFDS's decoding
         if len(self.bands) != len(contract.S2_BANDS):
-            sample["s2"], sample["s2_cloudy"] = (
-                stored[k][..., list(self.bands)] for k in ("s2", "s2_cloudy")
-            )
-        sample["id"] = stored["id"].decode() if isinstance(stored["id"], bytes) else str(stored["id"])
+            sample["s2"], sample["s2_cloudy"] = (sample[k][..., list(self.bands)]
+                                                 for k in ("s2", "s2_cloudy"))
+        return sample
+
+    def _parse(self, record: bytes, index: int) -> dict[str, Any]:
+        """A stored record -> its arrays in their stored dtypes, read-only views of the parsed record (TFDS's
+        own decoding copies every array twice: a third of the read time). The layout is TFDS's serialisation
+        of our features: "<key>/value" raw bytes and "<key>/shape" for each array, "id" text."""
+        from tensorflow_datasets.proto import tf_example_pb2
+
+        stored = _tfds_modules()[1].FEATURES  # {key: (dtype, channels)}
+        feature = tf_example_pb2.Example.FromString(record).features.feature
+        try:
+            sample = {key: np.frombuffer(feature[f"{key}/value"].bytes_list.value[0], stored[key][0])
+                      .reshape(tuple(feature[f"{key}/shape"].int64_list.value)) for key in ARRAY_KEYS}
+            sample["id"] = feature["id"].bytes_list.value[0].decode()
+        except (KeyError, IndexError, ValueError) as err:
+            reason = f"record {index} of split {self.split!r} is not a sen12mscr example"
+            raise DataError(self.data_dir, f"{reason} ({type(err).__name__}: {err}); rebuild the shards") from err
         return sample
 
     def __getstate__(self):
@@ -531,37 +553,18 @@ def apply_flip_rotate(image: np.ndarray, turns: int, flip: bool, axes: tuple[int
 # --------------------------------------------------------------------------------------------------- batching
 
 
-# Stored dtypes and the divisor that maps them to the data contract's [0, 1] float32.
-_STORED_SCALE = {np.dtype(np.uint16): np.float32(contract.S2_DN_MAX),
-                 np.dtype(np.uint8): np.float32(contract.CLOUD_PROB_SCALE)}
-
-
-def to_float32_into(out: np.ndarray, value: np.ndarray) -> None:
-    """Writes `value` into the float32 array `out` in one pass: uint16 S2 DN / 10000, uint8 cloud probability
-    / 255 (the stored forms of the TFDS shards; bit-identical to contract.normalize_s2 and
-    contract.cloud_prob_from_uint8), float32 copied as is."""
-    scale = _STORED_SCALE.get(value.dtype)
-    if scale is None:
-        np.copyto(out, value, casting="same_kind")
-    else:
-        np.divide(value, scale, out=out)
-
-
 class _BatchSkippingBad(grain.IterDataset):
     """Batches elements, leaving out bad-sample markers and listing them under `_skipped`.
 
-    to_float32: batches in the data contract's float32 (one pass from the stored dtypes); otherwise each array
-    keeps its stored dtype (compact: half the bytes for S2 DN) and the main process converts. With pad
-    (evaluation) a final partial batch is filled with masked zeros up to batch_size. Inside grain workers the
-    batch is written straight into shared memory (no copy on the way to the main process).
+    Each array keeps its samples' stored dtype (compact); samples of one key in different dtypes (a float DN
+    GeoTIFF among uint16 ones) are all normalised to float32. With pad (evaluation) a final partial batch is
+    filled with masked zeros up to batch_size. Inside grain workers the batch is written straight into shared
+    memory (no copy on the way to the main process).
     """
 
-    def __init__(
-        self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool, pad: bool, to_float32: bool
-    ):
+    def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool, pad: bool):
         super().__init__(parent)
         self.batch_size, self.drop_remainder, self.pad = batch_size, drop_remainder, pad
-        self.to_float32 = to_float32
         self.shared_memory = False
 
     def enable_shared_memory_output(self) -> None:
@@ -582,7 +585,7 @@ class _BatchSkippingBadIterator(grain.DatasetIterator):
             options.drop_remainder,
             options.pad,
         )
-        self.to_float32, self.shared_memory = options.to_float32, options.shared_memory
+        self.shared_memory = options.shared_memory
         self._template: dict[str, tuple] | None = None  # shape and dtype of each array, for padding
 
     def __next__(self) -> dict[str, Any]:
@@ -618,8 +621,10 @@ class _BatchSkippingBadIterator(grain.DatasetIterator):
     def _assemble(self, values: list[dict[str, Any]]) -> dict[str, Any]:
         batch = {}
         for key in array_keys(values[0]):  # datasets without SAR have no s1
-            shape = values[0][key].shape
-            dtype = np.float32 if self.to_float32 else values[0][key].dtype
+            shape, dtype = values[0][key].shape, values[0][key].dtype
+            mixed = any(v[key].dtype != dtype for v in values)
+            if mixed:
+                dtype = np.dtype(np.float32)
             if self.shared_memory:
                 out = SharedMemoryArray((len(values), *shape), dtype)
             else:
@@ -630,10 +635,8 @@ class _BatchSkippingBadIterator(grain.DatasetIterator):
                         f"sample {value['id']}: {key} has shape {value[key].shape} but {values[0]['id']} has "
                         f"{shape}; patches of different sizes need a crop_size"
                     )
-                if self.to_float32:
-                    to_float32_into(out[i], value[key])
-                else:
-                    np.copyto(out[i], value[key], casting="no")
+                item = contract.normalize_array(key, value[key], np) if mixed else value[key]
+                np.copyto(out[i], item, casting="no")
             batch[key] = out
         batch["id"] = np.array([str(v["id"]) for v in values])
         batch["mask"] = np.array([bool(v["mask"]) for v in values])
@@ -646,20 +649,16 @@ class _BatchSkippingBadIterator(grain.DatasetIterator):
         self._parent.set_state(state)
 
 
-def _as_float32(array: np.ndarray) -> np.ndarray:
-    if array.dtype == np.float32:
-        return np.asarray(array)
-    out = np.empty(array.shape, np.float32)
-    to_float32_into(out, array)
-    return out
-
-
 class _CountBadSamples(grain.IterDataset):
-    """Outermost stage, in the main process: turns `_skipped` lists into log lines and a count, and converts
-    compact batches from the workers to float32."""
+    """Outermost stage, in the main process: turns `_skipped` lists into log lines and a count (and with
+    to_float32 normalises on the host)."""
+
+    def __init__(self, parent: grain.IterDataset, to_float32: bool):
+        super().__init__(parent)
+        self.to_float32 = to_float32
 
     def __iter__(self) -> PipelineIterator:
-        return PipelineIterator(self._parent.__iter__())
+        return PipelineIterator(self._parent.__iter__(), self.to_float32)
 
 
 class PipelineIterator(grain.DatasetIterator):
@@ -669,8 +668,9 @@ class PipelineIterator(grain.DatasetIterator):
     `bad_sample_count`: all skipped so far, including before a restore.
     """
 
-    def __init__(self, parent: grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, to_float32: bool = False):
         super().__init__(parent)
+        self.to_float32 = to_float32
         self.bad_samples = BadSampleLog(logger)
         self._skipped_before = 0
 
@@ -684,7 +684,8 @@ class PipelineIterator(grain.DatasetIterator):
             self.bad_samples.record(str(sample_id), DataError(str(path), str(reason)))
         if not batch:  # every element of the last batch was bad
             raise StopIteration
-        return {k: _as_float32(v) if k in ARRAY_KEYS else np.asarray(v) for k, v in batch.items()}
+        batch = {k: np.asarray(v) for k, v in batch.items()}
+        return contract.normalize_batch(batch, np) if self.to_float32 else batch
 
     def get_state(self) -> dict[str, Any]:
         return {"pipeline": self._parent.get_state(), "bad_sample_count": self.bad_sample_count}
@@ -717,6 +718,7 @@ def open_source(
     TfdsSource ("tfds", needs data_dir; `decode` see there). The other datasets read their official layout
     under root (source "geotiff": the raw files): CuhkCrSource (`downsample`), Sen2MtcSource and
     Sen12mscrTsSource (`dates` inputs; `cloud_prob_dir` holds its coverage cache, `seed` its default draws).
+    decode=False: compact samples (stored dtypes, see the sources).
     """
     if dataset != "sen12mscr":
         dataset_info(dataset)
@@ -734,7 +736,7 @@ def open_source(
     if source == "geotiff":
         if root is None:
             raise ValueError("source='geotiff' needs root (the SEN12MS-CR folder)")
-        return GeoTiffSource(root, split, protocol, bands, cloud_prob_dir)
+        return GeoTiffSource(root, split, protocol, bands, cloud_prob_dir, compact=not decode)
     if source == "tfds":
         if data_dir is None:
             raise ValueError(
@@ -783,6 +785,7 @@ def make_dataset(
     dataset: str = "sen12mscr",
     dates: int = 1,
     downsample: int = 1,
+    to_float32: bool = False,
 ) -> grain.IterDataset:
     """The batched grain pipeline; `iter()` of it is a checkpointable PipelineIterator.
 
@@ -801,6 +804,8 @@ def make_dataset(
       cloud_prob_dir: cloud-probability cache of the geotiff source (default root; train.py fills it first).
       dataset, dates, downsample: which benchmark (`DATASETS`, see `open_source`); `dataset_options(config.data)`
         gives them from a config.
+      to_float32: batches normalised on the host (`contract.normalize_batch(batch, numpy)` in the main
+        process), for consumers without a jitted step; default: compact batches (module docstring).
     """
     _check_options(on_error, batch_size, crop_size, worker_count, num_epochs)
     if process_index is None or process_count is None:
@@ -826,10 +831,10 @@ def make_dataset(
         ds = ds.repeat(num_epochs) if num_epochs != 1 else ds
         ds = ds.map_with_index(_ReadWithRng(reader, seed))
         return _batched(ds, batch_size, crop_size, augment, False, seed, 1, drop_remainder, worker_count,
-                        worker_buffer_size, read_threads)
+                        worker_buffer_size, read_threads, to_float32)
     ds = grain.MapDataset.source(reader)
     return _batched(ds, batch_size, crop_size, augment, shuffle, seed, num_epochs, drop_remainder, worker_count,
-                    worker_buffer_size, read_threads)
+                    worker_buffer_size, read_threads, to_float32)
 
 
 def _check_options(on_error: str, batch_size: int, crop_size: int | None, worker_count: int, num_epochs) -> None:
@@ -842,7 +847,7 @@ def _check_options(on_error: str, batch_size: int, crop_size: int | None, worker
 
 
 def _batched(ds, batch_size, crop_size, augment, shuffle, seed, num_epochs, drop_remainder, worker_count,
-             worker_buffer_size, read_threads) -> grain.IterDataset:
+             worker_buffer_size, read_threads, to_float32=False) -> grain.IterDataset:
     """Shuffle, repeat, augment, read, batch (padding or dropping the remainder), workers, bad-sample count."""
     if shuffle:
         ds = ds.shuffle(seed=seed)
@@ -852,17 +857,15 @@ def _batched(ds, batch_size, crop_size, augment, shuffle, seed, num_epochs, drop
         ds = ds.random_map(RandomCropFlipRotate(crop_size, augment), seed=seed + 1)
     read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, read_threads) * 2)
     it_ds = ds.to_iter_dataset(read_options)
-    # With workers, batches cross processes in their compact stored dtypes and become float32 in this process
-    # (moving float32 through shared memory costs more than converting here).
-    it_ds = _BatchSkippingBad(
-        it_ds, batch_size, drop_remainder, pad=not drop_remainder, to_float32=worker_count == 0
-    )
+    # Batches stay in their compact stored dtypes, through the workers' shared memory too; the jitted step
+    # normalises (contract.normalize_batch).
+    it_ds = _BatchSkippingBad(it_ds, batch_size, drop_remainder, pad=not drop_remainder)
     if worker_count > 0:
         _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size)
         )
-    return _CountBadSamples(it_ds)
+    return _CountBadSamples(it_ds, to_float32)
 
 
 def _ensure_absl_flags_parsed() -> None:

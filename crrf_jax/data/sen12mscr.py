@@ -71,6 +71,7 @@ from crrf_jax.data.contract import (
     S2_BANDS,
     S2_DTYPES,
     DataError,
+    normalize_s1,
     normalize_s1_filled,
     normalize_s2,
     open_geotiff,
@@ -290,14 +291,31 @@ def check_window(window: Window | None, height: int, width: int) -> Window:
     return Window(col, row, w, h)
 
 
-def read_pixels(ds, path: Path, indexes: list[int], window: Window | None = None) -> np.ndarray:
-    """Read bands (1-based indexes) of window (None: the whole file) -> float32 (H, W, C); a DataError naming
-    the file when it cannot be read (shared with the SEN12MS-CR-TS reader)."""
+def read_hwc(ds, path: Path, indexes: list[int], window: Window | None = None) -> np.ndarray:
+    """Bands (1-based indexes) of window (None: the whole file) as stored, (H, W, C) in the file's dtype and
+    C-contiguous: GDAL writes the bands straight into the channels-last buffer (no transposing copy
+    afterwards). A DataError naming the file when it cannot be read."""
+    height, width = (ds.height, ds.width) if window is None else (int(window.height), int(window.width))
+    out = np.empty((height, width, len(indexes)), ds.dtypes[0])
     try:
-        data = ds.read(indexes, window=window)
+        ds.read(indexes, window=window, out=np.moveaxis(out, -1, 0))
     except rasterio.errors.RasterioError as e:
         raise DataError(path, f"cannot read pixels, file truncated or corrupt? ({e})") from e
-    return np.moveaxis(data, 0, -1).astype(np.float32)
+    return out
+
+
+def read_pixels(ds, path: Path, indexes: list[int], window: Window | None = None) -> np.ndarray:
+    """`read_hwc` as float32 (H, W, C) (shared with the SEN12MS-CR-TS reader)."""
+    return read_hwc(ds, path, indexes, window).astype(np.float32, copy=False)
+
+
+def read_s2(ds, path: Path, indexes: list[int], window: Window | None = None, *, compact: bool = False):
+    """S2 bands (1-based indexes) of window -> (H, W, C) float32 [0, 1] (`s2_pixels`). compact: a uint16
+    file's DN as stored instead, (H, W, C) uint16 (`read_hwc`: no conversion, and no NaN check, since uint16
+    holds none); float DN files are normalised either way."""
+    if compact and ds.dtypes[0] == "uint16":
+        return read_hwc(ds, path, indexes, window)
+    return s2_pixels(read_pixels(ds, path, indexes, window), path)
 
 
 def s2_pixels(data: np.ndarray, path: Path) -> np.ndarray:
@@ -317,8 +335,9 @@ def s1_pixels(data: np.ndarray, path: Path, max_nonfinite: float) -> np.ndarray:
             path,
             f"{fraction:.1%} of Sentinel-1 values are NaN/Inf (more than the {max_nonfinite:.1%} allowed)",
         )
-    if bad.any():
-        logger.debug("%s: filling %d non-finite S1 values", path, int(bad.sum()))
+    if not bad.any():
+        return normalize_s1(data)
+    logger.debug("%s: filling %d non-finite S1 values", path, int(bad.sum()))
     return normalize_s1_filled(data)
 
 
@@ -328,6 +347,7 @@ def read_triplet(
     window: Window | None = None,
     *,
     s1_max_nonfinite: float = S1_MAX_NONFINITE_FRACTION,
+    compact: bool = False,
 ) -> dict[str, Any]:
     """Read and validate one triplet.
 
@@ -336,9 +356,12 @@ def read_triplet(
       bands: S2 band selection, see ``resolve_bands`` (None: all 13, file order).
       window: optional ``rasterio.windows.Window`` (integer, inside the patch) for a partial read.
       s1_max_nonfinite: largest allowed fraction of non-finite S1 values (they are filled, see module docs).
+      compact: S2 from uint16 files stays uint16 DN (`read_s2`; the pipeline's compact batches, made
+        float32 by `contract.normalize_batch`); otherwise float32 [0, 1].
 
-    Returns a dict: "s1" (H, W, 2) float32 [0, 1] (VV, VH); "s2", "s2_cloudy" (H, W, C) float32 [0, 1];
-    "id" str; "crs" (rasterio CRS) and "transform" (affine.Affine, of the window when given) of the S2 file.
+    Returns a dict: "s1" (H, W, 2) float32 [0, 1] (VV, VH); "s2", "s2_cloudy" (H, W, C) float32 [0, 1] (or
+    uint16 DN, see compact); "id" str; "crs" (rasterio CRS) and "transform" (affine.Affine, of the window when
+    given) of the S2 file.
     Raises DataError naming the offending file (see the module docstring).
     """
     band_idx = [i + 1 for i in resolve_bands(bands)]
@@ -351,11 +374,11 @@ def read_triplet(
         win = check_window(window, s2.height, s2.width)
         return {
             "s1": s1_pixels(read_pixels(s1, triplet.s1, [1, 2], win), triplet.s1, s1_max_nonfinite),
-            "s2": s2_pixels(read_pixels(s2, triplet.s2, band_idx, win), triplet.s2),
-            "s2_cloudy": s2_pixels(read_pixels(s2c, triplet.s2_cloudy, band_idx, win), triplet.s2_cloudy),
+            "s2": read_s2(s2, triplet.s2, band_idx, win, compact=compact),
+            "s2_cloudy": read_s2(s2c, triplet.s2_cloudy, band_idx, win, compact=compact),
             "id": triplet.id,
             "crs": s2.crs,
-            "transform": s2.window_transform(win),
+            "transform": s2.transform if window is None else s2.window_transform(win),
         }
 
 
