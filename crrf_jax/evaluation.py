@@ -222,8 +222,7 @@ def evaluate(
             bands=list(remover.band_indices), batch_size=batch_size, crop_size=None, augment=False,
             shuffle=False, num_epochs=1, drop_remainder=False, worker_count=worker_count, on_error=on_error,
             process_index=0, process_count=1,  # every process reads every batch, the remover splits it
-            **data_options,
-            to_float32=True,  # metrics, references and the remover's checks are on the host: floats there
+            to_float32=True, **data_options,  # metrics, references and the remover's checks: floats, on the host
         ))
 
     predict = functools.partial(

@@ -44,7 +44,8 @@ def test_cache_holds_every_valid_sample_encoded_by_the_frozen_vaes(cache):
     assert open(f"{directory}/ids.txt").read().split() == [f"p{i}" for i in range(6)]
     expected = train_lib.encode_batch(vaes, {k: batches[0][k] for k in ("s2", "s2_cloudy", "s1")})
     for k in latent_cache.LATENT_KEYS:
-        np.testing.assert_allclose(source[1][k], np.asarray(expected[k][1]), atol=1e-6)
+        # The cache's jitted encoder against an eager one: the same values up to float reassociation.
+        np.testing.assert_allclose(source[1][k], np.asarray(expected[k][1]), atol=1e-5)
         assert source[1][k].shape == (4, 4, 16)
     assert source[0]["cloud_prob"].dtype == np.uint8  # served as stored; the train step normalises it
     np.testing.assert_allclose(contract.cloud_prob_from_uint8(source[0]["cloud_prob"]),
@@ -53,7 +54,7 @@ def test_cache_holds_every_valid_sample_encoded_by_the_frozen_vaes(cache):
     floats = contract.normalize_batch({k: batches[1][k] for k in ("s2", "s2_cloudy", "s1")}, np)
     expected = train_lib.encode_batch(vaes, floats)
     for k in latent_cache.LATENT_KEYS:
-        np.testing.assert_allclose(source[5][k], np.asarray(expected[k][1]), atol=1e-6)
+        np.testing.assert_allclose(source[5][k], np.asarray(expected[k][1]), atol=1e-5)  # jitted vs eager, as above
     np.testing.assert_array_equal(source[5]["cloud_prob"], batches[1]["cloud_prob"][1])
 
 
