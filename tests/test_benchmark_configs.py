@@ -74,7 +74,17 @@ def _scene_files(dataset: str, root: Path, band_names, tmp: Path) -> tuple[list[
     return s2, s1
 
 
-@pytest.mark.parametrize("config", list(BENCHMARKS))
+def test_cuhk_cr1_runs_the_cuhk_cr2_path():
+    """CUHK-CR1 and CUHK-CR2 share one reader, one model shape and one scorer; their configs differ in the
+    dataset alone, so the end-to-end run below covers CUHK-CR1's path too (its data: test_datasets_pipeline)."""
+    from configs import cuhk_cr1, cuhk_cr2
+
+    one, two = cuhk_cr1.get_config("variant=tiny").to_dict(), cuhk_cr2.get_config("variant=tiny").to_dict()
+    assert (one["data"].pop("dataset"), two["data"].pop("dataset")) == ("cuhk_cr1", "cuhk_cr2")
+    assert one == two
+
+
+@pytest.mark.parametrize("config", [c for c in BENCHMARKS if c != "cuhk_cr1"])
 def test_config_trains_evaluates_exports_and_predicts(config, tmp_path_factory):
     dataset, write, metric_set = BENCHMARKS[config]
     base = tmp_path_factory.getbasetemp()
