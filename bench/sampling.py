@@ -2,7 +2,7 @@
 
     python bench/sampling.py [--variant base] [--size 256] [--steps 1,2,4,8] [--batch 0] [--repeats 3]
                              [--dtype auto] [--samples 1] [--samples-per-pass 1] [--guidance 1.0]
-                             [--no-split] [--budget-s 0] [--section Sampling] [--write]
+                             [--sweep-steps ""] [--no-split] [--budget-s 0] [--section Sampling] [--write]
 
 Random weights of the chosen variant (the speed does not depend on them), the whole inference path of one tile
 batch: both VAE encoders, `steps` transformer evaluations (two per step with --guidance != 1, as one call of
@@ -10,7 +10,8 @@ twice the rows), the S2 decoder and the refiner, sharded over every device of th
 is compiled and run once (the compile time is reported), then `repeats` batches are timed one by one; the
 best and the median are reported (the best is the figure least disturbed by other work on a shared machine).
 --batch lists batch sizes (0 picks one tile per device on CPU and 8 per device on an accelerator), e.g.
-`--batch 8,32,128` on a GPU to find the size that fills it; every batch runs every step count.
+`--batch 8,32,128` on a GPU to find the size that fills it; the first batch runs every step count, the others
+those of --sweep-steps (default: every one). A setting that fails (out of memory, say) is listed, not fatal.
 --samples-per-pass lists how many of the K samples run at once as extra batch rows
 (`CloudRemover.predict_tiles(samples_per_pass=...)`), each value a setting of its own.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -189,6 +191,8 @@ def main() -> None:
     parser.add_argument("--samples-per-pass", default="1",
                         help="comma-separated pass sizes: K samples run this many at once as batch rows")
     parser.add_argument("--guidance", type=float, default=1.0, help="CFG scale (!= 1 doubles the work)")
+    parser.add_argument("--sweep-steps", default="",
+                        help="step counts run at the batch sizes after the first (default: all of --steps)")
     parser.add_argument("--no-split", action="store_true", help="skip the encode / steps / decode split")
     parser.add_argument("--budget-s", type=float, default=0.0,
                         help="start no new setting after this many seconds (0: no limit)")
@@ -202,20 +206,27 @@ def main() -> None:
     batches = [int(b) or jax.device_count() * (1 if on_cpu else 8) for b in args.batch.split(",")]
     per_pass = [min(int(p), args.samples) for p in args.samples_per_pass.split(",")]
     steps_list = [int(s) for s in args.steps.split(",")]
+    sweep_steps = [int(s) for s in args.sweep_steps.split(",")] if args.sweep_steps else steps_list
     t0 = time.perf_counter()
     remover = random_remover(args.variant, dtype)
     setup_s = time.perf_counter() - t0
-    rows, skipped = [], []
-    for batch in batches:
+    rows, skipped, failed = [], [], []
+    for n, batch in enumerate(batches):
         for p in per_pass:
             split = None
-            for steps in steps_list:
+            for steps in steps_list if n == 0 else sweep_steps:
+                setting = f"batch {batch}, {p} per pass, {steps} steps"
                 if args.budget_s and time.perf_counter() - start > args.budget_s:
-                    skipped.append(f"batch {batch}, {p} per pass, {steps} steps")
+                    skipped.append(setting)
                     continue
-                r = measure(remover, args.size, batch, steps, args.samples, args.guidance, args.repeats, p)
-                if not args.no_split and split is None:
-                    split = measure_split(remover, args.size, batch, p, args.guidance, args.repeats)
+                try:  # one setting out of memory (a batch too large for the device) does not end the sweep
+                    r = measure(remover, args.size, batch, steps, args.samples, args.guidance, args.repeats, p)
+                    if not args.no_split and split is None:
+                        split = measure_split(remover, args.size, batch, p, args.guidance, args.repeats)
+                except Exception as e:  # noqa: BLE001 - reported in the table's notes
+                    failed.append(f"{setting}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                    print(f"{setting} failed: {failed[-1]}", flush=True)
+                    continue
                 r["split"] = split_columns(r, split, args.samples, p) if split else None
                 r["split_compile_s"] = split["compile_s"] if split else None
                 rows.append(r)
@@ -227,7 +238,7 @@ def main() -> None:
                       f"best ({r['s_per_tile']:.3f} s/tile), {r['median_tiles_per_s']:.3f} median, compile + "
                       f"first batch {r['compile_s']:.1f} s{parts}", flush=True)
 
-    command = "python bench/sampling.py " + " ".join(sys.argv[1:])
+    command = shlex.join(["python", "bench/sampling.py", *sys.argv[1:]])
     lines = [
         f"## {args.section}",
         "",
@@ -256,6 +267,8 @@ def main() -> None:
         lines.append(f"| {r['batch']} | {r['steps']} | {r['samples_per_pass']} | {r['tiles_per_s']:.3f} | "
                      f"{r['median_tiles_per_s']:.3f} | " + " | ".join(cells)
                      + f" | {r['compile_s']:.1f} | {split_compile} |")
+    if failed:
+        lines += ["", "Failed: " + "; ".join(failed) + "."]
     if skipped:
         lines += ["", f"Not run (--budget-s {args.budget_s:g} reached): " + "; ".join(skipped) + "."]
     text = "\n".join(lines)

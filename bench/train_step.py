@@ -48,6 +48,7 @@ import argparse
 import datetime
 import functools
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -218,12 +219,16 @@ def write_latent_cache(directory: str, n: int, size: int, seed: int = 0) -> str:
 def bench_feed(variant: str, size: int, batch: int, steps: int, dtype: str, remat: str, workers: int) -> dict:
     """Is the step ever waiting for data? `steps` flow train steps fed from the flow stage's grain pipeline
     (`latent_cache.iterator` over a synthetic cache, `workers` processes; host batch -> global array -> step,
-    as the trainer's loop does, dispatch asynchronous) against the same steps on one device-resident batch,
-    and the pipeline alone (batches/s)."""
+    as the trainer's loop does, dispatch asynchronous) against the same steps on one device-resident batch
+    (run before and after the fed steps, the faster kept; after a warm-up run), and the pipeline alone."""
     import tempfile
+
+    from absl import flags
 
     from crrf_jax import latent_cache
 
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags (train.py parses them)
+        flags.FLAGS.mark_as_parsed()
     with tempfile.TemporaryDirectory() as tmp:
         cache = write_latent_cache(tmp, max(4 * batch, 32), size)
         it = latent_cache.iterator(cache, batch_size=batch, crop_size=size, seed=0, worker_count=workers)
@@ -247,8 +252,10 @@ def bench_feed(variant: str, size: int, batch: int, steps: int, dtype: str, rema
             jax.block_until_ready(out["loss"])
             return (time.perf_counter() - t0) / steps, host_s / steps
 
-        resident_s, _ = run(lambda: resident)
+        run(lambda: resident)  # warm-up: the first steps after the compile run are slower
+        first_s, _ = run(lambda: resident)
         fed_s, host_s = run(lambda: put(arrays(next(it))))
+        resident_s = min(first_s, run(lambda: resident)[0])  # before and after: the faster of the two
         t0 = time.perf_counter()
         for _ in range(steps):
             next(it)
@@ -356,7 +363,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="JAX compute dtype: auto | float32 | bfloat16")
     parser.add_argument("--remat", default="none", help="JAX remat policy of the blocks")
     parser.add_argument("--sides", default="jax,torch",
-                        help="comma-separated: jax, torch (diffusers eager), torch_compile (torch.compile)")
+                        help="comma-separated: jax, torch (diffusers eager), torch_compile (torch.compile); "
+                        "none: only the feed test")
     parser.add_argument("--no-torch", action="store_true", help="the jax side alone (--sides jax)")
     parser.add_argument("--feed-steps", type=int, default=0,
                         help="also time this many JAX steps fed from the grain latent pipeline (0: off)")
@@ -365,7 +373,7 @@ def main() -> None:
     parser.add_argument("--section", default="Train step", help="BENCHMARKS.md section to write")
     parser.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
     args = parser.parse_args()
-    sides = ["jax"] if args.no_torch else args.sides.split(",")
+    sides = ["jax"] if args.no_torch else [] if args.sides == "none" else args.sides.split(",")
     if unknown := set(sides) - set(SIDES):
         parser.error(f"--sides: unknown {sorted(unknown)}; choose from {', '.join(SIDES)}")
 
@@ -417,7 +425,7 @@ def main() -> None:
                              if side in sides)
         torch_note = (f" PyTorch {t['torch']} on {t['device']} ({t['threads']} threads), diffusers "
                       f"FluxTransformer2DModel, {precision}, {modes}, SDPA attention.")
-    command = "python bench/train_step.py " + " ".join(sys.argv[1:])
+    command = shlex.join(["python", "bench/train_step.py", *sys.argv[1:]])
     lines = [
         f"## {args.section}",
         "",
@@ -448,6 +456,8 @@ def main() -> None:
             f"{r['median_s']:.3f} | {r['best_s']:.3f} | {r['samples_per_s']:.2f} | {r['tflops']:.3f} | "
             f"{mfu} | {r['setup_s']:.1f} | {comp} |"
         )
+    if not rows:  # the feed test alone: no step table
+        lines = lines[:6]
     by = {(r["variant"], r["side"]): r["median_s"] for r in rows}
     ratios = [f"{v}: {by[(v, s)] / by[(v, 'jax')]:.2f}x vs {s}" for v in args.variants.split(",")
               for s in ("torch", "torch_compile") if (v, s) in by and (v, "jax") in by]
