@@ -33,7 +33,7 @@
 # run `bash bench/gpu.sh` with carry [".whl"] and timeout_s 540. The run copies BENCHMARKS.md (with the new
 # sections) and its whole log to $OUT; copy the sections from the returned BENCHMARKS.md into the repository's.
 #
-# Dry run (CPU, about 6-8 minutes on 2 cores): `bash bench/gpu.sh --dry-run` (or CRRF_GPU_DRY_RUN=1), with the
+# Dry run (CPU, about 3-4 minutes on 2 cores): `bash bench/gpu.sh --dry-run` (or CRRF_GPU_DRY_RUN=1), with the
 # project's virtualenv active. It runs every step with the tiny variant on 64x64 patches, 1-2 steps, and
 # writes its sections ("GPU dry run: ...") into a scratch copy of BENCHMARKS.md (via $CRRF_BENCHMARKS), not
 # the real one, then checks that every section is there. Timeouts: $GPU_SH_TOTAL_S (the total deadline) and
