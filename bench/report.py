@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+# Another file to write the sections into (bench/gpu.sh --dry-run points it at a scratch copy).
+BENCHMARKS_ENV = "CRRF_BENCHMARKS"
 
 
 def cpu_model() -> str:
@@ -38,8 +40,10 @@ def machine(with_devices: bool = True) -> str:
     return "; ".join(parts)
 
 
-def write_section(title: str, text: str, path: Path = BENCHMARKS) -> None:
-    """Replaces (or appends) the '## <title>' section of BENCHMARKS.md, leaving the other sections alone."""
+def write_section(title: str, text: str, path: Path | None = None) -> None:
+    """Replaces (or appends) the '## <title>' section of BENCHMARKS.md (or of $CRRF_BENCHMARKS), leaving the
+    other sections alone."""
+    path = Path(path or os.environ.get(BENCHMARKS_ENV) or BENCHMARKS)
     current = path.read_text() if path.exists() else "# Benchmarks\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     section = text.rstrip() + "\n\n"

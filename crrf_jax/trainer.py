@@ -355,9 +355,13 @@ def progress_range(desc: str, total: int):
     return tqdm(range(total), desc=desc, disable=jax.process_index() != 0, dynamic_ncols=True)
 
 
-# Dense bf16 peak TFLOP/s per device by jax device_kind substring.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "v5p": 459.0, "v5 lite": 197.0,
-               "v5e": 197.0, "v4": 275.0, "v6": 918.0}
+# Dense (no 2:4 sparsity) bf16 peak TFLOP/s per device, by jax device_kind substring; the first key found in
+# the kind wins, so the PCIe / NVL parts come before their SXM names. H100 and H200: NVIDIA's H100 and H200
+# Tensor Core GPU datasheets list BF16 Tensor Core 1,979 TFLOPS for SXM (H100 "80GB HBM3", H200), 1,513 for
+# H100 PCIe and 1,671 for the NVL boards, all "with sparsity": dense is half. A100: its datasheet's 312.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H200": 989.0, "H100": 989.0,
+               "A100": 312.0, "L4": 121.0, "v5p": 459.0, "v5 lite": 197.0, "v5e": 197.0, "v4": 275.0,
+               "v6": 918.0}
 
 
 def _mfu(flops: float | None, step_time: float, peak_tflops: float) -> float | None:
