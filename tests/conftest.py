@@ -23,3 +23,19 @@ def sample_root() -> Path:
     if not SAMPLE.is_dir():
         pytest.skip(f"real SEN12MS-CR sample not found at {SAMPLE} (it lives beside the repository)")
     return SAMPLE
+
+
+# Scheduling only. The README runs the suite on two pytest-xdist workers, a test file per worker at a time
+# (--dist loadfile), handed out in collection order. The files whose runs take minutes (train.py pipelines,
+# multi-process and multi-device subprocesses) go first, longest first, so the two workers finish together
+# instead of one of them running a long file alone at the end. The other files keep their order.
+LONGEST_FIRST = (
+    "test_benchmark_configs.py", "test_train.py", "test_demo.py", "test_multihost.py", "test_resume.py",
+    "test_sharding.py", "test_predict.py", "test_multitemporal.py", "test_remote_workdir.py", "test_export.py",
+    "test_pretrained.py", "test_inference.py", "test_train_step.py", "test_refiner.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay contiguous
