@@ -270,9 +270,7 @@ def fsdp_note(rows: list[Row]) -> list[str]:
     why = (" The temporaries grow beyond data parallelism's: XLA's propagation (GSPMD) carries the parameters' "
            "`embed -> fsdp` layout into the activations (look for 'involuntary full rematerialization')."
            if grew else
-           " The blocks' activations are pinned to the batch layout (`parallel.constrain_batch` in the Flux "
-           "scan), so FSDP's temporaries stay at data parallelism's or below while the state shrinks to "
-           "about 1/N. Without the constraints they were 1.5-4.6x (base fsdp 10.62 GiB, 2026-12-01).")
+           " FSDP's temporaries stay at data parallelism's or below while the state shrinks to about 1/N.")
     return ["", "FSDP temporaries against data parallelism at the same per-device batch (fsdp / data): "
             + ", ".join(ratios) + "." + why]
 

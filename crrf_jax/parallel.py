@@ -124,30 +124,6 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
-def constrain_batch(x: jax.Array) -> jax.Array:
-    """`x` (B, ...) pinned to batch sharding (B over ('data', 'fsdp')) when traced under a mesh
-    (`activations_on`); unchanged otherwise, or when the batch does not divide over those axes.
-
-    Why: parameters are laid out `embed -> fsdp`, and without a constraint XLA's propagation may carry that
-    layout into the activations, resharding (and replicating) them between blocks; pinning the blocks'
-    activations to the batch's layout keeps each device's activations its own samples' (BENCHMARKS.md,
-    "Memory at scale")."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
-    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    if not axes or x.shape[0] % size:
-        return x
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(axes, *([None] * (x.ndim - 1))))
-
-
-def activations_on(mesh: Mesh):
-    """Context for tracing a function whose activations `constrain_batch` pins on `mesh` (usable inside
-    jit: it sets the abstract mesh only)."""
-    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -28,7 +28,7 @@ from crrf_jax.models.layers import (
     linear,
     timestep_embedding,
 )
-from crrf_jax.parallel import constrain_batch, with_axes
+from crrf_jax.parallel import with_axes
 
 # Rematerialisation (gradient checkpointing) of each block: name -> jax.checkpoint policy.
 REMAT_POLICIES = {
@@ -229,10 +229,9 @@ class Flux(nnx.Module):
         pe = self.pe_embedder(jnp.concatenate([txt_ids, img_ids], axis=1))
 
         remat = {"remat": self.remat_policy != "none", "policy": REMAT_POLICIES.get(self.remat_policy)}
-        # Every block's outputs pinned to the batch layout (parallel.constrain_batch; a no-op outside a mesh).
-        img, txt = _scan(lambda block, img, txt, vec, pe: tuple(map(constrain_batch, block(img, txt, vec, pe, key_mask))),
+        img, txt = _scan(lambda block, img, txt, vec, pe: block(img, txt, vec, pe, key_mask),
                          self.double_blocks, (img, txt), vec, pe, **remat)
-        (x,) = _scan(lambda block, x, vec, pe: (constrain_batch(block(x, vec, pe, key_mask)),),
+        (x,) = _scan(lambda block, x, vec, pe: (block(x, vec, pe, key_mask),),
                      self.single_blocks, (jnp.concatenate([txt, img], axis=1),), vec, pe, **remat)
         img = x[:, txt.shape[1] :]
         return self.final_layer(img, vec).astype(jnp.float32)
