@@ -16,8 +16,13 @@ from configs import common
 
 
 def get_config(arg: str | None = None):
+    return cuhk_config(arg, "cuhk_cr1")
+
+
+def cuhk_config(arg: str | None, dataset: str):
+    """CUHK-CR1 or CUHK-CR2 (`dataset`): the two differ in their data alone."""
     args = common.config_args(arg, ("variant", "stage", "bands"))
-    c = common.base_config(args.get("variant", "base"), args.get("bands") or None, dataset="cuhk_cr1")
+    c = common.base_config(args.get("variant", "base"), args.get("bands") or None, dataset=dataset)
     c.stage = args.get("stage", "")
     c.data.root = ""  # required: --config.data.root=/path/to/C-CUHK
     c.data.downsample = 2

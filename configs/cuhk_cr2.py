@@ -12,16 +12,8 @@ R, G, B, NIR score (crrf_jax/data/cloudprob.py rgbn_cloud_score): s2cloudless ne
 Config string keys: variant (tiny|base|large|flux), stage, bands (a subset of B04,B03,B02,B08, or rgb).
 """
 
-from configs import common
+from configs import cuhk_cr1
 
 
 def get_config(arg: str | None = None):
-    args = common.config_args(arg, ("variant", "stage", "bands"))
-    c = common.base_config(args.get("variant", "base"), args.get("bands") or None, dataset="cuhk_cr2")
-    c.stage = args.get("stage", "")
-    c.data.root = ""  # required: --config.data.root=/path/to/C-CUHK
-    c.data.downsample = 2
-    c.data.crop_size = 256
-    c.data.compute_cloud_prob = False  # nothing to cache: the RGBN score is computed on read
-    c.eval.split = "test"
-    return c
+    return cuhk_cr1.cuhk_config(arg, "cuhk_cr2")

@@ -14,7 +14,11 @@ from configs import common
 
 def get_config(arg: str | None = None):
     del arg
-    c = common.base_config("tiny")
+    return demo_settings(common.base_config("tiny"))
+
+
+def demo_settings(c):
+    """The demo's data sizes and training schedule on a config of the tiny model (configs/demo_mt.py too)."""
     c.demo = True
     c.data.root = ""  # "" = <workdir>/data, generated on first use
     c.data.synthetic_scenes = 48

@@ -9,7 +9,7 @@ is mostly clear on another), trains as configs/demo.py does with T = 3 input dat
 held-out test tile against the least-cloudy-date composite and the single-image references.
 """
 
-from configs import common
+from configs import common, demo
 
 
 def get_config(arg: str | None = None):
@@ -18,26 +18,6 @@ def get_config(arg: str | None = None):
     # dates=1: the single-image baseline on the same data (each sample's least cloudy date), dates=2: the two
     # least cloudy; the default 3 is every date.
     c.data.dates = c.model.max_dates = int(args.get("dates", c.data.dates))
-    c.demo = True
-    c.data.root = ""  # "" = <workdir>/data, generated on first use
-    c.data.synthetic_scenes = 48  # 12 per tile: 24 train, 12 val, 12 test
-    c.data.synthetic_size = 64
-    c.data.crop_size = 64
-    c.data.worker_count = 0
-    c.data.compute_cloud_prob = False
-    c.dtype = "float32"
-
-    for stage, steps, lr in (("vae_s2", 600, 2e-3), ("vae_s1", 150, 2e-3), ("flow", 1000, 1e-3),
-                             ("refiner", 400, 2e-3)):
-        s = c[stage]
-        s.steps, s.lr, s.batch_size, s.warmup_steps = steps, lr, 8, 20
-        s.ema_decay = 0.99
-        s.log_every, s.preview_every, s.checkpoint_every = 25, 500, 500
-    c.vae_s2.crop_size = c.vae_s1.crop_size = 32
-    c.vae_s2.batch_size = 16
-    c.latent_stats.batches, c.latent_stats.batch_size = 8, 8
-    c.flow.sample_steps = 2
-    c.model.refiner.width = 16
-    c.eval.batch_size = 8
-    c.eval.num_samples = 2
+    c = demo.demo_settings(c)  # 48 samples of 64 x 64 (12 per tile: 24 train, 12 val, 12 test), its schedule
+    c.data.compute_cloud_prob = False  # nothing to cache: the RGBN score is computed on read
     return c
