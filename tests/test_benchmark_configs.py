@@ -38,6 +38,8 @@ BENCHMARKS = {
 
 
 def _flags(config: str, root: Path, workdir: Path) -> list[str]:
+    # Previews (which compile the sampler once more per stage) only where their panels differ: several dates.
+    previews = config == "sen2_mtc_new"
     flags = [f"--config=configs/{config}.py:variant=tiny", f"--workdir={workdir}", f"--config.data.root={root}",
              f"--config.data.crop_size={SIZE}", "--config.data.worker_count=0",
              "--config.latent_stats.batches=1", "--config.latent_stats.batch_size=2", "--config.flow.sample_steps=1",
@@ -45,7 +47,8 @@ def _flags(config: str, root: Path, workdir: Path) -> list[str]:
     for stage, steps in STEPS.items():
         flags += [f"--config.{stage}.steps={steps}", f"--config.{stage}.batch_size=2",
                   f"--config.{stage}.warmup_steps=1", f"--config.{stage}.log_every=1",
-                  f"--config.{stage}.preview_every={steps}", f"--config.{stage}.checkpoint_every={steps}"]
+                  f"--config.{stage}.preview_every={steps if previews else 0}",
+                  f"--config.{stage}.checkpoint_every={steps}"]
     return flags
 
 
