@@ -51,7 +51,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from crrf_jax import parallel
+from crrf_jax import parallel, references
 from crrf_jax.bundle import BundleError
 from crrf_jax.data import contract
 from crrf_jax.data.contract import DataError
@@ -294,8 +294,7 @@ class _DatesReader:
         dn, valid = zip(*(r.model_dn(y0, y1) for r in self.readers))
         with self._lock:
             prob = np.stack([self._prob_rows.pop(y) for y in range(y0, y1)])  # (rows, W, D)
-        best = np.argmin(prob, axis=-1)  # the composite's rule (temporal.least_cloudy_index): first minimum
-        composite = np.take_along_axis(np.stack(dn), best[None, ..., None], axis=0)[0]
+        composite = references.least_cloudy_composite(np.stack(dn), np.moveaxis(prob, -1, 0))  # the flow's rule
         return composite, np.logical_and.reduce(valid)
 
 
