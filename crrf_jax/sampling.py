@@ -94,6 +94,7 @@ def sample_patches(
     drop_cloudy: bool = False,
     drop_sar: jax.Array | None = None,
     samples_per_pass: int = 1,
+    present: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """K Euler samples of the cloud-free image of each patch -> per-pixel mean and standard deviation.
 
@@ -114,6 +115,8 @@ def sample_patches(
       samples_per_pass: P, how many of the K samples run together as extra batch rows (`flow.ensemble_sample`:
         ceil(K / P) passes of P * B rows, a patch's rows next to each other); the latents are encoded once and
         the conditioning repeated. The result does not depend on P (up to float reduction order).
+      present: optional (B, T) bool for T-date inputs, False = that date is absent for the flow, the
+        composite and the refiner (the refiner stage trains with dropped dates); None = all present.
     Returns:
       (mean, std): (B, H, W, C) float32 reflectance (not clipped); std is the population standard deviation
       over the K samples (0 for K = 1).
@@ -129,8 +132,9 @@ def sample_patches(
         raise ValueError(f"output={output!r} needs a flow model; these networks hold only the VAEs")
     cloudy = encode(vae_s2, s2_cloudy)
     sar = None if s1 is None else encode(nets.vae_s1(), s1)
-    view = temporal.single_view(s2_cloudy, cloud_prob, s1)  # the refiner's inputs; the composite of dates
-    source = encode(vae_s2, view[0]) if temporal.is_multitemporal(s2_cloudy) else cloudy
+    several = temporal.is_multitemporal(s2_cloudy)
+    composite = temporal.composite(s2_cloudy, cloud_prob, present) if several else s2_cloudy
+    source = encode(vae_s2, composite) if several else cloudy
     b, h, w, z = source.shape
 
     sar_present = None if drop_sar is None else ~jnp.asarray(drop_sar, bool)
@@ -138,15 +142,16 @@ def sample_patches(
     def refine(pixels):
         if output == "flow" or refiner is None:
             return pixels
-        return refiner(pixels, *_repeat_rows(pixels.shape[0] // b, *view, sar_present))[0]
+        inputs = _repeat_rows(pixels.shape[0] // b, s2_cloudy, cloud_prob, s1, sar_present, present)
+        return refiner(pixels, *inputs)[0]
 
     def decode(x0):
         return refine(contract.from_model(vae_s2.decode(x0).astype(jnp.float32)))
 
     if output == "roundtrip_refined":
-        return decode(source), jnp.zeros(view[0].shape, jnp.float32)
+        return decode(source), jnp.zeros(composite.shape, jnp.float32)
 
-    velocity = _velocity_fn(flow_model, cloudy, sar, cloud_prob, guidance_scale, drop_cloudy, drop_sar)
+    velocity = _velocity_fn(flow_model, cloudy, sar, cloud_prob, guidance_scale, drop_cloudy, drop_sar, present)
 
     def start(k):
         eps = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, k), (h, w, z)))(keys)
@@ -184,7 +189,8 @@ def vae_roundtrip_jit(graphdef, state, pixels: jax.Array) -> jax.Array:
     return vae_roundtrip(nnx.merge(graphdef, state), pixels)
 
 
-def _velocity_fn(flow_model, cloudy, sar, cloud_prob, guidance_scale: float, drop_cloudy: bool, drop_sar):
+def _velocity_fn(flow_model, cloudy, sar, cloud_prob, guidance_scale: float, drop_cloudy: bool, drop_sar,
+                 present=None):
     """v(x_t, t) of the conditioned flow model; with guidance, v_u + s (v_c - v_u), both branches in one call
     of twice the batch (the unconditional one with SAR and cloudy tokens replaced by the null tokens).
 
@@ -196,11 +202,11 @@ def _velocity_fn(flow_model, cloudy, sar, cloud_prob, guidance_scale: float, dro
 
     def velocity(x, t):
         b = x.shape[0]
-        cloudy_, sar_, cloud_prob_, cond_drop, cond_drop_sar = _repeat_rows(
-            b // patches, cloudy, sar, cloud_prob, drop_all, drop_sar_all)
+        cloudy_, sar_, cloud_prob_, cond_drop, cond_drop_sar, present_ = _repeat_rows(
+            b // patches, cloudy, sar, cloud_prob, drop_all, drop_sar_all, present)
         if guidance_scale == 1.0:
             return flow_model(x, t, cloudy_, sar_, cloud_prob_, drop_sar=cond_drop_sar,
-                              drop_cloudy=cond_drop).astype(jnp.float32)
+                              drop_cloudy=cond_drop, dates=present_).astype(jnp.float32)
 
         def both(a):
             return None if a is None else jnp.concatenate([a, a])
@@ -208,7 +214,7 @@ def _velocity_fn(flow_model, cloudy, sar, cloud_prob, guidance_scale: float, dro
         ones = jnp.ones((b,), bool)
         v = flow_model(both(x), both(t), both(cloudy_), both(sar_), both(cloud_prob_),
                        drop_sar=jnp.concatenate([cond_drop_sar, ones]),
-                       drop_cloudy=jnp.concatenate([cond_drop, ones])).astype(jnp.float32)
+                       drop_cloudy=jnp.concatenate([cond_drop, ones]), dates=both(present_)).astype(jnp.float32)
         v_cond, v_uncond = v[:b], v[b:]
         return v_uncond + guidance_scale * (v_cond - v_uncond)
 

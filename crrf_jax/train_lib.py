@@ -361,6 +361,8 @@ class RefinerLossConfig:
     input: what the refiner refines, "flow" (the frozen flow's sampled prediction, `flow_steps` Euler steps
     from fresh noise each step) or "roundtrip" (the cloudy image's VAE round trip: the ablation without the
     latent flow). sar_dropout: the share of samples trained in the SAR-absent mode (flow and refiner alike).
+    date_dropout: with several cloudy dates, each date's chance of being absent for the sample (the flow
+    stage's `flow.date_dropout`, one date always kept), so the refiner too serves any T up to max_dates.
     """
 
     ssim_weight: float = 0.5
@@ -370,23 +372,28 @@ class RefinerLossConfig:
     flow_steps: int = 8
     spec: rf.FlowSpec = rf.FlowSpec()
     guidance_scale: float = 1.0
+    date_dropout: float = 0.0
 
     @classmethod
     def from_config(cls, config) -> RefinerLossConfig:
         r, f = config.refiner, config.flow
         return cls(r.ssim_weight, r.get("sam_weight", 0.0), r.sar_dropout, r.input,
-                   int(r.flow_steps or f.sample_steps), rf.FlowSpec.from_config(f), float(f.guidance_scale))
+                   int(r.flow_steps or f.sample_steps), rf.FlowSpec.from_config(f), float(f.guidance_scale),
+                   float(f.get("date_dropout", 0.0)))
 
 
-def refiner_input(nets, batch: Batch, rng: jax.Array, drop_sar: jax.Array, cfg: RefinerLossConfig) -> jax.Array:
-    """What the refiner restores, (B, H, W, C) in [0, 1], without gradients: a flow sample or a round trip."""
+def refiner_input(nets, batch: Batch, rng: jax.Array, drop_sar: jax.Array, cfg: RefinerLossConfig,
+                  present: jax.Array | None = None) -> jax.Array:
+    """What the refiner restores, (B, H, W, C) in [0, 1], without gradients: a flow sample or a round trip
+    (of the dates `present`, (B, T) or None = all, for several dates)."""
     if cfg.input == "roundtrip":
-        pred = sampling.vae_roundtrip(nets.vae_s2(), temporal.single_view(batch["s2_cloudy"], batch["cloud_prob"])[0])
+        view = temporal.single_view(batch["s2_cloudy"], batch["cloud_prob"], present=present)[0]
+        pred = sampling.vae_roundtrip(nets.vae_s2(), view)
     elif cfg.input == "flow":
         keys = jax.random.split(rng, batch["s2_cloudy"].shape[0])
         pred, _ = sampling.sample_patches(
             nets, batch["s2_cloudy"], batch.get("s1"), batch["cloud_prob"], keys, steps=cfg.flow_steps,
-            guidance_scale=cfg.guidance_scale, spec=cfg.spec, output="flow", drop_sar=drop_sar,
+            guidance_scale=cfg.guidance_scale, spec=cfg.spec, output="flow", drop_sar=drop_sar, present=present,
         )
     else:
         raise ValueError(f"refiner input must be 'flow' or 'roundtrip', got {cfg.input!r}")
@@ -398,10 +405,12 @@ def refiner_loss(model, batch: Batch, rng: jax.Array, nets, *, cfg: RefinerLossC
     from crrf_jax import metrics
 
     r_drop, r_input = jax.random.split(rng)
-    drop_sar = jax.random.bernoulli(r_drop, cfg.sar_dropout, (batch["s2"].shape[0],))
-    pred = refiner_input(nets, batch, r_input, drop_sar, cfg)
-    refined, trust = model(pred, *temporal.single_view(batch["s2_cloudy"], batch["cloud_prob"], batch.get("s1")),
-                           ~drop_sar)
+    b, cloudy = batch["s2"].shape[0], batch["s2_cloudy"]
+    drop_sar = jax.random.bernoulli(r_drop, cfg.sar_dropout, (b,))
+    dates = cloudy.shape[1] if temporal.is_multitemporal(cloudy) else 1
+    present = temporal.date_dropout(jax.random.fold_in(rng, 3), b, dates, cfg.date_dropout)
+    pred = refiner_input(nets, batch, r_input, drop_sar, cfg, present)
+    refined, trust = model(pred, cloudy, batch["cloud_prob"], batch.get("s1"), ~drop_sar, present)
     target = batch["s2"].astype(jnp.float32)
     l1 = jnp.mean(jnp.abs(refined - target))
     ssim_map = functools.partial(metrics.ssim_map, blur=metrics.gaussian_blur_matmul)

@@ -93,6 +93,28 @@ def test_flow_loss_learns_from_every_date(nets):
         assert float(jax.jit(loss)(networks.flow(), other)) != value
 
 
+def test_sampling_with_absent_dates_is_sampling_with_fewer_dates(nets):
+    """`present` masks a date out of the flow, the composite and the refiner alike (how the refiner stage
+    samples with dropped dates): three dates with the third absent give the two-date result, whatever the
+    third holds."""
+    _, config, networks = nets
+    networks = sampling.Networks.of(networks.flow(), networks.vae_s2(), networks.vae_s1(),
+                                    build.refiner(config.model))
+    x = batch(5)
+    x = dict(x, s2_cloudy=x["s2_cloudy"].at[:, 2].set(1.0), cloud_prob=x["cloud_prob"].at[:, 2].set(0.0))
+    keys = jax.random.split(jax.random.key(2), B)
+
+    @jax.jit
+    def sample(b, present=None):
+        return sampling.sample_patches(networks, b["s2_cloudy"], b["s1"], b["cloud_prob"], keys, steps=2,
+                                       spec=rf.FlowSpec("cloudy", 0.2), present=present)[0]
+
+    two = sample({k: v[:, :2] if k != "s2" else v for k, v in x.items()})
+    masked = sample(x, jnp.array([[True, True, False]] * B))
+    np.testing.assert_allclose(np.asarray(masked), np.asarray(two), atol=2e-5)
+    assert float(jnp.abs(sample(x, jnp.ones((B, 3), bool)) - two).max()) > 1e-3  # the third date matters
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("mt")

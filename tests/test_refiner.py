@@ -88,6 +88,76 @@ def test_refiner_rejects_mismatched_inputs():
         model(pred, cloudy, prob, sar[..., :1])
 
 
+def _dates(seed: int, t: int = 3):
+    """T dates of (B, T, H, W, .) cloudy images, cloud probabilities and SAR."""
+    rng = np.random.default_rng(seed)
+    cloudy = jnp.asarray(rng.uniform(0, 1, (B, t, H, W, C)), jnp.float32)
+    prob = jnp.asarray(rng.uniform(0, 1, (B, t, H, W, 1)), jnp.float32)
+    sar = jnp.asarray(rng.uniform(0, 1, (B, t, H, W, 2)), jnp.float32)
+    return cloudy, prob, sar
+
+
+def _date_refiner(dates: int = 3, seed: int = 5) -> Refiner:
+    """A refiner for several dates with a random head (a zero head would hide what the inputs do)."""
+    model = Refiner(RefinerConfig(bands=C, width=8, dilations=(1, 2), dates=dates), rngs=nnx.Rngs(seed))
+    model.head.kernel[...] = 0.1 * jax.random.normal(jax.random.key(seed), model.head.kernel.shape)
+    return model
+
+
+def test_one_date_refiner_keeps_the_single_image_inputs():
+    """dates=1 (every single-image model) has the single-image input channels, so its checkpoints load as
+    before; each further date adds its image, cloud probability and flag."""
+    assert RefinerConfig(bands=C).in_channels == 2 * C + 1 + 2 + 1
+    assert RefinerConfig(bands=C, dates=3).in_channels == 2 * C + 1 + 2 + 1 + 3 * (C + 2)
+
+
+def test_several_dates_blend_the_composite_and_every_date_counts():
+    """The trust mask keeps the least-cloudy composite's pixel, and every date, seen on its own, moves the
+    restored part."""
+    from crrf_jax import temporal
+
+    pred = _inputs(6)[0]
+    cloudy, prob, sar = _dates(7)
+    model = _date_refiner()
+    out, trust = model(pred, cloudy, prob, sar)
+    composite = temporal.composite(cloudy, prob)
+    restored = (out - trust * composite) / (1 - trust)  # blend inverted: pred + residual
+    assert float(jnp.abs(restored - pred).max()) > 1e-3
+    for k in range(3):  # a date changed where it is not the least cloudy one still changes the output
+        index = temporal.least_cloudy_index(prob)
+        other = jnp.where((index != k)[:, None, :, :, None] & (jnp.arange(3) == k)[None, :, None, None, None],
+                          1.0 - cloudy, cloudy)
+        np.testing.assert_array_equal(temporal.composite(other, prob), composite)
+        moved, _ = model(pred, other, prob, sar)
+        assert float(jnp.abs(moved - out).max()) > 1e-4, f"date {k} does not reach the output"
+
+
+def test_fewer_dates_equal_absent_dates_whatever_they_hold():
+    """T=2 dates given equal T=3 with the third date absent, whatever it holds; an absent date is left out
+    of the composite too."""
+    pred = _inputs(8)[0]
+    cloudy, prob, sar = _dates(9)
+    model = _date_refiner()
+    two, _ = model(pred, cloudy[:, :2], prob[:, :2], sar[:, :2])
+    garbage = cloudy.at[:, 2].set(1.0), prob.at[:, 2].set(0.0), sar.at[:, 2].set(0.0)  # clearest, if present
+    present = jnp.array([[True, True, False]] * B)
+    three, _ = model(pred, *garbage, present=present)
+    np.testing.assert_allclose(three, two, atol=1e-6)
+    everything, _ = model(pred, *garbage)
+    assert float(jnp.abs(everything - two).max()) > 1e-3
+
+
+def test_refiner_refuses_too_many_dates_and_bad_masks():
+    pred = _inputs(10)[0]
+    cloudy, prob, sar = _dates(11, t=3)
+    with pytest.raises(ValueError, match="at most dates=2"):
+        _date_refiner(dates=2)(pred, cloudy, prob, sar)
+    with pytest.raises(ValueError, match="present must be"):
+        _date_refiner()(pred, cloudy, prob, sar, present=jnp.ones((B, 2), bool))
+    with pytest.raises(ValueError, match="cloud_prob must be"):
+        _date_refiner()(pred, cloudy, prob[:, :2], sar)
+
+
 def test_refiner_loss_gradients_reach_the_refiner_only():
     """The loss of the roundtrip input: finite, with gradients for the refiner; the frozen VAE gets none."""
     from configs import demo

@@ -38,7 +38,8 @@ def cloud_removal_flux(model_cfg, dtype: str = "float32", remat_policy: str = "n
 
 
 def refiner(model_cfg, dtype: str = "float32", seed: int = 0):
-    """The pixel-space refiner (`model_cfg.refiner`: bands, width, dilations)."""
+    """The pixel-space refiner (`model_cfg.refiner`: bands, width, dilations; it sees up to `max_dates` dates)."""
     from crrf_jax.models.refiner import Refiner, RefinerConfig
 
-    return Refiner(RefinerConfig.from_mapping(model_cfg.refiner), dtype=compute_dtype(dtype), rngs=nnx.Rngs(seed))
+    cfg = RefinerConfig.from_mapping(model_cfg.refiner, dates=model_cfg.get("max_dates", 1))
+    return Refiner(cfg, dtype=compute_dtype(dtype), rngs=nnx.Rngs(seed))
