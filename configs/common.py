@@ -95,7 +95,8 @@ def refiner_config(variant: str, bands: int) -> ml_collections.ConfigDict:
              "flux": (128, (1, 2, 4, 8, 16, 1))}
     _check(variant)
     width, dilations = sizes[variant]
-    return ml_collections.ConfigDict(dict(enabled=True, bands=bands, width=width, dilations=dilations))
+    # gain: the kept input pixel gets a learned per-pixel brightness factor (shadows; models/refiner.py).
+    return ml_collections.ConfigDict(dict(enabled=True, bands=bands, width=width, dilations=dilations, gain=False))
 
 
 def model_config(variant: str, s2_bands: int = 13) -> ml_collections.ConfigDict:

@@ -56,6 +56,19 @@ def test_trust_one_keeps_the_input_and_trust_zero_takes_the_restored_prediction(
     np.testing.assert_allclose(refined, pred + residual, atol=1e-6)
 
 
+def test_gain_scales_the_kept_pixel_alike_in_every_band():
+    """With `gain`, a trusted pixel comes back as g * cloudy: every band scaled by one factor, so its
+    spectral angle is the input's; g = 1 at initialisation (the output is then the gain-less refiner's)."""
+    pred, cloudy, prob, sar = _inputs(12)
+    plain = _refiner()
+    model = Refiner(RefinerConfig(bands=C, width=8, dilations=(1, 2), gain=True), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(model(pred, cloudy, prob, sar)[0], plain(pred, cloudy, prob, sar)[0], atol=1e-6)
+    model.head.kernel[...] = jnp.zeros_like(model.head.kernel[...])
+    model.head.bias[...] = jnp.asarray([0.0] * C + [40.0, 0.5], jnp.float32)  # trust 1, log-gain logit 0.5
+    refined, _ = model(pred, cloudy, prob, sar)
+    np.testing.assert_allclose(refined, cloudy * np.exp(2 * np.tanh(0.25)), rtol=1e-6)  # one factor, all bands
+
+
 def test_blend_is_a_per_pixel_convex_combination():
     pred, cloudy, prob, _ = _inputs(2)
     out = blend(pred, cloudy, prob)

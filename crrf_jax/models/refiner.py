@@ -15,6 +15,12 @@ and outputs a residual r (B, H, W, C) and a trust mask m = sigmoid(logit) (B, H,
 so m = 1 keeps an input pixel as it came, m = 0 takes the restored prediction. The mask is learned, not a
 threshold of the cloud probability: shadows and haze that s2cloudless misses get a low trust too.
 
+With `gain` the kept pixel may be brightened or darkened by one learned factor g (B, H, W, 1), the same for
+every band: refined = m * g * cloudy + (1 - m) * (pred + r). A cloud shadow (and, roughly, thin haze over
+dark ground) scales a pixel's bands alike, so g undoes it while keeping the pixel's own spectral shape, which
+a restored prediction only approximates band by band. g = exp(2 tanh(l / 2)) in (e^-2, e^2), 1 at
+initialisation.
+
 Several cloudy dates (B, T, H, W, C), with their maps (B, T, H, W, 1) and SAR: `cloudy`, `cloud_prob` and
 `sar` above are then the dates' least-cloudy composite (`temporal.single_view`; what m keeps), and a refiner
 built for `dates` > 1 also sees every date on its own: its image, cloud probability and a present flag, up to
@@ -50,17 +56,25 @@ SAR_BANDS = 2
 class RefinerConfig:
     """bands: C, the Sentinel-2 bands of the model; width: feature channels; dilations: one residual block
     per entry (each two 3x3 convolutions, the first dilated); dates: the most cloudy dates it sees one by one
-    (the model's max_dates; 1 = single image)."""
+    (the model's max_dates; 1 = single image); gain: the kept pixel's learned brightness factor.
+    """
 
     bands: int = 13
     width: int = 32
     dilations: tuple[int, ...] = (1, 2, 4, 8)
     dates: int = 1
+    gain: bool = False
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any], dates: int = 1) -> RefinerConfig:
         """From `config.model.refiner`; `dates` is `config.model.max_dates` (the model's, not the refiner's)."""
-        return cls(int(cfg["bands"]), int(cfg["width"]), tuple(int(d) for d in cfg["dilations"]), int(dates))
+        return cls(int(cfg["bands"]), int(cfg["width"]), tuple(int(d) for d in cfg["dilations"]), int(dates),
+                   bool(cfg.get("gain", False)))
+
+    @property
+    def out_channels(self) -> int:
+        """The residual's bands, the trust logit and, with `gain`, the log-gain."""
+        return self.bands + 1 + int(self.gain)
 
     @property
     def in_channels(self) -> int:
@@ -102,7 +116,7 @@ class Refiner(nnx.Module):
         self.config = cfg
         self.stem = _conv(cfg.in_channels, cfg.width, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([_Block(cfg.width, d, dtype=dtype, rngs=rngs) for d in cfg.dilations])
-        self.head = _conv(cfg.width, cfg.bands + 1, zero=True, dtype=dtype, rngs=rngs)
+        self.head = _conv(cfg.width, cfg.out_channels, zero=True, dtype=dtype, rngs=rngs)
 
     def __call__(
         self,
@@ -155,7 +169,9 @@ class Refiner(nnx.Module):
         for block in self.blocks:
             h = block(h)
         out = self.head(jax.nn.swish(h)).astype(jnp.float32)
-        residual, trust = out[..., :c], jax.nn.sigmoid(out[..., c:])
+        residual, trust = out[..., :c], jax.nn.sigmoid(out[..., c : c + 1])
+        if self.config.gain:
+            composite = composite * jnp.exp(2.0 * jnp.tanh(out[..., c + 1 :] / 2.0))
         return blend(pred + residual, composite, trust), trust
 
     def _every_date(self, cloudy, cloud_prob, present, several: bool) -> jax.Array:
