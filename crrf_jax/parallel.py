@@ -124,6 +124,69 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """`x` (B, ...) pinned to batch sharding (B over ('data', 'fsdp')) when traced under a mesh
+    (`activations_on`); unchanged otherwise, or when the batch does not divide over those axes.
+
+    Why: parameters are laid out `embed -> fsdp`, and without a constraint XLA's propagation may carry that
+    layout into the activations, resharding (and replicating) them between blocks; pinning the blocks'
+    activations to the batch's layout keeps each device's activations its own samples' (BENCHMARKS.md,
+    "Memory at scale")."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if not axes or x.shape[0] % size:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(axes, *([None] * (x.ndim - 1))))
+
+
+def gather_fsdp(state: Any, rules=LOGICAL_AXIS_RULES) -> Any:
+    """`state` (an nnx.State: one scanned layer's parameters) with every Variable gathered over 'fsdp', i.e.
+    pinned first to its own sharding and then to that sharding without 'fsdp': FSDP's just-in-time all-gather,
+    made explicit. A no-op outside a mesh (`activations_on`) or where 'fsdp' has size 1. A Variable whose axis
+    names outnumber its dimensions (a stacked module's, its 'layers' axis sliced off by the scan) is named by
+    its trailing names.
+
+    Why: left `embed -> fsdp` inside the Flux scan, the weights leave the partitioner to choose at every matmul
+    how to meet the batch-sharded activations, and with 'data', 'fsdp' and 'tensor' all > 1 it miscompiled the
+    scanned MLP (jaxlib 0.10.2): it moved an intermediate to the batch over ('fsdp', 'data') by a
+    collective-permute (devices 2 <-> 4, 3 <-> 5) and never moved it back, so those devices' samples were mixed
+    (tests/helpers/constrained_forward.py has the plain-JAX repro). Gathered weights leave one layout per matmul:
+    batch-sharded activations against weights split over 'tensor' only.
+
+    In the backward pass the constraints run in reverse, so each layer's weight gradient is reduce-scattered
+    back to the split layout inside the scan; models/flux.py `_scan` does not keep the gathered weights for the
+    backward pass but gathers them again there, as FSDP does."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "fsdp" not in mesh.axis_names or mesh.shape["fsdp"] == 1:
+        return state
+    gathered_rules = []
+    for name, target in rules:
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        gathered_rules.append((name, tuple(a for a in axes if a != "fsdp") or None))
+
+    def one(variable):
+        if not isinstance(variable, nnx.Variable):
+            return variable
+        value, names = variable.get_value(), _names(variable)
+        if not names or len(names) < np.ndim(value):
+            return variable
+        names, shape = tuple(names)[len(names) - np.ndim(value) :], np.shape(value)
+        split = jax.lax.with_sharding_constraint(value, logical_to_spec(names, shape, mesh, rules))
+        whole = jax.lax.with_sharding_constraint(split, logical_to_spec(names, shape, mesh, tuple(gathered_rules)))
+        return variable.replace(whole)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def activations_on(mesh: Mesh):
+    """Context for tracing a function whose activations `constrain_batch` pins on `mesh` (usable inside
+    jit: it sets the abstract mesh only)."""
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

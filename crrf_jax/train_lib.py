@@ -539,12 +539,19 @@ def init_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTrans
 
 
 def compile_step(step_fn, state_shardings: TrainState, batch_shardings, frozen_shardings, mesh):
-    """jit of `step_fn(state, batch, rng, frozen)` with explicit in/out shardings; the state is donated."""
+    """jit of `step_fn(state, batch, rng, frozen)` with explicit in/out shardings; the state is donated. The
+    step is traced under `mesh` (`parallel.activations_on`), so the model's activation constraints apply."""
     from crrf_jax import parallel
 
     rep = parallel.replicated(mesh)
+
+    @functools.wraps(step_fn)
+    def on_mesh(*args):
+        with parallel.activations_on(mesh):
+            return step_fn(*args)
+
     return jax.jit(
-        step_fn,
+        on_mesh,
         in_shardings=(state_shardings, batch_shardings, rep, frozen_shardings),
         out_shardings=(state_shardings, rep),
         donate_argnums=(0,),

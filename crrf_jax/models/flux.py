@@ -28,7 +28,7 @@ from crrf_jax.models.layers import (
     linear,
     timestep_embedding,
 )
-from crrf_jax.parallel import with_axes
+from crrf_jax.parallel import constrain_batch, gather_fsdp, with_axes
 
 # Rematerialisation (gradient checkpointing) of each block: name -> jax.checkpoint policy.
 REMAT_POLICIES = {
@@ -116,6 +116,15 @@ def _stacked(make, n: int, rngs: nnx.Rngs):
     return create(rngs)
 
 
+def _save_all_but_constraints(prim, *_, **__) -> bool:
+    """jax.checkpoint policy: save every intermediate but the outputs of sharding constraints. In the scanned
+    blocks those are each layer's weights gathered over 'fsdp' (`parallel.gather_fsdp`), which the backward
+    pass gathers again from the layer's split weights, and the blocks' outputs (`parallel.constrain_batch`),
+    which are the next layer's inputs and kept as such. (Naming the gathered weights with checkpoint_name and
+    excluding the name would not do: the constraint that makes the named value would be saved instead.)"""
+    return prim.name != "sharding_constraint"
+
+
 def _scan(step, blocks, carry, *broadcast, remat: bool = False, policy=None):
     """carry = step(block, *carry, *broadcast) for each block of the stacked `blocks`.
 
@@ -123,16 +132,24 @@ def _scan(step, blocks, carry, *broadcast, remat: bool = False, policy=None):
     also runs where its weights are closed over by an outer JAX loop (e.g. the Euler sampler's fori_loop).
     With `remat`, each block is rematerialised in the backward pass under `policy` (a jax.checkpoint policy;
     None saves only the block's inputs).
+
+    Under a mesh each layer's weights are gathered over 'fsdp' in the body (`parallel.gather_fsdp`). Where
+    everything else is kept for the backward pass (no remat, or "everything_saveable") the gathered weights
+    are not (`_save_all_but_constraints`): they are gathered again in the backward pass, as FSDP does, so no
+    device keeps every layer's full weights at once. The other policies save no gathered weight anyway
+    (they are not dot outputs).
     """
     if blocks is None:
         return carry
     graphdef, state = nnx.split(blocks)
 
     def body(carry, layer_state):
-        return step(nnx.merge(graphdef, layer_state), *carry, *broadcast), None
+        # This layer's weights gathered over 'fsdp' before use (parallel.gather_fsdp; a no-op outside a mesh).
+        return step(nnx.merge(graphdef, gather_fsdp(layer_state)), *carry, *broadcast), None
 
-    if remat:
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    if not remat or policy is jax.checkpoint_policies.everything_saveable:
+        policy = _save_all_but_constraints
+    body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     carry, _ = jax.lax.scan(body, carry, state)
     return carry
 
@@ -229,9 +246,10 @@ class Flux(nnx.Module):
         pe = self.pe_embedder(jnp.concatenate([txt_ids, img_ids], axis=1))
 
         remat = {"remat": self.remat_policy != "none", "policy": REMAT_POLICIES.get(self.remat_policy)}
-        img, txt = _scan(lambda block, img, txt, vec, pe: block(img, txt, vec, pe, key_mask),
+        # Every block's outputs pinned to the batch layout (parallel.constrain_batch; a no-op outside a mesh).
+        img, txt = _scan(lambda block, img, txt, vec, pe: tuple(map(constrain_batch, block(img, txt, vec, pe, key_mask))),
                          self.double_blocks, (img, txt), vec, pe, **remat)
-        (x,) = _scan(lambda block, x, vec, pe: (block(x, vec, pe, key_mask),),
+        (x,) = _scan(lambda block, x, vec, pe: (constrain_batch(block(x, vec, pe, key_mask)),),
                      self.single_blocks, (jnp.concatenate([txt, img], axis=1),), vec, pe, **remat)
         img = x[:, txt.shape[1] :]
         return self.final_layer(img, vec).astype(jnp.float32)
