@@ -207,6 +207,10 @@ def base_config(variant: str = "base", s2_bands=None, dataset: str = "sen12mscr"
     c.data.has_sar = DATASETS[dataset]["has_sar"]  # False: batches have no s1
     # The model follows its data: as many cloudy-date groups as the samples carry, SAR where they have it.
     c.model.max_dates, c.model.sar = c.data.dates, c.data.has_sar
+    # Multi-temporal data: the refiner's kept pixel gets a brightness factor (models/refiner.py `gain`), which
+    # undoes cloud shadows (the RGBN score does not flag them); measured on configs/demo_mt.py (BENCHMARKS.md,
+    # "Multi-temporal quality on held-out synthetic scenes"). Single-image models: not measured, off.
+    c.model.refiner.gain = c.data.dates > 1
     c.data.downsample = 1  # integer shrink of the images on read (CUHK-CR: 2, EMRDM's 512 -> 256)
     c.data.source = "geotiff"  # geotiff (the raw official layout of any dataset) | tfds (SEN12MS-CR only)
     c.data.root = ""  # the dataset's root (official layout); the TFDS manual_dir too
