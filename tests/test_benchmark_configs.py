@@ -90,10 +90,9 @@ def test_cuhk_cr1_runs_the_cuhk_cr2_path():
 @pytest.mark.parametrize("config", [c for c in BENCHMARKS if c != "cuhk_cr1"])
 def test_config_trains_evaluates_exports_and_predicts(config, tmp_path_factory):
     dataset, write, metric_set = BENCHMARKS[config]
-    base = tmp_path_factory.getbasetemp()
     root, workdir = tmp_path_factory.mktemp(f"{config}_data"), tmp_path_factory.mktemp(config)
     write(root)
-    env = tr.test_env(base / "jax_cache")
+    env = tr.test_env()
     out = tr.run_train(_flags(config, root, workdir), env, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     run_config = json.loads((workdir / "config.json").read_text())
