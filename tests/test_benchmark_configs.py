@@ -120,8 +120,9 @@ def test_config_trains_evaluates_exports_and_predicts(config, tmp_path_factory):
     s2, s1 = _scene_files(dataset, root, cfg["bands"]["names"], tmp_path_factory.mktemp(f"{config}_scene"))
     assert len(s2) == dates
     clear = workdir / "clear.tif"
+    # One tile, in a batch of 2 like eval.py's above: the same sampling program, read from the cache.
     args = [f"--bundle={bundle}", *(f"--s2={p}" for p in s2), *(f"--s1={p}" for p in s1), f"--out={clear}",
-            "--steps=1", f"--tile={SIZE}", "--overlap=0", "--quiet"]
+            "--steps=1", f"--tile={SIZE}", "--overlap=0", "--batch-size=2", "--quiet"]
     assert predict.main(args) == 0
     with rasterio.open(clear) as ds:
         assert ds.count == len(cfg["bands"]["names"]) and (ds.height, ds.width) == (SIZE, SIZE)
