@@ -38,6 +38,13 @@ LONGEST_FIRST = (
 )
 
 
+def pytest_configure(config):
+    # pytest-xdist (3.x) by default re-sorts the files by how many tests each has (--loadscope-reorder), which
+    # hands the long files, most of them with few tests, out last; keep the order below instead.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay contiguous
