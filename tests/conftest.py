@@ -1,5 +1,6 @@
-"""Test-wide settings: CPU JAX, and one persistent XLA compilation cache shared by the tests and the
-subprocesses they start (most of the suite's time is XLA compiling on the CPU)."""
+"""Test-wide settings: CPU JAX, and one persistent XLA compilation cache shared by the tests, both pytest-xdist
+workers and the subprocesses they start (most of the suite's time is XLA compiling on the CPU; a program one
+process compiled is read by the next that needs it). Every program is cached, however quickly it compiled."""
 
 import os
 import tempfile
@@ -12,7 +13,8 @@ from tests.helpers import CHEAP_XLA_FLAGS
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", CHEAP_XLA_FLAGS)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "crrf_jax_xla_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "sen12mscr_sample"
 
@@ -34,6 +36,13 @@ LONGEST_FIRST = (
     "test_sharding.py", "test_predict.py", "test_multitemporal.py", "test_remote_workdir.py", "test_export.py",
     "test_pretrained.py", "test_inference.py", "test_train_step.py", "test_refiner.py",
 )
+
+
+def pytest_configure(config):
+    # pytest-xdist (3.x) by default re-sorts the files by how many tests each has (--loadscope-reorder), which
+    # hands the long files, most of them with few tests, out last; keep the order below instead.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):

@@ -90,10 +90,9 @@ def test_cuhk_cr1_runs_the_cuhk_cr2_path():
 @pytest.mark.parametrize("config", [c for c in BENCHMARKS if c != "cuhk_cr1"])
 def test_config_trains_evaluates_exports_and_predicts(config, tmp_path_factory):
     dataset, write, metric_set = BENCHMARKS[config]
-    base = tmp_path_factory.getbasetemp()
     root, workdir = tmp_path_factory.mktemp(f"{config}_data"), tmp_path_factory.mktemp(config)
     write(root)
-    env = tr.test_env(base / "jax_cache")
+    env = tr.test_env()
     out = tr.run_train(_flags(config, root, workdir), env, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     run_config = json.loads((workdir / "config.json").read_text())
@@ -121,8 +120,9 @@ def test_config_trains_evaluates_exports_and_predicts(config, tmp_path_factory):
     s2, s1 = _scene_files(dataset, root, cfg["bands"]["names"], tmp_path_factory.mktemp(f"{config}_scene"))
     assert len(s2) == dates
     clear = workdir / "clear.tif"
+    # One tile, in a batch of 2 like eval.py's above: the same sampling program, read from the cache.
     args = [f"--bundle={bundle}", *(f"--s2={p}" for p in s2), *(f"--s1={p}" for p in s1), f"--out={clear}",
-            "--steps=1", f"--tile={SIZE}", "--overlap=0", "--quiet"]
+            "--steps=1", f"--tile={SIZE}", "--overlap=0", "--batch-size=2", "--quiet"]
     assert predict.main(args) == 0
     with rasterio.open(clear) as ds:
         assert ds.count == len(cfg["bands"]["names"]) and (ds.height, ds.width) == (SIZE, SIZE)

@@ -2,7 +2,6 @@
 then eval.py and the predict CLI on what it produced."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,28 +10,27 @@ import numpy as np
 import pytest
 import rasterio
 
+from tests.helpers import train_run as tr
+
 ROOT = Path(__file__).resolve().parents[1]
 
+# The demo's data and the pipeline's stage runs (steps, learning rates, warmup, batch 4: the programs of
+# test_train's run, so the two compile them once).
 TINY = [
     "--config.data.synthetic_scenes=10",
     "--config.data.synthetic_size=32",
     "--config.data.crop_size=32",
-    "--config.vae_s2.steps=6",
-    "--config.vae_s1.steps=4",
-    "--config.flow.steps=6",
-    "--config.refiner.steps=4",
-    "--config.refiner.batch_size=4",
     "--config.latent_stats.batches=2",
-    "--config.flow.sample_steps=2",
-    "--config.vae_s2.batch_size=4",
-    "--config.vae_s1.batch_size=4",
-    "--config.flow.batch_size=4",
     "--config.latent_stats.batch_size=4",
+    "--config.flow.sample_steps=2",
 ]
+for _stage, _run in tr.STAGE_RUNS.items():
+    TINY += [f"--config.{_stage}.steps={_run['steps']}", f"--config.{_stage}.lr={_run['lr']}",
+             f"--config.{_stage}.batch_size={tr.BATCH}", f"--config.{_stage}.warmup_steps={tr.WARMUP}"]
 
 
 def run(args, **kw):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = tr.test_env(PYTHONUNBUFFERED="1")  # the environment of the tiny runs: their compiled programs
     out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
                          **kw)
     assert out.returncode == 0, f"{args}\nstdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-5000:]}"

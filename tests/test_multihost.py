@@ -45,7 +45,7 @@ def two_process_run(tmp_path_factory):
         flags += [f"--config.{stage}.preview_every={PREVIEW_EVERY.get(stage, 0)}"]
     flags += [f"--config.latent_stats.batches={LATENT_BATCHES}",
               f"--config.latent_stats.batch_size={LATENT_BATCH}"]
-    envs = tr.distributed_env(base / "jax_cache", 2, CRRF_TEST_TRACE_ALL="1")
+    envs = tr.distributed_env(2, CRRF_TEST_TRACE_ALL="1")
     return workdir, tr.run_concurrently({i: (flags, envs[i]) for i in range(2)}, timeout=400)
 
 
@@ -57,7 +57,6 @@ def inference_runs(two_process_run, tmp_path_factory):
 
     workdir, train = two_process_run
     assert all(out.returncode == 0 for out in train.values()), "training failed (see test_training_finishes)"
-    base = tmp_path_factory.getbasetemp()
     out = tmp_path_factory.mktemp("inference")
     bundle = export.export_bundle(workdir, out / "bundle")
     scene = synthetic.write_synthetic_scene(out / "scene", *SCENE, seed=5)
@@ -69,12 +68,12 @@ def inference_runs(two_process_run, tmp_path_factory):
     }
     # The one-process runs have two (simulated) devices, so every device computes what it computes in the
     # two-process runs: the results must be identical, bit for bit.
-    one = tr.test_env(base / "jax_cache")
+    one = tr.test_env()
     one["XLA_FLAGS"] = with_devices(one["XLA_FLAGS"], 2)
     runs = {}
     for command, args in commands.items():  # each two-process job has its own coordinator
         runs[(command, "one", 0)] = (args("one"), one)
-        for i, env in enumerate(tr.distributed_env(base / "jax_cache", 2)):
+        for i, env in enumerate(tr.distributed_env(2)):
             runs[(command, "two", i)] = (args("two"), env)
     return out, tr.run_concurrently(runs, timeout=400, start=tr.start_python)
 

@@ -37,7 +37,7 @@ from tests.helpers import train_run as tr
 RUN = "gs://bucket/run"
 # The stage runs of test_train (same programs: one XLA compilation for both in a session); a model without the
 # refiner, whose stage adds no path of its own.
-STAGE_RUNS = {"vae_s2": {"steps": 12, "lr": 2e-3}, "vae_s1": tr.VAE_S1, "flow": {"steps": 30, "lr": 1e-3}}
+STAGE_RUNS = {stage: tr.STAGE_RUNS[stage] for stage in ("vae_s2", "vae_s1", "flow")}
 STAGES = tuple(STAGE_RUNS)
 
 
@@ -129,7 +129,7 @@ def gcs_run(tmp_path_factory):
         flags += tr.stage_flags(stage, **run)
     flags += ["--config.vae_s2.preview_every=12", "--config.latent_stats.batches=2",
               f"--config.latent_stats.batch_size={tr.BATCH}"]
-    env = tr.test_env(base / "jax_cache", CRRF_TEST_FAKE_GCS=str(root))
+    env = tr.test_env(CRRF_TEST_FAKE_GCS=str(root))
     out = subprocess.run([sys.executable, "-m", "tests.helpers.train_hooks", *flags], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-4000:]

@@ -28,7 +28,7 @@ def runs(tmp_path_factory):
     newest checkpoint corrupted and its final weights removed."""
     base = tmp_path_factory.getbasetemp()
     root = tr.write_dataset(base / "synthetic")
-    env = tr.test_env(base / "jax_cache")
+    env = tr.test_env()
     work = tmp_path_factory.mktemp("resume")
     names = ("uninterrupted", "killed", "preempted", "preempted_resumed", "corrupt")
     dirs = {name: work / name for name in names}

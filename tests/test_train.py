@@ -16,12 +16,7 @@ import pytest
 
 from tests.helpers import train_run as tr
 
-STAGE_RUNS = {
-    "vae_s2": dict(steps=12, lr=2e-3),
-    "vae_s1": tr.VAE_S1,  # as in test_resume: one compilation for both
-    "flow": dict(steps=30, lr=1e-3),
-    "refiner": dict(steps=16, lr=3e-3),
-}
+STAGE_RUNS = tr.STAGE_RUNS  # shared with the other tiny runs (test_demo, test_resume, ...): one compilation
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +28,7 @@ def pipeline(tmp_path_factory):
     for stage, run in STAGE_RUNS.items():
         flags += tr.stage_flags(stage, **run)
     flags += ["--config.latent_stats.batches=2", f"--config.latent_stats.batch_size={tr.BATCH}"]
-    out = tr.run_train(flags, tr.test_env(base / "jax_cache"))
+    out = tr.run_train(flags, tr.test_env())
     assert out.returncode == 0, out.stderr[-4000:]
     return workdir
 
@@ -69,7 +64,7 @@ def test_refiner_stage_resumes_exactly(pipeline, tmp_path_factory):
     shutil.copytree(pipeline, workdir, ignore=shutil.ignore_patterns("refiner"))
     flags = tr.base_flags(base / "synthetic", workdir, "refiner")
     flags += tr.stage_flags("refiner", **STAGE_RUNS["refiner"], checkpoint_every=4)
-    env = tr.test_env(base / "jax_cache")
+    env = tr.test_env()
     first = tr.run_train(flags, {**env, "CRRF_TEST_SIGTERM_AT_STEP": "6"})
     assert first.returncode == 0, first.stderr[-4000:]
     assert not (workdir / "refiner" / "final").exists()
@@ -101,14 +96,14 @@ def test_flux_shaped_model_trains_evaluates_exports_and_predicts(pipeline, tmp_p
     flags = tr.base_flags(base / "synthetic", workdir) + FLUX_SHAPED
     flags += tr.stage_flags("flow", steps=4, lr=1e-3) + tr.stage_flags("refiner", steps=2, lr=1e-3)
     flags += ["--config.flow.sample_steps=1", "--config.eval.max_images=2", "--config.eval.batch_size=2"]
-    out = tr.run_train(flags, tr.test_env(base / "jax_cache"))
+    out = tr.run_train(flags, tr.test_env())
     assert out.returncode == 0, out.stderr[-4000:]
     assert "vae_s2: already finished" in out.stderr
     config = json.loads((workdir / "config.json").read_text())
     assert config["model"]["flux"]["guidance_embed"] and config["model"]["embedded_guidance"] == 3.5
     assert np.all(np.isfinite(tr.losses(workdir / "flow" / "metrics.jsonl")))
 
-    env = tr.test_env(base / "jax_cache")
+    env = tr.test_env()
 
     def cli(*args):
         return subprocess.run([sys.executable, *args], cwd=tr.ROOT, env=env, capture_output=True, text=True,
@@ -141,7 +136,7 @@ def test_nan_batches_stop_the_run_with_finite_checkpointed_weights(tmp_path_fact
     workdir = tmp_path_factory.mktemp("nan_run")
     flags = tr.base_flags(tr.write_dataset(base / "synthetic"), workdir, "vae_s1")
     flags += tr.stage_flags("vae_s1", **tr.VAE_S1) + ["--config.vae_s1.max_bad_steps=3"]
-    out = tr.run_train(flags, tr.test_env(base / "jax_cache", CRRF_TEST_NAN_FROM_STEP="7"))
+    out = tr.run_train(flags, tr.test_env(CRRF_TEST_NAN_FROM_STEP="7"))
     assert out.returncode != 0
     assert "3 consecutive steps had non-finite loss or gradients, the last at step 9" in out.stderr
     assert "Traceback" not in out.stderr
@@ -164,7 +159,7 @@ def jax_leaves(tree):
 def train_py(tmp_path, *flags: str) -> subprocess.CompletedProcess:
     """train.py itself (no test hooks), CPU only."""
     return subprocess.run(
-        [sys.executable, "train.py", *flags], cwd=tr.ROOT, env=tr.test_env(tmp_path / "jax_cache"),
+        [sys.executable, "train.py", *flags], cwd=tr.ROOT, env=tr.test_env(),
         capture_output=True, text=True, timeout=120,
     )
 

@@ -1,8 +1,9 @@
 """Shared pieces of the training tests: a tiny synthetic dataset, tiny train.py flags, subprocess runs.
 
 Every run is a real `train.py` process (through `tests.helpers.train_hooks`, which adds test-only hooks such
-as "send SIGKILL after the save of step 8"). Runs share one persistent XLA compilation cache per pytest session,
-so a second run of the same configuration does not compile again.
+as "send SIGKILL after the save of step 8"). Every run, on either pytest-xdist worker, and the tests' own
+process share one persistent XLA compilation cache (tests/conftest.py, `cache_dir`), so a program another run
+or test has compiled (the same configuration, shapes and flags) is read rather than compiled again.
 """
 
 from __future__ import annotations
@@ -36,8 +37,17 @@ def write_dataset(root: Path) -> Path:
     return root
 
 
-# The S1 autoencoder runs of test_train and test_resume share this configuration, hence one compilation.
-VAE_S1 = dict(steps=12, lr=2e-3, checkpoint_every=4)
+# The stage runs of the tiny pipeline (test_train's). The other runs of the tiny model on SEN12MS-CR train their
+# stages with these settings too (test_demo every stage, test_remote_workdir the autoencoders and the flow,
+# test_resume and test_train's NaN run the S1 autoencoder): the same programs, compiled once per session.
+STAGE_RUNS = {
+    "vae_s2": dict(steps=12, lr=2e-3),
+    "vae_s1": dict(steps=12, lr=2e-3, checkpoint_every=4),
+    "flow": dict(steps=30, lr=1e-3),
+    "refiner": dict(steps=16, lr=3e-3),
+}
+VAE_S1 = STAGE_RUNS["vae_s1"]
+WARMUP = 2
 
 
 def stage_flags(stage: str, *, steps: int, lr: float, checkpoint_every: int | None = None) -> list[str]:
@@ -47,7 +57,7 @@ def stage_flags(stage: str, *, steps: int, lr: float, checkpoint_every: int | No
         f"--config.{stage}.steps={steps}",
         f"--config.{stage}.batch_size={BATCH}",
         f"--config.{stage}.lr={lr}",
-        f"--config.{stage}.warmup_steps=2",
+        f"--config.{stage}.warmup_steps={WARMUP}",
         f"--config.{stage}.log_every=1",
         f"--config.{stage}.preview_every=0",
         f"--config.{stage}.checkpoint_every={every}",
@@ -67,12 +77,18 @@ def base_flags(data_root: Path, workdir: Path, stage: str = "") -> list[str]:
     ]
 
 
-def test_env(cache_dir: Path, **extra: str) -> dict[str, str]:
-    """Environment of a train.py subprocess: CPU, one device, a shared persistent compilation cache."""
+def cache_dir() -> Path:
+    """The persistent compilation cache of the test session (tests/conftest.py puts it in the environment)."""
+    return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+def test_env(**extra: str) -> dict[str, str]:
+    """Environment of a train.py subprocess: CPU, one device, the session's compilation cache (every program
+    cached, however quickly it compiled: a cache read takes milliseconds)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "CRRF_TEST_"))}
     env.update(
         JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir()),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
         PYTHONPATH=str(ROOT),
@@ -127,10 +143,10 @@ def run_concurrently(runs: dict, timeout: float = 300, start=start_train):
     return {name: finish(proc, timeout) for name, proc in procs.items()}
 
 
-def distributed_env(cache_dir: Path, processes: int, **extra: str) -> list[dict[str, str]]:
+def distributed_env(processes: int, **extra: str) -> list[dict[str, str]]:
     """The environments of `processes` processes that join one jax.distributed job on 127.0.0.1."""
     coordinator = f"127.0.0.1:{free_port()}"
-    return [test_env(cache_dir, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES=str(processes),
+    return [test_env(JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES=str(processes),
                      JAX_PROCESS_ID=str(i), **extra) for i in range(processes)]
 
 
