@@ -136,14 +136,12 @@ def sample_patches(
     composite = temporal.composite(s2_cloudy, cloud_prob, present) if several else s2_cloudy
     source = encode(vae_s2, composite) if several else cloudy
     b, h, w, z = source.shape
-
     sar_present = None if drop_sar is None else ~jnp.asarray(drop_sar, bool)
 
     def refine(pixels):
         if output == "flow" or refiner is None:
             return pixels
-        inputs = _repeat_rows(pixels.shape[0] // b, s2_cloudy, cloud_prob, s1, sar_present, present)
-        return refiner(pixels, *inputs)[0]
+        return refiner(pixels, *_repeat_rows(pixels.shape[0] // b, s2_cloudy, cloud_prob, s1, sar_present, present))[0]
 
     def decode(x0):
         return refine(contract.from_model(vae_s2.decode(x0).astype(jnp.float32)))
