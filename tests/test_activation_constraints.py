@@ -1,28 +1,14 @@
 """The Flux blocks' sharding constraints (`parallel.gather_fsdp`, `parallel.constrain_batch`) change no value:
 on 8 simulated devices (data=2, fsdp=2, tensor=2) the constrained forward equals the unconstrained one."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from tests.helpers import CHEAP_XLA_FLAGS, with_devices
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import device_report
 
 
 @pytest.fixture(scope="module")
 def report():
-    env = dict(os.environ, XLA_FLAGS=with_devices(CHEAP_XLA_FLAGS, 8), JAX_PLATFORMS="cpu")
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.helpers.constrained_forward"], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return device_report("tests.helpers.constrained_forward", 8, timeout=300)
 
 
 def test_constrained_flux_forward_equals_unconstrained(report):

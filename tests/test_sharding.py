@@ -1,27 +1,13 @@
 """One VAE step, one flow step and one refiner step on 8 simulated devices (data=2, fsdp=2, tensor=2) equal the 1-device step."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from tests.helpers import CHEAP_XLA_FLAGS, with_devices
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import device_report
 
 
 @pytest.fixture(scope="module")
 def report():
-    env = dict(os.environ, XLA_FLAGS=with_devices(CHEAP_XLA_FLAGS, 8), JAX_PLATFORMS="cpu")
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.helpers.sharded_step"], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return device_report("tests.helpers.sharded_step", 8, timeout=600)
 
 
 @pytest.mark.parametrize("stage", ["vae", "flow", "refiner"])
