@@ -24,9 +24,9 @@ initialisation.
 Several cloudy dates (B, T, H, W, C), with their maps (B, T, H, W, 1) and SAR: `cloudy`, `cloud_prob` and
 `sar` above are then the dates' least-cloudy composite (`temporal.single_view`; what m keeps), and a refiner
 built for `dates` > 1 also sees every date on its own: its image, cloud probability and a present flag, up to
-`dates` of them (a date the sample lacks, or a dropped one, is zeros with the flag off). So r can combine
-what several dates see clear (each date's own radiometry and noise averaged out) instead of taking one date
-per pixel. With `dates` = 1 the inputs are exactly the single-image ones.
+`dates` of them (a date the sample lacks, or a dropped one, is zeros with the flag off). So r can draw on
+every date rather than one date a pixel (a shadow, for one, is a pixel darker than on its other clear dates).
+With `dates` = 1 the inputs are exactly the single-image ones.
 
 The network is a stem convolution, residual blocks of dilated 3x3 convolutions (dilations grow, so the
 receptive field spans tens of pixels at a few layers' cost) and a zero-initialised head: at initialisation
