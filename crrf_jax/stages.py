@@ -238,8 +238,7 @@ class RefinerStage(_SamplingStage):
 
     def frozen(self, mesh):
         c = self.config
-        flow = rundir.load_final(rundir.stage_path(self.workdir, "flow"),
-                                 build.cloud_removal_flux(c.model, c.dtype, c.remat_policy))
+        flow = trained(self.workdir, "flow", lambda: build.cloud_removal_flux(c.model, c.dtype, c.remat_policy))
         nets = sampling.Networks.of(flow, *trained_vaes(c, self.workdir))
         return jax.device_put(nets, parallel.replicated(mesh))
 
@@ -274,13 +273,18 @@ def make_stage(name: str, config, workdir: str) -> TrainedStage:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def trained(workdir: str, stage: str, model_fn):
+    """The module `model_fn()` builds, with the EMA weights of the finished `stage` of `workdir`. The module is
+    built abstractly (shapes only): no random initialisation whose values the restore would overwrite."""
+    return rundir.load_final(rundir.stage_path(workdir, stage), nnx.eval_shape(model_fn))
+
+
 def trained_vaes(config, workdir: str) -> list:
     """The trained (S2, S1) autoencoders with their measured latent statistics (S1 None without SAR)."""
     stats = rundir.read_latent_stats(workdir, C.autoencoders(config.model))
     vaes = [None, None]
     for i, stage in enumerate(C.autoencoders(config.model)):
-        vae = rundir.load_final(rundir.stage_path(workdir, stage),
-                                build.autoencoder(config.model, stage, config.dtype))
+        vae = trained(workdir, stage, functools.partial(build.autoencoder, config.model, stage, config.dtype))
         vae.set_latent_stats(stats[stage]["scale_factor"], stats[stage]["shift_factor"])
         vaes[i] = vae
     return vaes
@@ -310,8 +314,7 @@ def shard_moments(config, workdir: str, batch_size: int, progress=None,
     """Moments of each trained autoencoder's posterior means on one process's shard of the training data:
     `config.latent_stats.batches` batches of `batch_size`; `shard` (index, count) defaults to this process's.
     A computation on this process alone (its own devices)."""
-    vaes = {stage: rundir.load_final(rundir.stage_path(workdir, stage),
-                                     build.autoencoder(config.model, stage, config.dtype))
+    vaes = {stage: trained(workdir, stage, functools.partial(build.autoencoder, config.model, stage, config.dtype))
             for stage in C.autoencoders(config.model)}
     batches = config.latent_stats.batches
     data = make_input(config, "train", batch_size, seed=config.seed, shard=shard)

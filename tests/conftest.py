@@ -32,7 +32,7 @@ def sample_root() -> Path:
 # multi-process and multi-device subprocesses) go first, longest first, so the two workers finish together
 # instead of one of them running a long file alone at the end. The other files keep their order.
 LONGEST_FIRST = (
-    "test_benchmark_configs.py", "test_train.py", "test_demo.py", "test_multihost.py", "test_resume.py",
+    "test_benchmark_configs.py", "test_train.py", "test_multihost.py", "test_resume.py",
     "test_sharding.py", "test_predict.py", "test_multitemporal.py", "test_remote_workdir.py", "test_export.py",
     "test_pretrained.py", "test_inference.py", "test_train_step.py", "test_refiner.py",
 )

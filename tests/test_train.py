@@ -1,36 +1,52 @@
-"""train.py end to end on tiny synthetic data: every stage learns, and bad input gets a one-line error.
+"""train.py end to end on tiny synthetic data: the README's demo job, every stage learns, the CLIs on what it
+produced, exact resumption, the FLUX.1-shaped layout, and bad input gets a one-line error.
 
-One train.py process runs the whole pipeline (S2 autoencoder, S1 autoencoder, latent statistics, flow,
-refiner) with the tiny model on 32x32 crops, logging every step; each stage's loss must fall clearly. The
-refiner stage then resumes exactly after a SIGTERM, on top of the finished flow.
+One train.py process runs the demo config (`configs/demo.py`, the README's quick start) at tiny sizes: it writes
+16 synthetic 32x32 scenes (the data of `tests.helpers.train_run.write_dataset`) and their cloud probability,
+trains the S2 autoencoder, the S1 autoencoder, measures the latent statistics, trains the flow model and the
+refiner on 32x32 crops logging every step (each stage's loss must fall clearly), evaluates the test split
+against the cloudy input and the learning-free references, exports a bundle and removes clouds from the demo
+scene. eval.py and the predict CLI then run on what it produced; the refiner stage resumes exactly after a
+SIGTERM, on top of the finished flow.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import rasterio
 
 from tests.helpers import train_run as tr
 
-STAGE_RUNS = tr.STAGE_RUNS  # shared with the other tiny runs (test_demo, test_resume, ...): one compilation
+STAGE_RUNS = tr.STAGE_RUNS  # shared with the other tiny runs (test_resume, test_remote_workdir, ...)
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    root = tr.write_dataset(base / "synthetic")
-    workdir = tmp_path_factory.mktemp("pipeline")
-    flags = tr.base_flags(root, workdir)  # no stage: all of them in order
-    for stage, run in STAGE_RUNS.items():
-        flags += tr.stage_flags(stage, **run)
-    flags += ["--config.latent_stats.batches=2", f"--config.latent_stats.batch_size={tr.BATCH}"]
-    out = tr.run_train(flags, tr.test_env())
-    assert out.returncode == 0, out.stderr[-4000:]
-    return workdir
+def demo(tmp_path_factory):
+    """(workdir, stdout) of the demo job; its synthetic data is in <workdir>/data."""
+    workdir = tmp_path_factory.mktemp("demo") / "run"
+    flags = ["--config=configs/demo.py", f"--workdir={workdir}", f"--config.data.synthetic_scenes={tr.SCENES}",
+             f"--config.data.synthetic_size={tr.SIZE}", f"--config.data.crop_size={tr.SIZE}",
+             "--config.latent_stats.batches=2", f"--config.latent_stats.batch_size={tr.BATCH}",
+             "--config.flow.sample_steps=2"]
+    for stage, run in STAGE_RUNS.items():  # one preview a stage, at its end
+        flags += tr.stage_flags(stage, **run, preview_every=run["steps"])
+    out = tr.run_train(flags, tr.test_env(PYTHONUNBUFFERED="1"), timeout=600)
+    assert out.returncode == 0, f"stdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-5000:]}"
+    return workdir, out.stdout
+
+
+@pytest.fixture(scope="module")
+def pipeline(demo):
+    return demo[0]
+
+
+DEMO_TAIL = ("eval_*", "scene", "bundle")  # what the demo writes after training (left out of copies of its run)
 
 
 @pytest.mark.parametrize("stage", list(STAGE_RUNS))
@@ -57,12 +73,9 @@ def test_pipeline_outputs(pipeline):
 
 def test_refiner_stage_resumes_exactly(pipeline, tmp_path_factory):
     """The refiner stage stopped by SIGTERM at step 6 and resumed ends where the uninterrupted run ended."""
-    import shutil
-
-    base = tmp_path_factory.getbasetemp()
     workdir = tmp_path_factory.mktemp("refiner_resume") / "run"
-    shutil.copytree(pipeline, workdir, ignore=shutil.ignore_patterns("refiner"))
-    flags = tr.base_flags(base / "synthetic", workdir, "refiner")
+    shutil.copytree(pipeline, workdir, ignore=shutil.ignore_patterns("refiner", *DEMO_TAIL))
+    flags = tr.base_flags(workdir / "data", workdir, "refiner")
     flags += tr.stage_flags("refiner", **STAGE_RUNS["refiner"], checkpoint_every=4)
     env = tr.test_env()
     first = tr.run_train(flags, {**env, "CRRF_TEST_SIGTERM_AT_STEP": "6"})
@@ -88,12 +101,12 @@ FLUX_SHAPED = ["--config.model.flux.guidance_embed=True", "--config.model.flux.v
 def test_flux_shaped_model_trains_evaluates_exports_and_predicts(pipeline, tmp_path_factory):
     """The flow and refiner stages of the `flux` variant's layout (guidance embedder, vec_in_dim 768) on top
     of the pipeline's autoencoders, then eval.py, export and the predict CLI on what they produced."""
-    import shutil
+    from crrf_jax import export, predict
+    from crrf_jax.data import synthetic
 
-    base = tmp_path_factory.getbasetemp()
     workdir = tmp_path_factory.mktemp("flux_shaped") / "run"
-    shutil.copytree(pipeline, workdir, ignore=shutil.ignore_patterns("flow", "refiner"))
-    flags = tr.base_flags(base / "synthetic", workdir) + FLUX_SHAPED
+    shutil.copytree(pipeline, workdir, ignore=shutil.ignore_patterns("flow", "refiner", *DEMO_TAIL))
+    flags = tr.base_flags(workdir / "data", workdir) + FLUX_SHAPED
     flags += tr.stage_flags("flow", steps=4, lr=1e-3) + tr.stage_flags("refiner", steps=2, lr=1e-3)
     flags += ["--config.flow.sample_steps=1", "--config.eval.max_images=2", "--config.eval.batch_size=2"]
     out = tr.run_train(flags, tr.test_env())
@@ -103,27 +116,17 @@ def test_flux_shaped_model_trains_evaluates_exports_and_predicts(pipeline, tmp_p
     assert config["model"]["flux"]["guidance_embed"] and config["model"]["embedded_guidance"] == 3.5
     assert np.all(np.isfinite(tr.losses(workdir / "flow" / "metrics.jsonl")))
 
-    env = tr.test_env()
-
-    def cli(*args):
-        return subprocess.run([sys.executable, *args], cwd=tr.ROOT, env=env, capture_output=True, text=True,
-                              timeout=300)
-
-    evaluated = cli("eval.py", f"--workdir={workdir}", "--no_references")
+    evaluated = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", "--no_references"], cwd=tr.ROOT,
+                               env=tr.test_env(), capture_output=True, text=True, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-4000:]
     assert json.loads((workdir / "eval_test" / "metrics.json").read_text())["num_images"] == 2
-    exported = cli("-m", "crrf_jax.export", f"--workdir={workdir}", f"--out={workdir / 'bundle'}")
-    assert exported.returncode == 0, exported.stderr[-4000:]
+    # The export and predict CLIs' entry points, in this process.
+    assert export.main([f"--workdir={workdir}", f"--out={workdir / 'bundle'}"]) == 0
     bundle = json.loads((workdir / "bundle" / "config.json").read_text())
     assert bundle["model"]["flux"]["guidance_embed"] and bundle["model"]["embedded_guidance"] == 3.5
-    from crrf_jax.data import synthetic
-
     scene = synthetic.write_synthetic_scene(workdir / "scene", 40, 48, seed=5)
-    predicted = cli("-m", "crrf_jax.predict", f"--bundle={workdir / 'bundle'}", f"--s2={scene['s2_cloudy']}",
-                    f"--s1={scene['s1']}", f"--out={workdir / 'clear.tif'}", "--steps=1", "--quiet")
-    assert predicted.returncode == 0, predicted.stderr[-4000:]
-    import rasterio
-
+    assert predict.main([f"--bundle={workdir / 'bundle'}", f"--s2={scene['s2_cloudy']}", f"--s1={scene['s1']}",
+                         f"--out={workdir / 'clear.tif'}", "--steps=1", "--quiet"]) == 0
     with rasterio.open(workdir / "clear.tif") as clear:
         assert (clear.count, clear.height, clear.width) == (13, 40, 48)
         assert clear.read().max() > 0
@@ -184,3 +187,76 @@ def test_empty_data_directory_is_a_one_line_error(tmp_path):
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
     assert f"error: {empty}: no SEN12MS-CR triplets found" in out.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The demo's report, outputs and the CLIs on them
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_demo_trains_every_stage_and_reports(demo):
+    workdir, stdout = demo
+    for stage in STAGE_RUNS:
+        assert (workdir / stage / "final" / "DONE").exists(), stage
+        assert list((workdir / stage / "tb").iterdir()), "no TensorBoard events"
+        assert list((workdir / stage / "previews").glob("*.png"))
+    # The metrics table (model vs cloudy input and the learning-free references) and where the pictures are.
+    assert "cloudy_input" in stdout and "psnr" in stdout and "examples_" in stdout
+    assert "mean_fill" in stdout and "biharmonic" in stdout
+
+
+def test_demo_evaluation_outputs(demo):
+    workdir, _ = demo
+    result = json.loads((workdir / "eval_test" / "metrics.json").read_text())
+    assert result["split"] == "test" and result["protocol"] == "exact" and result["num_images"] >= 1
+    for group in ("model", "cloudy_input", "model_cloudy_pixels", "cloudy_input_cloudy_pixels"):
+        assert set(result[group]) == {"psnr", "ssim", "sam", "mae", "rmse"}
+    assert result["clipped_to_unit_range"] is True
+    rows = (workdir / "eval_test" / "per_image.csv").read_text().splitlines()
+    assert len(rows) == result["num_images"] + 1
+    for name in ("worst", "median", "best"):
+        assert (workdir / "eval_test" / f"examples_{name}.png").stat().st_size > 0
+
+
+def test_demo_scene_prediction_keeps_georeferencing(demo):
+    workdir, _ = demo
+    scene = workdir / "scene"
+    with rasterio.open(scene / "s2_cloudy.tif") as src, rasterio.open(scene / "prediction.tif") as pred:
+        assert (pred.crs, pred.transform, pred.width, pred.height) == (src.crs, src.transform, src.width, src.height)
+        assert pred.count == 13 and pred.dtypes[0] == "uint16"
+    assert (scene / "uncertainty.tif").exists() and (scene / "scene.png").exists()
+
+
+def test_eval_and_predict_clis_on_the_demo_outputs(demo, tmp_path):
+    """eval.py takes unset flags from the run's config and flags override them; the predict CLI without SAR."""
+    workdir, _ = demo
+    env = tr.test_env()
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, *args], cwd=tr.ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, f"{args}\nstdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-5000:]}"
+        return out
+
+    # A copy of the run whose config.json asks for other evaluation settings.
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(*DEMO_TAIL, "checkpoints"))
+    config = json.loads((copy / "config.json").read_text())
+    config["eval"].update(split="train", max_images=2, write_geotiff=True, num_samples=1)
+    config["flow"]["sample_steps"] = 1
+    (copy / "config.json").write_text(json.dumps(config))
+    cli("eval.py", f"--workdir={copy}", "--no_references")
+    metrics = json.loads((copy / "eval_train" / "metrics.json").read_text())
+    assert (metrics["split"], metrics["num_images"], metrics["steps"]) == ("train", 2, 1)
+    assert len(list((copy / "eval_train").rglob("*.tif"))) == 2
+    out = cli("eval.py", f"--workdir={copy}", "--max_images=1", "--nogeotiff", "--split=val", "--steps=2",
+              f"--out={tmp_path / 'val'}")
+    assert "model" in out.stdout and "biharmonic" in out.stdout
+    metrics = json.loads((tmp_path / "val" / "metrics.json").read_text())
+    assert (metrics["split"], metrics["num_images"], metrics["steps"]) == ("val", 1, 2)
+    assert not list((tmp_path / "val").rglob("*.tif"))
+    scene = workdir / "scene"
+    cli("-m", "crrf_jax.predict", f"--bundle={workdir / 'bundle'}", f"--s2={scene / 's2_cloudy.tif'}",
+        f"--out={tmp_path / 'nosar.tif'}", "--steps=1")
+    with rasterio.open(tmp_path / "nosar.tif") as pred:
+        assert pred.count == 13

@@ -37,9 +37,9 @@ def write_dataset(root: Path) -> Path:
     return root
 
 
-# The stage runs of the tiny pipeline (test_train's). The other runs of the tiny model on SEN12MS-CR train their
-# stages with these settings too (test_demo every stage, test_remote_workdir the autoencoders and the flow,
-# test_resume and test_train's NaN run the S1 autoencoder): the same programs, compiled once per session.
+# The stage runs of the tiny demo job (test_train's). The other runs of the tiny model on SEN12MS-CR train their
+# stages with these settings too (test_remote_workdir the autoencoders and the flow, test_resume and test_train's
+# NaN run the S1 autoencoder): the same programs, compiled once per session.
 STAGE_RUNS = {
     "vae_s2": dict(steps=12, lr=2e-3),
     "vae_s1": dict(steps=12, lr=2e-3, checkpoint_every=4),
@@ -50,8 +50,10 @@ VAE_S1 = STAGE_RUNS["vae_s1"]
 WARMUP = 2
 
 
-def stage_flags(stage: str, *, steps: int, lr: float, checkpoint_every: int | None = None) -> list[str]:
-    """Flags of one stage: `steps` steps of batch 4, a metrics line every step, no previews."""
+def stage_flags(stage: str, *, steps: int, lr: float, checkpoint_every: int | None = None,
+                preview_every: int = 0) -> list[str]:
+    """Flags of one stage: `steps` steps of batch 4, a metrics line every step, previews every `preview_every`
+    steps (0: none)."""
     every = checkpoint_every or steps
     return [
         f"--config.{stage}.steps={steps}",
@@ -59,7 +61,7 @@ def stage_flags(stage: str, *, steps: int, lr: float, checkpoint_every: int | No
         f"--config.{stage}.lr={lr}",
         f"--config.{stage}.warmup_steps={WARMUP}",
         f"--config.{stage}.log_every=1",
-        f"--config.{stage}.preview_every=0",
+        f"--config.{stage}.preview_every={preview_every}",
         f"--config.{stage}.checkpoint_every={every}",
     ]
 
