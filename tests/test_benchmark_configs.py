@@ -5,7 +5,9 @@ has them, SAR where it has it).
 
 The tiny model, 32x32 images and a few steps a stage: what is checked is that every stage of every config
 runs on its dataset's batches (bands, dates, SAR or none) and that the outputs have the benchmark's shape,
-not that anything is learned (tests/test_train.py does that for SEN12MS-CR)."""
+not that anything is learned (tests/test_train.py does that for SEN12MS-CR). The SEN12MS-CR-TS run also has
+FLUX.1-dev's layout at tiny widths (the guidance embedder, a 768-wide conditioning vector): that layout
+trains, evaluates, exports and predicts with SAR context tokens and several dates."""
 
 from __future__ import annotations
 
@@ -37,13 +39,18 @@ BENCHMARKS = {
 }
 
 
+# FLUX.1-dev's flags at tiny widths, on the run of the config named.
+FLUX_SHAPED = {"sen12mscr_ts": ["--config.model.flux.guidance_embed=True", "--config.model.flux.vec_in_dim=768",
+                                "--config.model.cloud_cnn.out_dim=768", "--config.model.embedded_guidance=3.5"]}
+
+
 def _flags(config: str, root: Path, workdir: Path) -> list[str]:
     # Previews (which compile the sampler once more per stage) only where their panels differ: several dates.
     previews = config == "sen2_mtc_new"
     flags = [f"--config=configs/{config}.py:variant=tiny", f"--workdir={workdir}", f"--config.data.root={root}",
              f"--config.data.crop_size={SIZE}", "--config.data.worker_count=0",
              "--config.latent_stats.batches=1", "--config.latent_stats.batch_size=2", "--config.flow.sample_steps=1",
-             "--config.refiner.flow_steps=1"]
+             "--config.refiner.flow_steps=1", *FLUX_SHAPED.get(config, [])]
     for stage, steps in STEPS.items():
         flags += [f"--config.{stage}.steps={steps}", f"--config.{stage}.batch_size=2",
                   f"--config.{stage}.warmup_steps=1", f"--config.{stage}.log_every=1",
@@ -99,6 +106,9 @@ def test_config_trains_evaluates_exports_and_predicts(config, tmp_path_factory):
     has_sar, dates = run_config["data"]["has_sar"], run_config["data"]["dates"]
     for stage in ("vae_s2", *(["vae_s1"] if has_sar else []), "flow", "refiner"):
         assert (workdir / stage / "final" / "DONE").read_text().strip() == str(STEPS[stage])
+        assert np.all(np.isfinite(tr.losses(workdir / stage / "metrics.jsonl"))), stage
+    flux_shaped = config in FLUX_SHAPED
+    assert run_config["model"]["flux"]["guidance_embed"] == flux_shaped
     assert (workdir / "vae_s1").exists() == has_sar
 
     ev = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", f"--out={workdir / 'eval'}",
@@ -116,6 +126,8 @@ def test_config_trains_evaluates_exports_and_predicts(config, tmp_path_factory):
     bundle = export.export_bundle(workdir, workdir / "bundle")
     cfg = json.loads((bundle / "config.json").read_text())
     assert cfg["model"]["max_dates"] == dates and cfg["dataset"] == dataset
+    assert cfg["model"]["flux"]["guidance_embed"] == flux_shaped
+    assert cfg["model"]["embedded_guidance"] == (3.5 if flux_shaped else run_config["model"]["embedded_guidance"])
     assert (bundle / "vae_s1.safetensors").exists() == has_sar
     s2, s1 = _scene_files(dataset, root, cfg["bands"]["names"], tmp_path_factory.mktemp(f"{config}_scene"))
     assert len(s2) == dates

@@ -1,5 +1,6 @@
 """train.py end to end on tiny synthetic data: the README's demo job, every stage learns, the CLIs on what it
-produced, exact resumption, the FLUX.1-shaped layout, and bad input gets a one-line error.
+produced, exact resumption, and bad input gets a one-line error (the FLUX.1-dev layout at tiny widths trains in
+tests/test_benchmark_configs.py).
 
 One train.py process runs the demo config (`configs/demo.py`, the README's quick start) at tiny sizes: it writes
 16 synthetic 32x32 scenes (the data of `tests.helpers.train_run.write_dataset`) and their cloud probability,
@@ -91,45 +92,6 @@ def test_refiner_stage_resumes_exactly(pipeline, tmp_path_factory):
     reference = tr.read_checkpoint_state(pipeline / "refiner" / "checkpoints" / str(steps))
     for a, b in zip(jax_leaves(resumed), jax_leaves(reference), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-# FLUX.1-dev's flags at tiny widths: the guidance embedder and a 768-wide conditioning vector.
-FLUX_SHAPED = ["--config.model.flux.guidance_embed=True", "--config.model.flux.vec_in_dim=768",
-               "--config.model.cloud_cnn.out_dim=768", "--config.model.embedded_guidance=3.5"]
-
-
-def test_flux_shaped_model_trains_evaluates_exports_and_predicts(pipeline, tmp_path_factory):
-    """The flow and refiner stages of the `flux` variant's layout (guidance embedder, vec_in_dim 768) on top
-    of the pipeline's autoencoders, then eval.py, export and the predict CLI on what they produced."""
-    from crrf_jax import export, predict
-    from crrf_jax.data import synthetic
-
-    workdir = tmp_path_factory.mktemp("flux_shaped") / "run"
-    shutil.copytree(pipeline, workdir, ignore=shutil.ignore_patterns("flow", "refiner", *DEMO_TAIL))
-    flags = tr.base_flags(workdir / "data", workdir) + FLUX_SHAPED
-    flags += tr.stage_flags("flow", steps=4, lr=1e-3) + tr.stage_flags("refiner", steps=2, lr=1e-3)
-    flags += ["--config.flow.sample_steps=1", "--config.eval.max_images=2", "--config.eval.batch_size=2"]
-    out = tr.run_train(flags, tr.test_env())
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert "vae_s2: already finished" in out.stderr
-    config = json.loads((workdir / "config.json").read_text())
-    assert config["model"]["flux"]["guidance_embed"] and config["model"]["embedded_guidance"] == 3.5
-    assert np.all(np.isfinite(tr.losses(workdir / "flow" / "metrics.jsonl")))
-
-    evaluated = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", "--no_references"], cwd=tr.ROOT,
-                               env=tr.test_env(), capture_output=True, text=True, timeout=300)
-    assert evaluated.returncode == 0, evaluated.stderr[-4000:]
-    assert json.loads((workdir / "eval_test" / "metrics.json").read_text())["num_images"] == 2
-    # The export and predict CLIs' entry points, in this process.
-    assert export.main([f"--workdir={workdir}", f"--out={workdir / 'bundle'}"]) == 0
-    bundle = json.loads((workdir / "bundle" / "config.json").read_text())
-    assert bundle["model"]["flux"]["guidance_embed"] and bundle["model"]["embedded_guidance"] == 3.5
-    scene = synthetic.write_synthetic_scene(workdir / "scene", 40, 48, seed=5)
-    assert predict.main([f"--bundle={workdir / 'bundle'}", f"--s2={scene['s2_cloudy']}", f"--s1={scene['s1']}",
-                         f"--out={workdir / 'clear.tif'}", "--steps=1", "--quiet"]) == 0
-    with rasterio.open(workdir / "clear.tif") as clear:
-        assert (clear.count, clear.height, clear.width) == (13, 40, 48)
-        assert clear.read().max() > 0
 
 
 def test_nan_batches_stop_the_run_with_finite_checkpointed_weights(tmp_path_factory):
