@@ -73,14 +73,19 @@ def test_pipeline_outputs(pipeline):
 
 
 def test_refiner_stage_resumes_exactly(pipeline, tmp_path_factory):
-    """The refiner stage stopped by SIGTERM at step 6 and resumed ends where the uninterrupted run ended."""
+    """The refiner stage stopped by SIGTERM at step 6 (it saves and exits) and resumed ends where the
+    uninterrupted run ended."""
     workdir = tmp_path_factory.mktemp("refiner_resume") / "run"
     shutil.copytree(pipeline, workdir, ignore=shutil.ignore_patterns("refiner", *DEMO_TAIL))
     flags = tr.base_flags(workdir / "data", workdir, "refiner")
     flags += tr.stage_flags("refiner", **STAGE_RUNS["refiner"], checkpoint_every=4)
     env = tr.test_env()
     first = tr.run_train(flags, {**env, "CRRF_TEST_SIGTERM_AT_STEP": "6"})
+    # A preemption notice: the step's checkpoint is saved and the run exits cleanly, unfinished.
     assert first.returncode == 0, first.stderr[-4000:]
+    assert "preempted" in first.stderr
+    assert sorted(p.name for p in (workdir / "refiner" / "checkpoints").iterdir()) == ["4", "6"]
+    assert max(tr.read_trace(workdir / "refiner" / "metrics.jsonl")) == 6
     assert not (workdir / "refiner" / "final").exists()
     second = tr.run_train(flags, env)
     assert second.returncode == 0, second.stderr[-4000:]
