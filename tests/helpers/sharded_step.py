@@ -28,22 +28,15 @@ def batch(rng, b=8, size=32, bands=13):
     }
 
 
-def run_step(mesh, model_fn, loss_fn, frozen, data, start=None):
-    """One step on `mesh` from a fresh state, or from `start` (another mesh's fresh state) placed in this mesh's
-    shardings."""
+def run_step(mesh, model_fn, loss_fn, frozen, data):
     cfg = common.optim_config(steps=10, lr=1e-3, batch_size=8, warmup_steps=0)
     # Adam's first update is lr * g / (|g| + eps): for gradient elements near 0 it turns float32 reduction-order
     # noise (which differs between 1 and 8 devices) into O(lr) changes. eps = 1e-6 bounds that amplification so
     # the comparison measures the sharding, not the noise; gradients are also compared through grad_norm.
     cfg.eps = 1e-6
     tx = train_lib.make_optimizer(cfg)
-    if start is None:
-        state = train_lib.init_train_state(model_fn, tx, mesh)
-        shardings = train_lib.train_state_shardings(state, tx, mesh)
-    else:
-        shardings = train_lib.train_state_shardings(start, tx, mesh)
-        state = jax.device_put(start, shardings)
-    fresh = jax.device_get(state)  # a host copy: the step donates the state's buffers
+    state = train_lib.init_train_state(model_fn, tx, mesh)
+    shardings = train_lib.train_state_shardings(state, tx, mesh)
     bsh = {k: parallel.batch_sharding(mesh, v.ndim) for k, v in data.items()}
     if frozen is not None:
         frozen = jax.device_put(frozen, parallel.replicated(mesh))
@@ -57,7 +50,7 @@ def run_step(mesh, model_fn, loss_fn, frozen, data, start=None):
         if hasattr(leaf, "addressable_shards") and leaf.ndim:
             if leaf.addressable_shards[0].data.shape != leaf.shape:
                 split += 1
-    return float(metrics["loss"]), float(metrics["grad_norm"]), jax.device_get(state.params), split, fresh
+    return float(metrics["loss"]), float(metrics["grad_norm"]), jax.device_get(state.params), split
 
 
 def main():
@@ -82,10 +75,8 @@ def main():
     stages = (("vae", vae_fn, vae_loss, None), ("flow", flow_fn, flow_loss, frozen),
               ("refiner", refiner_fn, refiner_loss, nets))
     for name, model_fn, loss_fn, fr in stages:
-        l1, g1, p1, _, fresh = run_step(one, model_fn, loss_fn, fr, data)
-        # The flow's 8-device state is created in its shardings (init_train_state, as training does); the VAE's
-        # and the refiner's are the 1-device fresh state placed in them (one initialisation program less each).
-        l8, g8, p8, split, _ = run_step(eight, model_fn, loss_fn, fr, data, start=None if name == "flow" else fresh)
+        l1, g1, p1, _ = run_step(one, model_fn, loss_fn, fr, data)
+        l8, g8, p8, split = run_step(eight, model_fn, loss_fn, fr, data)
         diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
         report[name] = {"loss_1": l1, "loss_8": l8, "grad_norm_1": g1, "grad_norm_8": g8, "max_param_diff": diff, "split_leaves": split,
                         "leaves": len(jax.tree.leaves(p8))}
