@@ -220,6 +220,7 @@ def base_config(variant: str = "base", s2_bands=None, dataset: str = "sen12mscr"
     c.data.crop_size = 256
     c.data.worker_count = 2
     c.data.on_error = "raise"  # raise | skip (bad samples are logged and counted)
+    c.data.cache = False  # training samples held in memory after their first read (datasets that fit: the demo)
     c.data.compute_cloud_prob = True  # compute missing s2cloudless maps (SEN12MS-CR-TS: date coverage) first
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

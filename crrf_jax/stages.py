@@ -51,7 +51,7 @@ def make_input(config, split: str, batch_size: int, *, seed: int, train: bool = 
         crop_size=(crop_size or d.crop_size) if train else None, augment=train, shuffle=train,
         num_epochs=None if train else 1, drop_remainder=train, seed=seed, worker_count=d.worker_count,
         on_error=d.on_error, process_index=process_index, process_count=process_count,
-        **pipeline.dataset_options(d),
+        cache=train and d.get("cache", False), **pipeline.dataset_options(d),
     )
     return iter(dataset)
 

@@ -133,6 +133,9 @@ def test_ts_random_draws_follow_the_readers_sampler_and_the_seed(roots):
     again = [b["s2_cloudy"] for b in _take(iter(_batches(roots, "sen12mscr_ts", crop_size=16)), 3)]
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
+    # Holding samples in memory would freeze each sample's first draw: refused, naming the source.
+    with pytest.raises(ValueError, match="draws afresh at every read"):
+        _batches(roots, "sen12mscr_ts", crop_size=16, cache=True)
 
 
 def test_ts_cache_holds_the_readers_coverage_and_the_probability_maps(roots, tmp_path):

@@ -171,6 +171,21 @@ def test_training_batches_shuffle_repeat_and_seed(data):
     assert list(np.concatenate([b["id"] for b in other_seed])) != list(epoch1)
 
 
+def test_a_cached_pipeline_reads_each_file_once_and_gives_the_same_batches(data, tmp_path):
+    """data.cache: after the first epoch the samples come from memory; the batches (crops, flips, order) are
+    the uncached pipeline's, and later epochs go on when the files are gone."""
+    root = tmp_path / "raw"
+    shutil.copytree(data[0], root)
+    kwargs = _kwargs((root, data[1]), batch_size=4, shuffle=True, num_epochs=None, crop_size=16, augment=True)
+    uncached = _take(iter(pipeline.make_dataset(**kwargs)), 9)  # three epochs of 12
+    cached = iter(pipeline.make_dataset(**kwargs, cache=True))
+    first_epoch = _take(cached, 3)
+    shutil.rmtree(root)  # nothing left to read
+    _assert_same_batches(uncached, first_epoch + _take(cached, 6))
+    with pytest.raises(FileNotFoundError, match=str(root)):  # without the cache the pipeline needs the files
+        next(iter(pipeline.make_dataset(**kwargs)))
+
+
 @pytest.mark.parametrize("worker_count", [0, 1])
 def test_resume_from_orbax_checkpoint(data, tmp_path, worker_count):
     kwargs = _kwargs(data, "tfds", crop_size=16, augment=True, worker_count=worker_count)

@@ -457,16 +457,28 @@ class _ShardReader:
     """This process's shard of a source: element i reads source[indices[i]]; elements past the shard are
     masked zero samples shaped like its first element (evaluation padding). Bad samples become markers with
     on_error="skip" (a padding element whose template is bad is left out: it is no sample).
+
+    With `cache`, each element is read once and then served from memory, its arrays read-only (the transforms
+    after it make views and copies, never writes).
     """
 
-    def __init__(self, source, indices: Sequence[int], length: int, on_error: str):
+    def __init__(self, source, indices: Sequence[int], length: int, on_error: str, cache: bool = False):
         self.source, self.indices, self.length, self.on_error = source, list(indices), length, on_error
+        self.cache = {} if cache else None
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.read(index)
+        if self.cache is None:
+            return self.read(index)
+        if index not in self.cache:  # grain's read threads may both read it once: the same sample either way
+            sample = self.read(index)
+            for value in sample.values():
+                if isinstance(value, np.ndarray):
+                    value.flags.writeable = False
+            self.cache[index] = sample
+        return self.cache[index]
 
     def read(self, index: int, rng: np.random.Generator | None = None) -> dict[str, Any]:
         """Element `index`; `rng` goes to sources that draw per read (`needs_rng`: SEN12MS-CR-TS's random date
@@ -786,6 +798,7 @@ def make_dataset(
     dates: int = 1,
     downsample: int = 1,
     to_float32: bool = False,
+    cache: bool = False,
 ) -> grain.IterDataset:
     """The batched grain pipeline; `iter()` of it is a checkpointable PipelineIterator.
 
@@ -806,6 +819,9 @@ def make_dataset(
         gives them from a config.
       to_float32: batches normalised on the host (`contract.normalize_batch(batch, numpy)` in the main
         process), for consumers without a jitted step; default: compact batches (module docstring).
+      cache: hold every sample in memory after its first read (decoded, before cropping and augmentation),
+        for datasets that fit: later epochs read no file. Each worker process holds its own copy of the
+        samples it reads. Not for sources that draw at every read (SEN12MS-CR-TS training's date windows).
     """
     _check_options(on_error, batch_size, crop_size, worker_count, num_epochs)
     if process_index is None or process_count is None:
@@ -824,7 +840,10 @@ def make_dataset(
         raise ValueError(
             f"{src!r}: {length} samples x {num_epochs} epochs cannot fill a batch of {batch_size}"
         )
-    reader = _ShardReader(src, indices, length, on_error)
+    if cache and getattr(src, "needs_rng", False):
+        raise ValueError(f"{src!r}: cache=True would keep each sample's first random draw; this source draws "
+                         "afresh at every read (leave data.cache off)")
+    reader = _ShardReader(src, indices, length, on_error, cache)
     if getattr(src, "needs_rng", False):  # draws per read (SEN12MS-CR-TS train): shuffle indices, then read
         ds = grain.MapDataset.range(length)
         ds = ds.shuffle(seed=seed) if shuffle else ds
