@@ -463,6 +463,9 @@ class _ShardReader:
     """
 
     def __init__(self, source, indices: Sequence[int], length: int, on_error: str, cache: bool = False):
+        if cache and getattr(source, "needs_rng", False):
+            raise ValueError(f"{source!r}: cache=True would keep each sample's first random draw; this source "
+                             "draws afresh at every read (leave data.cache off)")
         self.source, self.indices, self.length, self.on_error = source, list(indices), length, on_error
         self.cache = {} if cache else None
 
@@ -840,9 +843,6 @@ def make_dataset(
         raise ValueError(
             f"{src!r}: {length} samples x {num_epochs} epochs cannot fill a batch of {batch_size}"
         )
-    if cache and getattr(src, "needs_rng", False):
-        raise ValueError(f"{src!r}: cache=True would keep each sample's first random draw; this source draws "
-                         "afresh at every read (leave data.cache off)")
     reader = _ShardReader(src, indices, length, on_error, cache)
     if getattr(src, "needs_rng", False):  # draws per read (SEN12MS-CR-TS train): shuffle indices, then read
         ds = grain.MapDataset.range(length)
