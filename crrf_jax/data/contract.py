@@ -254,9 +254,14 @@ def rgb_channels(spec: None | str | Sequence[int | str] = None) -> tuple[int, in
 
 # --------------------------------------------------------------------------------------------------- GeoTIFFs
 
-# Open files inside `rasterio.Env(**GDAL_ENV)`: otherwise GDAL lists each file's folder (thousands of patches
-# in SEN12MS-CR) on every open, looking for sidecar files.
-GDAL_ENV = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+# Open files inside `rasterio.Env(**GDAL_ENV)`:
+# - GDAL_DISABLE_READDIR_ON_OPEN: otherwise GDAL lists each file's folder (thousands of patches in SEN12MS-CR)
+#   on every open, looking for sidecar files;
+# - GTIFF_VIRTUAL_MEM_IO: an uncompressed local GeoTIFF (the SEN12MS-CR patches) is read through a memory map
+#   straight into the destination array, not strip by strip through GDAL's block cache: 2-4x faster reads of
+#   a patch (BENCHMARKS.md, Data pipeline). Compressed or remote files take GDAL's usual path, and a file
+#   shorter than its strips says is still a read error (tests/test_sen12mscr.py), not zeros.
+GDAL_ENV = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GTIFF_VIRTUAL_MEM_IO": "YES"}
 
 # How far (in pixels) partner files may place the same point and still count as one grid. See check_same_grid.
 GRID_TOLERANCE = 1e-3

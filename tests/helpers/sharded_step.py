@@ -28,15 +28,20 @@ def batch(rng, b=8, size=32, bands=13):
     }
 
 
-def run_step(mesh, model_fn, loss_fn, frozen, data):
+def optimizer():
     cfg = common.optim_config(steps=10, lr=1e-3, batch_size=8, warmup_steps=0)
     # Adam's first update is lr * g / (|g| + eps): for gradient elements near 0 it turns float32 reduction-order
     # noise (which differs between 1 and 8 devices) into O(lr) changes. eps = 1e-6 bounds that amplification so
     # the comparison measures the sharding, not the noise; gradients are also compared through grad_norm.
     cfg.eps = 1e-6
-    tx = train_lib.make_optimizer(cfg)
-    state = train_lib.init_train_state(model_fn, tx, mesh)
-    shardings = train_lib.train_state_shardings(state, tx, mesh)
+    return train_lib.make_optimizer(cfg)
+
+
+def run_step(mesh, initial, loss_fn, frozen, data):
+    """One step from `initial` (a host copy of the initial train state) placed in `mesh`'s shardings."""
+    tx = optimizer()
+    shardings = train_lib.train_state_shardings(initial, tx, mesh)
+    state = jax.device_put(initial, shardings)
     bsh = {k: parallel.batch_sharding(mesh, v.ndim) for k, v in data.items()}
     if frozen is not None:
         frozen = jax.device_put(frozen, parallel.replicated(mesh))
@@ -75,8 +80,10 @@ def main():
     stages = (("vae", vae_fn, vae_loss, None), ("flow", flow_fn, flow_loss, frozen),
               ("refiner", refiner_fn, refiner_loss, nets))
     for name, model_fn, loss_fn, fr in stages:
-        l1, g1, p1, _ = run_step(one, model_fn, loss_fn, fr, data)
-        l8, g8, p8, split = run_step(eight, model_fn, loss_fn, fr, data)
+        # One initialisation (compiled once), placed on either mesh: both steps start from the same state.
+        initial = jax.device_get(train_lib.init_train_state(model_fn, optimizer(), one))
+        l1, g1, p1, _ = run_step(one, initial, loss_fn, fr, data)
+        l8, g8, p8, split = run_step(eight, initial, loss_fn, fr, data)
         diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
         report[name] = {"loss_1": l1, "loss_8": l8, "grad_norm_1": g1, "grad_norm_8": g8, "max_param_diff": diff, "split_leaves": split,
                         "leaves": len(jax.tree.leaves(p8))}
