@@ -307,8 +307,9 @@ def section(run: dict, before: dict | None, command: str, n: int, args) -> str:
         f"Before: the same script and data on commit {before['commit']} ({args.before_label}), "
         f"{before.get('runs', 1)} run(s), load average {before['load'][0]:.1f} to {before['load'][1]:.1f}; "
         f"after: commit {run['commit']}, {run.get('runs', 1)} run(s), load average {run['load'][0]:.1f} to "
-        f"{run['load'][1]:.1f}. The raw-read and plain-read rows run the same code both times: their spread "
-        f"is this shared machine's noise.", width=110, initial_indent="\n")
+        f"{run['load'][1]:.1f}. The plain-read row runs the same code both times: its spread is this shared "
+        f"machine's noise (the raw-read row opens its files in `contract.GDAL_ENV`, the readers' settings).",
+        width=110, initial_indent="\n")
     return f"""## Data pipeline
 
 Command: `{command} --json after.json`, repeated (an existing --json file keeps the best of its runs), then
