@@ -331,7 +331,7 @@ def least_cloudy_date(batch: Mapping[str, Any]) -> Mapping[str, Any]:
     if cloudy.ndim != 5:
         return batch
     prob = np.asarray(batch["cloud_prob"])
-    date = np.argmin(prob.mean(axis=(2, 3, 4)), axis=1)
+    date = contract.least_cloudy_dates(prob, 1)[:, 0]
     rows = np.arange(len(date))
     return {**batch, "s2_cloudy": cloudy[rows, date], "cloud_prob": prob[rows, date], "date": date}
 

@@ -252,3 +252,17 @@ def test_data_error_pickles():
     err = pickle.loads(pickle.dumps(DataError("/a/b.tif", "broken")))
     assert isinstance(err, DataError) and isinstance(err, ValueError)
     assert (err.path, err.reason, str(err)) == ("/a/b.tif", "broken", "/a/b.tif: broken")
+
+
+def test_least_cloudy_dates_rank_by_mean_ties_to_the_earlier_in_date_order():
+    means = [0.5, 0.2, 0.2, 0.9, 0.1]  # dates 1 and 2 tie
+    prob = np.stack([np.full((4, 4, 1), m, np.float32) for m in means])  # (T, H, W, 1)
+    assert contract.least_cloudy_dates(prob, 1).tolist() == [4]
+    assert contract.least_cloudy_dates(prob, 2).tolist() == [1, 4]  # date order, not rank order
+    assert contract.least_cloudy_dates(prob, 3).tolist() == [1, 2, 4]
+    assert contract.least_cloudy_dates(prob, 5).tolist() == [0, 1, 2, 3, 4]
+    batch = np.stack([prob, prob[::-1]])  # (B, T, H, W, 1)
+    assert contract.least_cloudy_dates(batch, 2).tolist() == [[1, 4], [0, 2]]
+    for k in (0, 6):
+        with pytest.raises(ValueError, match="1 <= k <= T"):
+            contract.least_cloudy_dates(prob, k)

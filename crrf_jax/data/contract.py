@@ -64,6 +64,17 @@ def array_keys(sample) -> tuple[str, ...]:
     if missing:
         raise KeyError(f"sample lacks the required keys {missing} (has {sorted(sample)})")
     return tuple(k for k in ARRAY_KEYS if k in sample)
+
+
+def least_cloudy_dates(cloud_prob: np.ndarray, k: int) -> np.ndarray:
+    """(..., T, H, W, 1) cloud probability -> (..., k) int: the k dates of lowest mean cloud probability (ties:
+    the earlier date), in date order. The one rule for "the least cloudy dates" of a sample: the readers' k of T
+    dates and the single date that evaluation scores multi-temporal inputs on (k = 1)."""
+    prob = np.asarray(cloud_prob)
+    if prob.ndim < 4 or not 1 <= k <= prob.shape[-4]:
+        raise ValueError(f"least_cloudy_dates: need (..., T, H, W, 1) and 1 <= k <= T, got {prob.shape}, k={k}")
+    order = np.argsort(prob.mean(axis=(-3, -2, -1)), axis=-1, kind="stable")
+    return np.sort(order[..., :k], axis=-1)
 S1_BANDS = ("VV", "VH")
 S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 RGB = (3, 2, 1)  # indices of B04, B03, B02 in S2_BANDS: true colour

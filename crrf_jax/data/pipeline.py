@@ -356,7 +356,7 @@ class Sen2MtcSource:
         sample = sen2_mtc.read_sample(self.items[index])
         cloudy, prob = sample["s2_cloudy"], cloudprob.rgbn_cloud_score(sample["s2_cloudy"])
         if self.dates < len(cloudy):
-            keep = np.sort(np.argsort(prob.mean(axis=(1, 2, 3)), kind="stable")[: self.dates])
+            keep = contract.least_cloudy_dates(prob, self.dates)
             cloudy, prob = cloudy[keep], prob[keep]
             cloudy, prob = (cloudy[0], prob[0]) if self.dates == 1 else (cloudy, prob)
         return {"s2": sample["s2"][..., self.channels], "s2_cloudy": cloudy[..., self.channels],
