@@ -53,9 +53,9 @@ _LPIPS = flags.DEFINE_string("lpips_weights", None, "LPIPS-alex safetensors file
                              "sen2mtc (make it with python -m crrf_jax.tools.lpips_weights).")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _DATASET = flags.DEFINE_enum("dataset", None, ["sen12mscr", "cuhk_cr1", "cuhk_cr2", "sen2_mtc_new", "sen12mscr_ts"],
-                             "Benchmark of --data_root (default: the run's config.data.dataset; sen12mscr).")
+                             "Benchmark of --data_root (default: what the run or bundle was trained on).")
 _DATES = flags.DEFINE_integer("dates", None, "Input dates per sample (default: the run's config.data.dates; "
-                              "with --bundle the dataset's, SEN12MS-CR-TS 3).", lower_bound=1)
+                              "with --bundle the model's max_dates, at most the dataset's).", lower_bound=1)
 _DOWNSAMPLE = flags.DEFINE_integer("downsample", None, "Shrink images on read by this factor (default: the run's "
                                    "config.data.downsample; with --bundle 2 for CUHK-CR, as EMRDM).", lower_bound=1)
 
@@ -93,8 +93,9 @@ def main(argv) -> None:
     else:
         remover = CloudRemover.from_bundle(_BUNDLE.value)
         root, base, options = _DATA_ROOT.value, _BUNDLE.value, dict(C.EVAL_DEFAULTS)
-        dataset = _DATASET.value or "sen12mscr"
-        options.update(dataset=dataset, dates=pipeline.dataset_info(dataset).dates or 3,
+        dataset = _DATASET.value or remover.config.get("dataset", "sen12mscr")
+        fixed = pipeline.dataset_info(dataset).dates  # None: SEN12MS-CR-TS, any number of dates
+        options.update(dataset=dataset, dates=remover.max_dates if fixed is None else min(fixed, remover.max_dates),
                        downsample=2 if dataset.startswith("cuhk") else 1)
     options.update({k: f.value for f, k in ((_DATES, "dates"), (_DOWNSAMPLE, "downsample")) if f.value is not None})
     if not root and options["source"] == "geotiff":

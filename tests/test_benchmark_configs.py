@@ -111,8 +111,12 @@ def test_config_trains_evaluates_exports_and_predicts(config, tmp_path_factory):
     assert run_config["model"]["flux"]["guidance_embed"] == flux_shaped
     assert (workdir / "vae_s1").exists() == has_sar
 
-    ev = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", f"--out={workdir / 'eval'}",
-                         f"--metric_set={metric_set}", "--max_images=2", "--batch_size=2", "--samples=1"],
+    bundle = export.export_bundle(workdir, workdir / "bundle")
+    # eval.py from the run, or (one config) from its bundle alone: the dataset and its dates come from the bundle.
+    model = ([f"--bundle={bundle}", f"--data_root={root}"] if config == "sen2_mtc_new"
+             else [f"--workdir={workdir}"])
+    ev = subprocess.run([sys.executable, "eval.py", *model, f"--out={workdir / 'eval'}", f"--metric_set={metric_set}",
+                         "--max_images=2", "--batch_size=2", "--samples=1"],
                         cwd=tr.ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert ev.returncode == 0, ev.stderr[-4000:]
     metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
@@ -123,7 +127,6 @@ def test_config_trains_evaluates_exports_and_predicts(config, tmp_path_factory):
     if metric_set != "sen12mscr":
         assert any(k.endswith(("_255", "_mtc")) for k in metrics["model"])
 
-    bundle = export.export_bundle(workdir, workdir / "bundle")
     cfg = json.loads((bundle / "config.json").read_text())
     assert cfg["model"]["max_dates"] == dates and cfg["dataset"] == dataset
     assert cfg["model"]["flux"]["guidance_embed"] == flux_shaped
