@@ -75,6 +75,8 @@ def least_cloudy_dates(cloud_prob: np.ndarray, k: int) -> np.ndarray:
         raise ValueError(f"least_cloudy_dates: need (..., T, H, W, 1) and 1 <= k <= T, got {prob.shape}, k={k}")
     order = np.argsort(prob.mean(axis=(-3, -2, -1)), axis=-1, kind="stable")
     return np.sort(order[..., :k], axis=-1)
+
+
 S1_BANDS = ("VV", "VH")
 S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 RGB = (3, 2, 1)  # indices of B04, B03, B02 in S2_BANDS: true colour
