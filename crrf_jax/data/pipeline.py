@@ -62,7 +62,7 @@ import grain
 import numpy as np
 from grain.python import SharedMemoryArray
 
-from crrf_jax.data import cloudprob, contract, cuhk_cr, sen2_mtc, sen12mscr, sen12mscr_ts
+from crrf_jax.data import cloudprob, contract, cuhk_cr, sen2_mtc, sen12mscr, sen12mscr_ts, shm_slots
 from crrf_jax.data.contract import ARRAY_KEYS, DataError, array_keys
 from crrf_jax.data.sen12mscr import BadSampleLog, Triplet
 
@@ -574,12 +574,15 @@ class _BatchSkippingBad(grain.IterDataset):
     Each array keeps its samples' stored dtype (compact); samples of one key in different dtypes (a float DN
     GeoTIFF among uint16 ones) are all normalised to float32. With pad (evaluation) a final partial batch is
     filled with masked zeros up to batch_size. Inside grain workers the batch is written straight into shared
-    memory (no copy on the way to the main process).
+    memory (no copy on the way to the main process): into a reused slot of the worker's `shm_slots.SlotPool`
+    of up to `max_slots`, or where none is free (or off Linux) into grain's fresh segments.
     """
 
-    def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool, pad: bool):
+    def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool, pad: bool,
+                 max_slots: int = 0):
         super().__init__(parent)
         self.batch_size, self.drop_remainder, self.pad = batch_size, drop_remainder, pad
+        self.max_slots = max_slots
         self.shared_memory = False
 
     def enable_shared_memory_output(self) -> None:
@@ -601,6 +604,8 @@ class _BatchSkippingBadIterator(grain.DatasetIterator):
             options.pad,
         )
         self.shared_memory = options.shared_memory
+        self._slots = None  # the worker's SlotPool, made on its first batch
+        self._max_slots = options.max_slots if shm_slots.available() else 0
         self._template: dict[str, tuple] | None = None  # shape and dtype of each array, for padding
 
     def __next__(self) -> dict[str, Any]:
@@ -634,28 +639,41 @@ class _BatchSkippingBadIterator(grain.DatasetIterator):
         return batch
 
     def _assemble(self, values: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = {}
+        specs = {}  # key -> (batch shape, dtype, mixed)
         for key in array_keys(values[0]):  # datasets without SAR have no s1
             shape, dtype = values[0][key].shape, values[0][key].dtype
-            mixed = any(v[key].dtype != dtype for v in values)
-            if mixed:
-                dtype = np.dtype(np.float32)
-            if self.shared_memory:
-                out = SharedMemoryArray((len(values), *shape), dtype)
-            else:
-                out = np.empty((len(values), *shape), dtype)
-            for i, value in enumerate(values):
+            for value in values:
                 if value[key].shape != shape:
                     raise ValueError(
                         f"sample {value['id']}: {key} has shape {value[key].shape} but {values[0]['id']} has "
                         f"{shape}; patches of different sizes need a crop_size"
                     )
+            mixed = any(v[key].dtype != dtype for v in values)
+            specs[key] = ((len(values), *shape), np.dtype(np.float32) if mixed else dtype, mixed)
+        slot = self._lease(specs) if self.shared_memory else None
+        batch = {}
+        for key, (shape, dtype, mixed) in specs.items():
+            if slot is not None:
+                out = slot.array(shape, dtype)
+            elif self.shared_memory:
+                out = SharedMemoryArray(shape, dtype)
+            else:
+                out = np.empty(shape, dtype)
+            for i, value in enumerate(values):
                 item = contract.normalize_array(key, value[key], np) if mixed else value[key]
                 np.copyto(out[i], item, casting="no")
-            batch[key] = out
+            batch[key] = slot.ref(out) if slot is not None else out
         batch["id"] = np.array([str(v["id"]) for v in values])
         batch["mask"] = np.array([bool(v["mask"]) for v in values])
         return batch
+
+    def _lease(self, specs: dict[str, tuple]) -> shm_slots.Slot | None:
+        if not self._max_slots:
+            return None
+        if self._slots is None:
+            self._slots = shm_slots.SlotPool(self._max_slots)
+        padded = (-(-np.prod(shape) * dtype.itemsize // 64) * 64 for shape, dtype, _ in specs.values())
+        return self._slots.lease(int(sum(padded)))
 
     def get_state(self) -> dict[str, Any]:
         return self._parent.get_state()
@@ -688,6 +706,7 @@ class PipelineIterator(grain.DatasetIterator):
         self.to_float32 = to_float32
         self.bad_samples = BadSampleLog(logger)
         self._skipped_before = 0
+        self._slots = shm_slots.SlotReader()  # batches in the grain workers' reused shared memory
 
     @property
     def bad_sample_count(self) -> int:
@@ -699,7 +718,7 @@ class PipelineIterator(grain.DatasetIterator):
             self.bad_samples.record(str(sample_id), DataError(str(path), str(reason)))
         if not batch:  # every element of the last batch was bad
             raise StopIteration
-        batch = {k: np.asarray(v) for k, v in batch.items()}
+        batch = {k: np.asarray(v) for k, v in self._slots.open(batch).items()}
         return contract.normalize_batch(batch, np) if self.to_float32 else batch
 
     def get_state(self) -> dict[str, Any]:
@@ -878,8 +897,13 @@ def _batched(ds, batch_size, crop_size, augment, shuffle, seed, num_epochs, drop
     it_ds = ds.to_iter_dataset(read_options)
     # Batches stay in their compact stored dtypes, through the workers' shared memory too; the jitted step
     # normalises (contract.normalize_batch).
-    it_ds = _BatchSkippingBad(it_ds, batch_size, drop_remainder, pad=not drop_remainder)
+    # In grain workers each batch is written once, into a reused shared-memory slot (`shm_slots`): as many as
+    # can be in flight, the worker's queue and the main process's buffer of it, plus the consumer's and the
+    # one being written.
+    it_ds = _BatchSkippingBad(it_ds, batch_size, drop_remainder, pad=not drop_remainder,
+                              max_slots=2 * worker_buffer_size + 4)
     if worker_count > 0:
+        it_ds.enable_shared_memory_output()  # grain itself enables it only with several workers
         _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size)
