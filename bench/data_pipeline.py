@@ -136,12 +136,58 @@ def pipeline_rate(kwargs: dict, workers: int, batches: int) -> float:
     return rate
 
 
+def handover_ms(kwargs: dict, repeats: int = 10) -> dict[str, float]:
+    """Milliseconds to hand one pipeline batch from a worker to the main process, best of `repeats`, the
+    writing side: "fresh" = grain's way, a new shared-memory segment per array (created, written, unlinked and
+    closed); "slot" = `shm_slots`, the batch written into a reused slot (leased, written, released). Old code
+    without shm_slots: fresh only."""
+    from grain.python import SharedMemoryArray
+
+    batch = next(iter(pipeline.make_dataset(**kwargs, worker_count=0)))
+    arrays = [batch[k] for k in contract.ARRAY_KEYS]
+
+    def fresh():
+        for value in arrays:
+            out = SharedMemoryArray(value.shape, value.dtype)
+            np.copyto(out, value)
+            out.unlink_on_del()
+            del out
+
+    def slot(pool):
+        leased = pool.lease(sum(-(-v.nbytes // 64) * 64 for v in arrays))
+        for value in arrays:
+            np.copyto(leased.array(value.shape, value.dtype), value)
+        pool.flags[leased.index] = 0  # what the main process does when the batch is collected
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times) * 1e3
+
+    out = {"fresh": best(fresh)}
+    try:
+        from crrf_jax.data import shm_slots
+    except ImportError:
+        return out
+    pool = shm_slots.SlotPool(max_slots=1)
+    out["slot"] = best(lambda: slot(pool))
+    shm_slots._unlink_all(pool._made)
+    return out
+
+
 def normalize_ms(kwargs: dict, repeats: int = 5) -> tuple[float, str]:
     """Milliseconds of `contract.normalize_batch` inside jit on one pipeline batch (best of `repeats`), and
     the batch's dtypes. Old code without normalize_batch: (nan, dtypes)."""
     batch = next(iter(pipeline.make_dataset(**kwargs, worker_count=0)))
     arrays = {k: batch[k] for k in contract.ARRAY_KEYS}
     dtypes = ", ".join(f"{k} {v.dtype}" for k, v in arrays.items())
+    pending = getattr(contract, "FLIP_ROTATE", None)
+    if pending in batch:  # the flips and rotations the step applies too
+        arrays[pending] = batch[pending]
     if not hasattr(contract, "normalize_batch"):
         return float("nan"), dtypes
     import jax
@@ -231,15 +277,18 @@ def main() -> None:
             )
 
     norm_ms, dtypes = normalize_ms({**common, "source": "tfds"})
+    handover = handover_ms({**common, "source": "tfds"})
     load_after = os.getloadavg()[0]
     run = {"results": {f"{k}/{w}": v for (k, w), v in results.items()}, "normalize_ms": norm_ms,
-           "dtypes": dtypes, "load": [load_before, load_after], "commit": _commit(), "n": n}
+           "handover_ms": handover, "dtypes": dtypes, "load": [load_before, load_after], "commit": _commit(),
+           "n": n}
     if args.json:  # an existing file is merged into: best of its runs and this one (runs interleaved by hand)
         if Path(args.json).exists():
             old = json.loads(Path(args.json).read_text())
             run["results"] = {k: max(v, old["results"].get(k, 0.0)) for k, v in run["results"].items()}
             run["load"] = [min(old["load"][0], load_before), max(old["load"][1], load_after)]
             run["runs"] = old.get("runs", 1) + 1
+            run["handover_ms"] = {k: min(v, old.get("handover_ms", {}).get(k, v)) for k, v in handover.items()}
         Path(args.json).write_text(json.dumps(run, indent=2))
     before = json.loads(Path(args.before).read_text()) if args.before else None
     text = section(run, before, _command(args), n, args)
@@ -324,6 +373,8 @@ Date: {datetime.date.today().isoformat()}
     + f"; `contract.normalize_batch` makes them float32 inside the jitted step: {run['normalize_ms']:.1f} ms "
     f"for a batch of {args.batch} on this CPU.", width=110)}
 
+{handover_line(run, args.batch)}
+
 Patches per second, best of {args.rounds * run.get("runs", 1)} rounds (0 = in the main process; loops: a pool of
 that many processes; pipelines: grain worker processes){", before -> after" if before else ""}:
 
@@ -354,6 +405,17 @@ NOTES = textwrap.fill(
     "this reader. On an accelerator the normalisation is a table lookup fused into the step's first "
     "operations; on this CPU the 'device' is the same two cores.",
     width=110, initial_indent="- ", subsequent_indent="  ")
+
+
+def handover_line(run: dict, batch: int) -> str:
+    ms = run.get("handover_ms", {})
+    if "fresh" not in ms:
+        return ""
+    slot = f", into a reused `shm_slots` slot {ms['slot']:.1f} ms" if "slot" in ms else ""
+    return textwrap.fill(
+        f"Handing a batch of {batch} from a worker to the main process, the worker's side (`handover_ms`, best "
+        f"of 10): into grain's fresh shared-memory segments, one per array, {ms['fresh']:.1f} ms{slot}.",
+        width=110)
 
 
 def breakdown(results: dict, title: str) -> str:
