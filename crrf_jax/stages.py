@@ -330,7 +330,8 @@ def shard_moments(config, workdir: str, batch_size: int, progress=None,
 
     for _ in progress("latent_stats", batches) if progress else range(batches):
         local = next(data)
-        for stage, z in posterior_means({keys[s]: jnp.asarray(local[keys[s]]) for s in vaes}).items():
+        wanted = [keys[s] for s in vaes] + [contract.FLIP_ROTATE]  # the images as augmented
+        for stage, z in posterior_means({k: jnp.asarray(local[k]) for k in wanted if k in local}).items():
             moments[stage].update(z)
     return moments
 

@@ -98,6 +98,48 @@ def test_s1_fill_and_cloud_probability_cache():
     assert contract.cloud_prob_to_uint8(np.array([-0.5, 0.3, 1.5])).tolist() == [0, 76, 255]
 
 
+def _rotated_on_the_host(image: np.ndarray, turns: int, flip: bool) -> np.ndarray:
+    """The reference: NumPy's rot90 over the (H, W) axes, then a left-right flip."""
+    rows, cols = image.ndim - 3, image.ndim - 2
+    out = np.rot90(image, turns, axes=(rows, cols))
+    return np.flip(out, cols) if flip else out
+
+
+def test_pending_flips_and_rotations_are_numpys_on_the_device_and_the_host():
+    """All 8 transforms of a batch, single- and multi-date, compact and float: `flip_rotate_batch` under jit
+    and with NumPy gives exactly np.rot90 + np.flip per sample; `normalize_batch` applies it and drops the
+    key, and equals normalising the host-rotated batch bit for bit (what the pipeline did before)."""
+    import jax
+
+    rng = np.random.default_rng(0)
+    ops = np.array([(t, f) for t in range(4) for f in (0, 1)], np.int8)  # (8, 2)
+    batch = {"s2": rng.integers(0, 12000, (8, 6, 6, 3), dtype=np.uint16),
+             "s2_cloudy": rng.integers(0, 12000, (8, 2, 6, 6, 3), dtype=np.uint16),  # two dates
+             "cloud_prob": rng.integers(0, 256, (8, 2, 6, 6, 1), dtype=np.uint8),
+             "s1": rng.random((8, 2, 6, 6, 2), dtype=np.float32),
+             "mask": np.ones(8, bool), contract.FLIP_ROTATE: ops}
+    expected = {k: np.stack([_rotated_on_the_host(batch[k][i], *ops[i]) for i in range(8)])
+                for k in contract.ARRAY_KEYS}
+    on_device = jax.device_get(jax.jit(contract.flip_rotate_batch)(batch))
+    for out in (on_device, contract.flip_rotate_batch(batch, np)):
+        assert contract.FLIP_ROTATE not in out and out["mask"].all()
+        for key, want in expected.items():
+            assert out[key].dtype == want.dtype and np.array_equal(out[key], want), key
+    normalised = jax.device_get(jax.jit(contract.normalize_batch)(batch))
+    reference = contract.normalize_batch({**expected, "mask": batch["mask"]}, np)
+    assert contract.FLIP_ROTATE not in normalised
+    for key in contract.ARRAY_KEYS:
+        assert normalised[key].dtype == np.float32 and np.array_equal(normalised[key], reference[key]), key
+    assert contract.flip_rotate_batch({"s2": batch["s2"]}, np)["s2"] is batch["s2"]  # nothing pending
+
+    wide = {"s2": rng.integers(0, 100, (2, 4, 6, 1), dtype=np.uint16),
+            contract.FLIP_ROTATE: np.array([[2, 1], [0, 0]], np.int8)}  # half turns only: not square
+    np.testing.assert_array_equal(contract.flip_rotate_batch(wide, np)["s2"][0],
+                                  _rotated_on_the_host(wide["s2"][0], 2, True))
+    with pytest.raises(ValueError, match="odd turns need square images"):
+        contract.flip_rotate_batch({**wide, contract.FLIP_ROTATE: np.array([[1, 0], [0, 0]], np.int8)}, np)
+
+
 # ------------------------------------------------------------------------------------------------------ bands
 
 

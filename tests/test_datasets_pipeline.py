@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from crrf_jax import evaluation
-from crrf_jax.data import cloudprob, cuhk_cr, pipeline, sen2_mtc, sen12mscr_ts
+from crrf_jax.data import cloudprob, contract, cuhk_cr, pipeline, sen2_mtc, sen12mscr_ts
 from crrf_jax.data.contract import DataError
 from crrf_jax.data.synthetic import synthetic_scene
 
@@ -187,6 +187,7 @@ def test_augmentation_is_one_transform_for_every_date_and_modality(roots):
     originals = {item.id: source[i] for i, item in enumerate(source.items)}
     crop, seen = 20, set()
     for batch in _take(iter(_batches(roots, "sen2_mtc_new", batch_size=4, crop_size=crop, augment=True)), 2):
+        batch = contract.flip_rotate_batch(batch, np)  # what the jitted step applies first
         for i, sample_id in enumerate(batch["id"]):
             original = originals[str(sample_id)]
             matches = [(top, left, turns, flip)

@@ -229,6 +229,8 @@ def test_augmentation_identical_across_modalities(data):
     source = pipeline.GeoTiffSource(root, "train", compact=True)
     originals = {t.id: source[i] for i, t in enumerate(source.triplets)}
     batch = next(iter(pipeline.make_dataset(**_kwargs(data, batch_size=8, crop_size=20, augment=True))))
+    assert batch[contract.FLIP_ROTATE].shape == (8, 2)  # applied with the rest of the contract
+    batch = contract.flip_rotate_batch(batch, np)
     assert batch["s2"].shape == (8, 20, 20, 13) and batch["s1"].shape == (8, 20, 20, 2)
     seen_transforms = set()
     for i, sample_id in enumerate(batch["id"]):

@@ -198,10 +198,52 @@ def normalize_array(key: str, value, xp=None):
 
 
 def normalize_batch(batch: dict, xp=None) -> dict:
-    """A batch (compact as the pipelines give it, or already float32) -> the float32 contract, every entry
-    through `normalize_array`; other keys (mask, id, cached latents) unchanged. Call it first inside jitted
-    steps (xp None), or with xp=numpy on the host."""
-    return {k: normalize_array(k, v, xp) for k, v in batch.items()}
+    """A batch (compact as the pipelines give it, or already float32) -> the float32 contract: the flips and
+    rotations it carries applied (`flip_rotate_batch`), every entry through `normalize_array`; other keys
+    (mask, id, cached latents) unchanged. Call it first inside jitted steps (xp None), or with xp=numpy on
+    the host."""
+    return {k: normalize_array(k, v, xp) for k, v in flip_rotate_batch(batch, xp).items()}
+
+
+# Augmented batches carry each sample's flip and rotation still to apply, so that the host batches the
+# patches as read: copying a rotated view is strided, about 5x slower than a contiguous copy (BENCHMARKS.md,
+# Data pipeline), while on the device the transform fuses into the step's first operations.
+FLIP_ROTATE = "flip_rotate"  # (B, 2) int8: turns by 90 degrees counter-clockwise (0-3), then a left-right flip
+
+
+def flip_rotate_batch(batch: dict, xp=None) -> dict:
+    """A batch carrying `FLIP_ROTATE` -> without it, each sample of every image entry ((B, H, W, C), or
+    (B, T, H, W, C) alike on every date) turned and flipped as ``np.flip(np.rot90(x, turns, (H, W)), W)``
+    (flip only when set) would; a batch without the key comes back as it is. Exact for any dtype: selects
+    between reversed and transposed copies, so it commutes with `normalize_array`. Odd turns need square
+    images (the pipeline draws only 0 or 2 for others; the host checks, a jitted step cannot).
+
+    xp: None (JAX) or numpy."""
+    if FLIP_ROTATE not in batch:
+        return batch
+    if xp is None:
+        import jax.numpy as xp  # here, not at the top: this module imports only NumPy
+    ops = xp.asarray(batch[FLIP_ROTATE]).astype(np.int32)
+    turns, flip = ops[:, 0] % 4, ops[:, 1] != 0
+    transpose = turns % 2 == 1  # turn 90 = flip columns, then transpose; 270 = flip rows, then transpose
+    flip_rows = (turns >= 2) ^ (flip & transpose)  # a final left-right flip after a transpose is a row flip
+    flip_cols = ((turns == 1) | (turns == 2)) ^ (flip & ~transpose)  # before it
+    out = {k: v for k, v in batch.items() if k != FLIP_ROTATE}
+    for key in (k for k in ARRAY_KEYS if k in out):
+        x = out[key]
+        rows, cols = x.ndim - 3, x.ndim - 2
+
+        def per_sample(mask, ndim=x.ndim):
+            return mask.reshape((-1,) + (1,) * (ndim - 1))
+
+        x = xp.where(per_sample(flip_rows), xp.flip(x, rows), x)
+        x = xp.where(per_sample(flip_cols), xp.flip(x, cols), x)
+        if x.shape[rows] == x.shape[cols]:
+            x = xp.where(per_sample(transpose), xp.swapaxes(x, rows, cols), x)
+        elif xp is np and transpose.any():
+            raise ValueError(f"batch[{key!r}] is {x.shape[rows]}x{x.shape[cols]}: odd turns need square images")
+        out[key] = x
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ bands

@@ -17,10 +17,14 @@ the cloud probability as stored uint8 x 255, and so do the augmentation, the bat
 and their shared memory (half the bytes of float32 for S2, a quarter for the cloud map). The float32 contract
 is made by `contract.normalize_batch` as the first operation inside the jitted steps (train_lib.train_step,
 sampling.sample_patches, the latent encoders), bit-identical to the host conversions it replaces; host
-consumers that need floats (evaluation, previews) call it with xp=numpy, or pass `to_float32=True`.
+consumers that need floats (evaluation, previews) call it with xp=numpy, or pass `to_float32=True`. So are
+the flips and rotations of augmented batches: the host crops, draws each sample's transform and batches the
+crops as read; `contract.normalize_batch` applies the transform (`contract.FLIP_ROTATE`), bit for bit what
+rotating on the host gave.
 
 Batches are dicts: s1 (B, H, W, 2) float32 [0, 1]; s2 and s2_cloudy (B, H, W, C) uint16 DN; cloud_prob
-(B, H, W, 1) uint8; id (B,) str; mask (B,) bool, False on padding (evaluation only). A float DN GeoTIFF gives
+(B, H, W, 1) uint8; id (B,) str; mask (B,) bool, False on padding (evaluation only); with augment,
+flip_rotate (B, 2) int8, the transforms still to apply. A float DN GeoTIFF gives
 float32 [0, 1] S2 (so does a batch mixing it with uint16 files); `to_float32=True` gives float32 throughout.
 
 The other benchmarks (`dataset`: `DATASETS`, one source each: `CuhkCrSource`, `Sen2MtcSource`,
@@ -530,7 +534,9 @@ class RandomCropFlipRotate(grain.transforms.RandomMap):
 
     The same window and transform apply to every array of the sample (s1, s2, s2_cloudy, cloud_prob, those it
     has), so the modalities stay co-registered; multi-temporal arrays (T, H, W, C) get it on every date alike
-    (the T axis untouched). Rotations by 90/270 degrees only for square images.
+    (the T axis untouched). Rotations by 90/270 degrees only for square images. The crop is a view here; the
+    rotation and flip are drawn here but applied with the rest of the data contract, on the device
+    (`contract.FLIP_ROTATE`, applied by `contract.normalize_batch`), so the batch copies the crops as read.
     """
 
     def __init__(self, crop_size: int | None, augment: bool):
@@ -554,7 +560,7 @@ class RandomCropFlipRotate(grain.transforms.RandomMap):
         if self.augment:
             turns = int(rng.integers(0, 4)) if height == width else 2 * int(rng.integers(0, 2))
             flip = bool(rng.integers(0, 2))
-            arrays = {k: apply_flip_rotate(v, turns, flip, axes=(v.ndim - 3, v.ndim - 2)) for k, v in arrays.items()}
+            return {**element, **arrays, contract.FLIP_ROTATE: np.array([turns, flip], np.int8)}
         return {**element, **arrays}
 
 
@@ -633,6 +639,8 @@ class _BatchSkippingBadIterator(grain.DatasetIterator):
                 raise DataError(skipped[0][1], "every sample of the evaluation pass is bad")
             filler = {k: np.zeros(shape, dtype) for k, (shape, dtype) in self._template.items()}
             filler.update(id=np.str_(""), mask=np.bool_(False))
+            if contract.FLIP_ROTATE in values[0]:
+                filler[contract.FLIP_ROTATE] = np.zeros(2, np.int8)
             values += [filler] * (self.batch_size - len(values))
         batch = self._assemble(values) if values else {}
         batch[_SKIPPED] = [list(entry) for entry in skipped]
@@ -665,6 +673,8 @@ class _BatchSkippingBadIterator(grain.DatasetIterator):
             batch[key] = slot.ref(out) if slot is not None else out
         batch["id"] = np.array([str(v["id"]) for v in values])
         batch["mask"] = np.array([bool(v["mask"]) for v in values])
+        if contract.FLIP_ROTATE in values[0]:
+            batch[contract.FLIP_ROTATE] = np.stack([v[contract.FLIP_ROTATE] for v in values])
         return batch
 
     def _lease(self, specs: dict[str, tuple]) -> shm_slots.Slot | None:
