@@ -18,8 +18,7 @@ def _files(prefix: str) -> list[str]:
 
 
 def _write(pool: shm_slots.SlotPool, arrays: dict[str, np.ndarray]) -> dict:
-    nbytes = sum(-(-a.nbytes // 64) * 64 for a in arrays.values())
-    slot = pool.lease(nbytes)
+    slot = pool.lease([(a.shape, a.dtype) for a in arrays.values()])
     if slot is None:
         return {}
     refs = {}
@@ -70,12 +69,12 @@ def test_held_batches_grow_the_pool_up_to_its_limit_then_lease_none():
     pool, reader = shm_slots.SlotPool(max_slots=2), shm_slots.SlotReader()
     held = [reader.open(_write(pool, {"x": np.full((4, 4), i, np.float32)})) for i in range(2)]
     assert len(pool.slots) == 2
-    assert pool.lease(64) is None  # both held: the caller falls back to grain's fresh segments
+    assert pool.lease([((16,), np.float32)]) is None  # both held: the caller falls back to grain's fresh segments
     np.testing.assert_array_equal(held[0]["x"], 0)
     np.testing.assert_array_equal(held[1]["x"], 1)
     del held[0]
     gc.collect()
-    assert pool.lease(64) is not None
+    assert pool.lease([((16,), np.float32)]) is not None
 
 
 def test_a_larger_batch_replaces_a_free_slot_that_is_too_small():

@@ -682,8 +682,7 @@ class _BatchSkippingBadIterator(grain.DatasetIterator):
             return None
         if self._slots is None:
             self._slots = shm_slots.SlotPool(self._max_slots)
-        padded = (-(-np.prod(shape) * dtype.itemsize // 64) * 64 for shape, dtype, _ in specs.values())
-        return self._slots.lease(int(sum(padded)))
+        return self._slots.lease([(shape, dtype) for shape, dtype, _ in specs.values()])
 
     def get_state(self) -> dict[str, Any]:
         return self._parent.get_state()

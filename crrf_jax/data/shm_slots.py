@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import mmap
 import multiprocessing.util
 import os
 import secrets
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -83,7 +85,7 @@ def _unlink(name: str) -> None:
 
 
 class SlotPool:
-    """A worker's slots. `lease(nbytes)` -> a `Slot` to fill, or None (no free slot and `max_slots` made).
+    """A worker's slots. `lease(arrays)` -> a `Slot` to fill, or None (no free slot and `max_slots` made).
 
     Files not yet mapped by the main process are unlinked when the worker process exits."""
 
@@ -97,8 +99,10 @@ class SlotPool:
         self._full = False
         multiprocessing.util.Finalize(self, _unlink_all, args=(self._made,), exitpriority=10)
 
-    def lease(self, nbytes: int) -> Slot | None:
-        nbytes = max(nbytes, 1)
+    def lease(self, arrays: Sequence[tuple[Sequence[int], Any]]) -> Slot | None:
+        """A free slot marked in use that holds `arrays` ((shape, dtype) each, in the order `Slot.array`
+        will be asked for them), or None."""
+        nbytes = max(sum(_aligned(math.prod(shape) * np.dtype(dtype).itemsize) for shape, dtype in arrays), 1)
         free = [i for i in range(len(self.slots)) if self.flags[i] == _FREE]
         fits = [i for i in free if len(self.slots[i][1]) >= nbytes]
         if fits:
@@ -131,6 +135,10 @@ class SlotPool:
             logger.info("%s: batches go through fresh shared memory while this lasts", reason)
 
 
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
 def _unlink_all(names: list[str]) -> None:
     for name in names:
         _unlink(name)
@@ -148,7 +156,7 @@ class Slot:
 
     def array(self, shape: tuple[int, ...], dtype) -> np.ndarray:
         dtype = np.dtype(dtype)
-        offset = -(-self.used // _ALIGN) * _ALIGN
+        offset = _aligned(self.used)
         count = int(np.prod(shape, dtype=np.int64))
         out = np.frombuffer(self.mapping, dtype, count, offset).reshape(shape)
         self.used = offset + out.nbytes
