@@ -69,7 +69,7 @@ def test_held_batches_grow_the_pool_up_to_its_limit_then_lease_none():
     pool, reader = shm_slots.SlotPool(max_slots=2), shm_slots.SlotReader()
     held = [reader.open(_write(pool, {"x": np.full((4, 4), i, np.float32)})) for i in range(2)]
     assert len(pool.slots) == 2
-    assert pool.lease([((16,), np.float32)]) is None  # both held: the caller falls back to grain's fresh segments
+    assert pool.lease([((16,), np.float32)]) is None  # both held: the caller uses grain's fresh segments
     np.testing.assert_array_equal(held[0]["x"], 0)
     np.testing.assert_array_equal(held[1]["x"], 1)
     del held[0]

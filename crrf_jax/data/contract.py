@@ -208,7 +208,7 @@ def normalize_batch(batch: dict, xp=None) -> dict:
 # Augmented batches carry each sample's flip and rotation still to apply, so that the host batches the
 # patches as read: copying a rotated view is strided, about 5x slower than a contiguous copy (BENCHMARKS.md,
 # Data pipeline), while on the device the transform fuses into the step's first operations.
-FLIP_ROTATE = "flip_rotate"  # (B, 2) int8: turns by 90 degrees counter-clockwise (0-3), then a left-right flip
+FLIP_ROTATE = "flip_rotate"  # (B, 2) int8: 90-degree turns counter-clockwise (0-3), then a left-right flip
 
 
 def flip_rotate_batch(batch: dict, xp=None) -> dict:
@@ -241,7 +241,8 @@ def flip_rotate_batch(batch: dict, xp=None) -> dict:
         if x.shape[rows] == x.shape[cols]:
             x = xp.where(per_sample(transpose), xp.swapaxes(x, rows, cols), x)
         elif xp is np and transpose.any():
-            raise ValueError(f"batch[{key!r}] is {x.shape[rows]}x{x.shape[cols]}: odd turns need square images")
+            size = f"{x.shape[rows]}x{x.shape[cols]}"
+            raise ValueError(f"batch[{key!r}] is {size}: odd turns need square images")
         out[key] = x
     return out
 
