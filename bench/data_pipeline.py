@@ -392,19 +392,26 @@ Goals (0 / 1 / 2 workers{", before -> after" if before else ""}):
 {NOTES}"""
 
 
-NOTES = textwrap.fill(
-    "What is left: GDAL reads an uncompressed patch through a memory map (`GTIFF_VIRTUAL_MEM_IO` in "
-    "`contract.GDAL_ENV`), so the raw limit, the source and the pipeline all read faster; the 80 % ratio moved "
-    "away with its limit. Profiled alone, the source's own work over the raw reads is about 1 ms a patch (the "
-    "header and grid checks, the S1 finiteness test and normalisation, the cloud map's own rasterio "
-    "environment). With worker processes the pipeline adds what the raw loop, which returns a byte count, "
-    "never pays: the strided copies of rotated or flipped views into the batch (0.1-0.6 ms an S2 array), "
-    "grain's shared-memory hand-over and the main process's share of the work on the same two cores. The "
-    "ArrayRecord route is bounded by the riegeli reader: about 3 ms for a 4 MB uncompressed record that one "
-    "`pread` reads in 0.5 ms (it copies and checks each chunk: not ours), so neither of its goals can hold on "
-    "this reader. On an accelerator the normalisation is a table lookup fused into the step's first "
-    "operations; on this CPU the 'device' is the same two cores.",
-    width=110, initial_indent="- ", subsequent_indent="  ")
+NOTES = "\n".join(textwrap.fill(text, width=110, initial_indent="- ", subsequent_indent="  ") for text in (
+    "What changed: grain hands each array of a worker's batch over in a fresh shared-memory segment, which "
+    "costs ten times the copy itself (the hand-over line above; grain issue 851), and with one worker grain "
+    "copied every batch a second time. Workers now write each batch once into a slot they reuse "
+    "(`crrf_jax.data.shm_slots`). The flips and rotations moved into the jitted step "
+    "(`contract.FLIP_ROTATE`), so the host batches the crops as read instead of copying rotated views, which "
+    "is strided and about 5x slower than a contiguous copy (3.1 against 0.55 ms for 8 S2 patches); the "
+    "step's normalisation with them costs a few ms more a batch on this CPU (above), and the batches it "
+    "makes are the old ones bit for bit.",
+    "What is left: with both cores busy (2 workers) the pipeline runs at about 90 % of a loop over its own "
+    "source, and the source at about two thirds of the raw reads: per patch it opens the three files of the "
+    "triplet with their checks (the header, the band count and dtype, the partner grids), tests and "
+    "normalises S1 and opens the cloud map in its own rasterio environment, about 1-2 ms over the raw loop's "
+    "4 ms, which returns a byte count and checks nothing. This VM's speed drifts by 2x within minutes (the "
+    "same loop measured 4.3 and 10 ms a patch), so figures are the best of interleaved runs.",
+    "The ArrayRecord route is bounded by the riegeli reader: about 1.3-3 ms for a 4 MB uncompressed record "
+    "that one `pread` reads in 0.4 ms (it copies and checks each chunk: not ours), so neither of its goals "
+    "can hold on this reader. On an accelerator the normalisation and the transforms fuse into the step's "
+    "first operations; on this CPU the 'device' is the same two cores.",
+))
 
 
 def handover_line(run: dict, batch: int) -> str:
