@@ -57,8 +57,6 @@ class SlotArray:
     pool: str  # the pool's flag file (one byte per slot, in use or free)
     slot: int
     file: str  # the slot's file under SHM_DIR (a new name when the worker grows the slot)
-    size: int  # of the file
-    end: int  # bytes of the slot in use when this array was written (the largest: the batch's extent)
     offset: int
     shape: tuple[int, ...]
     dtype: str
@@ -111,11 +109,11 @@ class SlotPool:
             index = free[0] if free else len(self.slots)
             try:
                 self._make(index, nbytes)
-            except OSError as err:  # /dev/shm full or absent: grain's path for this batch
-                self._warn_once(f"cannot make a {nbytes}-byte slot under {SHM_DIR} ({err})")
+            except OSError as err:  # /dev/shm full: grain's path for this batch (it needs the room too)
+                self._note_once(logging.WARNING, f"cannot make a {nbytes}-byte slot under {SHM_DIR} ({err})")
                 return None
         else:
-            self._warn_once(f"all {self.max_slots} slots are held by batches still alive")
+            self._note_once(logging.INFO, f"all {self.max_slots} slots are held by batches still alive")
             return None
         self.flags[index] = _IN_USE
         return Slot(self, index)
@@ -129,10 +127,10 @@ class SlotPool:
         else:
             self.slots.append((name, mapping))
 
-    def _warn_once(self, reason: str) -> None:
+    def _note_once(self, level: int, reason: str) -> None:
         if not self._full:
             self._full = True
-            logger.info("%s: batches go through fresh shared memory while this lasts", reason)
+            logger.log(level, "%s: batches go through grain's fresh shared memory while this lasts", reason)
 
 
 def _aligned(nbytes: int) -> int:
@@ -164,8 +162,8 @@ class Slot:
         return out
 
     def ref(self, array: np.ndarray) -> SlotArray:
-        return SlotArray(self.pool.flags_name, self.index, self.name, len(self.mapping), self.used,
-                         self._offsets[id(array)], tuple(array.shape), array.dtype.str)
+        return SlotArray(self.pool.flags_name, self.index, self.name, self._offsets[id(array)],
+                         tuple(array.shape), array.dtype.str)
 
 
 class SlotReader:
@@ -184,13 +182,13 @@ class SlotReader:
         first = next(iter(refs.values()))
         if any((r.pool, r.slot, r.file) != (first.pool, first.slot, first.file) for r in refs.values()):
             raise ValueError("a batch spans several shared-memory slots")
-        base = np.frombuffer(self._mapping(first), np.uint8, max(r.end for r in refs.values()))
+        sizes = {key: math.prod(ref.shape) * np.dtype(ref.dtype).itemsize for key, ref in refs.items()}
+        extent = max(ref.offset + sizes[key] for key, ref in refs.items())
+        base = np.frombuffer(self._mapping(first), np.uint8, extent)  # every view of the batch hangs on it
         weakref.finalize(base, _release, self._flag_file(first.pool), first.slot)
         out = dict(batch)
         for key, ref in refs.items():
-            dtype = np.dtype(ref.dtype)
-            count = int(np.prod(ref.shape, dtype=np.int64))
-            out[key] = base[ref.offset:ref.offset + count * dtype.itemsize].view(dtype).reshape(ref.shape)
+            out[key] = base[ref.offset:ref.offset + sizes[key]].view(ref.dtype).reshape(ref.shape)
         return out
 
     def _flag_file(self, pool: str) -> mmap.mmap:
