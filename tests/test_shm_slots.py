@@ -96,6 +96,12 @@ def test_files_the_main_process_never_mapped_are_unlinked_when_the_worker_exits(
     assert _files(pool.prefix) == []
 
 
+def test_a_folder_that_refuses_slot_files_gives_no_pool_and_grains_path(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(shm_slots, "SHM_DIR", str(tmp_path / "gone"))  # no folder: creating a file fails
+    assert shm_slots.make_pool(2) is None
+    assert "cannot keep shared-memory slots" in caplog.text and str(tmp_path / "gone") in caplog.text
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("raw")

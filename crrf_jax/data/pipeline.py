@@ -681,7 +681,10 @@ class _BatchSkippingBadIterator(grain.DatasetIterator):
         if not self._max_slots:
             return None
         if self._slots is None:
-            self._slots = shm_slots.SlotPool(self._max_slots)
+            self._slots = shm_slots.make_pool(self._max_slots)
+            if self._slots is None:
+                self._max_slots = 0
+                return None
         return self._slots.lease([(shape, dtype) for shape, dtype, _ in specs.values()])
 
     def get_state(self) -> dict[str, Any]:

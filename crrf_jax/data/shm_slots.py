@@ -22,6 +22,7 @@ Linux only (`available()`: /dev/shm); elsewhere the callers keep grain's path.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import mmap
@@ -66,7 +67,12 @@ def _create(name: str, size: int) -> mmap.mmap:
     path = os.path.join(SHM_DIR, name)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.posix_fallocate(fd, 0, size)  # ENOSPC here, as an OSError, rather than SIGBUS on first write
+        try:
+            os.posix_fallocate(fd, 0, size)  # ENOSPC here, as an OSError, rather than SIGBUS on first write
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(fd, size)  # a file system without fallocate: sized as grain sizes its segments
         return mmap.mmap(fd, size)
     except BaseException:
         os.unlink(path)
@@ -131,6 +137,16 @@ class SlotPool:
         if not self._full:
             self._full = True
             logger.log(level, "%s: batches go through grain's fresh shared memory while this lasts", reason)
+
+
+def make_pool(max_slots: int) -> SlotPool | None:
+    """A worker's SlotPool, or None (logged) where /dev/shm refuses its files: then grain's path serves."""
+    try:
+        return SlotPool(max_slots)
+    except OSError as err:
+        logger.warning("cannot keep shared-memory slots under %s (%s): batches go through grain's fresh "
+                       "shared memory", SHM_DIR, err)
+        return None
 
 
 def _aligned(nbytes: int) -> int:
