@@ -156,7 +156,7 @@ def handover_ms(kwargs: dict, repeats: int = 10) -> dict[str, float]:
     def slot(pool):
         leased = pool.lease([(v.shape, v.dtype) for v in arrays])
         for value in arrays:
-            np.copyto(leased.array(value.shape, value.dtype), value)
+            np.copyto(leased.array(value.shape, value.dtype)[0], value)
         pool.flags[leased.index] = 0  # what the main process does when the batch is collected
 
     def best(fn) -> float:
@@ -288,7 +288,8 @@ def main() -> None:
             run["results"] = {k: max(v, old["results"].get(k, 0.0)) for k, v in run["results"].items()}
             run["load"] = [min(old["load"][0], load_before), max(old["load"][1], load_after)]
             run["runs"] = old.get("runs", 1) + 1
-            run["handover_ms"] = {k: min(v, old.get("handover_ms", {}).get(k, v)) for k, v in handover.items()}
+            kept = old.get("handover_ms", {})
+            run["handover_ms"] = {k: min(v, kept.get(k, v)) for k, v in handover.items()}
         Path(args.json).write_text(json.dumps(run, indent=2))
     before = json.loads(Path(args.before).read_text()) if args.before else None
     text = section(run, before, _command(args), n, args)
@@ -420,8 +421,8 @@ def handover_line(run: dict, batch: int) -> str:
         return ""
     slot = f", into a reused `shm_slots` slot {ms['slot']:.1f} ms" if "slot" in ms else ""
     return textwrap.fill(
-        f"Handing a batch of {batch} from a worker to the main process, the worker's side (`handover_ms`, best "
-        f"of 10): into grain's fresh shared-memory segments, one per array, {ms['fresh']:.1f} ms{slot}.",
+        f"Handing a batch of {batch} from a worker to the main process, the worker's side (`handover_ms`, "
+        f"best of 10): into grain's fresh shared-memory segments, one per array, {ms['fresh']:.1f} ms{slot}.",
         width=110)
 
 

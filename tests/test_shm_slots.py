@@ -23,9 +23,8 @@ def _write(pool: shm_slots.SlotPool, arrays: dict[str, np.ndarray]) -> dict:
         return {}
     refs = {}
     for key, value in arrays.items():
-        out = slot.array(value.shape, value.dtype)
+        out, refs[key] = slot.array(value.shape, value.dtype)
         out[...] = value
-        refs[key] = slot.ref(out)
     return {**refs, "id": np.array(["a"])}
 
 

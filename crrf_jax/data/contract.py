@@ -232,14 +232,11 @@ def flip_rotate_batch(batch: dict, xp=None) -> dict:
     for key in (k for k in ARRAY_KEYS if k in out):
         x = out[key]
         rows, cols = x.ndim - 3, x.ndim - 2
-
-        def per_sample(mask, ndim=x.ndim):
-            return mask.reshape((-1,) + (1,) * (ndim - 1))
-
-        x = xp.where(per_sample(flip_rows), xp.flip(x, rows), x)
-        x = xp.where(per_sample(flip_cols), xp.flip(x, cols), x)
+        per_sample = (-1,) + (1,) * (x.ndim - 1)  # a (B,) mask broadcast over the sample's axes
+        x = xp.where(flip_rows.reshape(per_sample), xp.flip(x, rows), x)
+        x = xp.where(flip_cols.reshape(per_sample), xp.flip(x, cols), x)
         if x.shape[rows] == x.shape[cols]:
-            x = xp.where(per_sample(transpose), xp.swapaxes(x, rows, cols), x)
+            x = xp.where(transpose.reshape(per_sample), xp.swapaxes(x, rows, cols), x)
         elif xp is np and transpose.any():
             size = f"{x.shape[rows]}x{x.shape[cols]}"
             raise ValueError(f"batch[{key!r}] is {size}: odd turns need square images")

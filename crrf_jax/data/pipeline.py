@@ -662,15 +662,12 @@ class _BatchSkippingBadIterator(grain.DatasetIterator):
         batch = {}
         for key, (shape, dtype, mixed) in specs.items():
             if slot is not None:
-                out = slot.array(shape, dtype)
-            elif self.shared_memory:
-                out = SharedMemoryArray(shape, dtype)
+                out, batch[key] = slot.array(shape, dtype)  # the batch carries the slot's reference
             else:
-                out = np.empty(shape, dtype)
+                out = batch[key] = (SharedMemoryArray if self.shared_memory else np.empty)(shape, dtype)
             for i, value in enumerate(values):
                 item = contract.normalize_array(key, value[key], np) if mixed else value[key]
                 np.copyto(out[i], item, casting="no")
-            batch[key] = slot.ref(out) if slot is not None else out
         batch["id"] = np.array([str(v["id"]) for v in values])
         batch["mask"] = np.array([bool(v["mask"]) for v in values])
         if contract.FLIP_ROTATE in values[0]:

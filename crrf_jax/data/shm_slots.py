@@ -159,27 +159,20 @@ def _unlink_all(names: list[str]) -> None:
 
 
 class Slot:
-    """A leased slot being filled: `array(shape, dtype)` gives the next aligned region, `ref(array)` its
-    reference (after it is written)."""
+    """A leased slot being filled: `array(shape, dtype)` gives the next aligned region to write and the
+    reference that stands for it in the batch."""
 
     def __init__(self, pool: SlotPool, index: int):
         self.pool, self.index = pool, index
         self.name, self.mapping = pool.slots[index]
         self.used = 0
-        self._offsets: dict[int, int] = {}
 
-    def array(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+    def array(self, shape: tuple[int, ...], dtype) -> tuple[np.ndarray, SlotArray]:
         dtype = np.dtype(dtype)
         offset = _aligned(self.used)
-        count = int(np.prod(shape, dtype=np.int64))
-        out = np.frombuffer(self.mapping, dtype, count, offset).reshape(shape)
+        out = np.frombuffer(self.mapping, dtype, math.prod(shape), offset).reshape(shape)
         self.used = offset + out.nbytes
-        self._offsets[id(out)] = offset
-        return out
-
-    def ref(self, array: np.ndarray) -> SlotArray:
-        return SlotArray(self.pool.flags_name, self.index, self.name, self._offsets[id(array)],
-                         tuple(array.shape), array.dtype.str)
+        return out, SlotArray(self.pool.flags_name, self.index, self.name, offset, tuple(shape), dtype.str)
 
 
 class SlotReader:
