@@ -96,6 +96,12 @@ def record_ranges(data_dir: Path, n: int) -> list[tuple[str, int, int]]:
 
 
 def _init(files: list[list[str]], root: str, records: list | None = None, data_dir: str | None = None) -> None:
+    try:  # the loops read with the allocator settings the pipeline's reading processes use (old code: none)
+        from crrf_jax.data import host_memory
+    except ImportError:
+        pass
+    else:
+        host_memory.keep_large_buffers()
     source = pipeline.open_source("geotiff", root=root, split="train", decode=False)
     tfds = pipeline.open_source("tfds", data_dir=data_dir, split="train", decode=False) if data_dir else None
     _STATE.update(files=files, source=source, records=records or [], fds={}, tfds=tfds)

@@ -22,6 +22,9 @@ the flips and rotations of augmented batches: the host crops, draws each sample'
 crops as read; `contract.normalize_batch` applies the transform (`contract.FLIP_ROTATE`), bit for bit what
 rotating on the host gave.
 
+Reading processes (this one without workers, every grain worker) keep their patch-sized buffers for reuse
+instead of mapping them afresh at every read (`host_memory.keep_large_buffers`).
+
 Batches are dicts: s1 (B, H, W, 2) float32 [0, 1]; s2 and s2_cloudy (B, H, W, C) uint16 DN; cloud_prob
 (B, H, W, 1) uint8; id (B,) str; mask (B,) bool, False on padding (evaluation only); with augment,
 flip_rotate (B, 2) int8, the transforms still to apply. A float DN GeoTIFF gives
@@ -66,7 +69,16 @@ import grain
 import numpy as np
 from grain.python import SharedMemoryArray
 
-from crrf_jax.data import cloudprob, contract, cuhk_cr, sen2_mtc, sen12mscr, sen12mscr_ts, shm_slots
+from crrf_jax.data import (
+    cloudprob,
+    contract,
+    cuhk_cr,
+    host_memory,
+    sen2_mtc,
+    sen12mscr,
+    sen12mscr_ts,
+    shm_slots,
+)
 from crrf_jax.data.contract import ARRAY_KEYS, DataError, array_keys
 from crrf_jax.data.sen12mscr import BadSampleLog, Triplet
 
@@ -915,9 +927,18 @@ def _batched(ds, batch_size, crop_size, augment, shuffle, seed, num_epochs, drop
         it_ds.enable_shared_memory_output()  # grain itself enables it only with several workers
         _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size)
+            grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size),
+            worker_init_fn=_init_worker,
         )
+    else:
+        host_memory.keep_large_buffers()  # this process reads: reuse its patch buffers (host_memory)
     return _CountBadSamples(it_ds, to_float32)
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+    """Runs first in every grain worker process: the reading process's allocator settings."""
+    del worker_index, worker_count
+    host_memory.keep_large_buffers()
 
 
 def _ensure_absl_flags_parsed() -> None:
