@@ -269,6 +269,37 @@ def test_grid_size_and_crs_are_checked(tmp_path):
     assert_names(err, utm32)
 
 
+def _crs(path: Path, env: dict):
+    with rasterio.Env(**env), rasterio.open(path) as ds:
+        return ds.crs
+
+
+_GDAL_DEFAULT = {k: v for k, v in contract.GDAL_ENV.items() if k != "GTIFF_SRS_SOURCE"}
+
+
+@pytest.mark.parametrize("crs", ["EPSG:32631", "EPSG:32750", "EPSG:3857", "EPSG:3035",
+                                 "+proj=utm +zone=13 +datum=WGS84 +units=m +no_defs", "EPSG:4326"])
+def test_the_readers_crs_is_gdals_default_for_files_gdal_writes(tmp_path, crs):
+    """GDAL_ENV builds the CRS from the GeoKeys alone (faster opens). Projected CRSs come out identical to
+    GDAL's default reading, WKT and all; a geographic one lacks the EPSG authority nodes in its WKT but is
+    the same CRS, and a file written with it reads back exactly as the original."""
+    assert contract.GDAL_ENV["GTIFF_SRS_SOURCE"] == "GEOKEYS"
+    path = s1_tif(tmp_path / "file.tif", crs=crs)
+    ours, default = _crs(path, contract.GDAL_ENV), _crs(path, _GDAL_DEFAULT)
+    assert ours == default and ours.to_epsg() == default.to_epsg()
+    if ours.is_projected:
+        assert ours.to_wkt() == default.to_wkt()
+    copy = s1_tif(tmp_path / "copy.tif", crs=ours)
+    assert _crs(copy, _GDAL_DEFAULT).to_wkt() == default.to_wkt()
+
+
+def test_the_readers_crs_is_gdals_default_for_the_real_sample(sample_root):
+    files = sorted(sample_root.rglob("*.tif"))
+    assert len(files) >= 6
+    for path in files:
+        assert _crs(path, contract.GDAL_ENV).to_wkt() == _crs(path, _GDAL_DEFAULT).to_wkt(), path
+
+
 def test_open_geotiff_names_the_file(tmp_path):
     ref = s1_tif(tmp_path / "ref.tif")
     (tmp_path / "text.tif").write_text("not a GeoTIFF")
