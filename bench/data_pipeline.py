@@ -400,24 +400,30 @@ Goals (0 / 1 / 2 workers{", before -> after" if before else ""}):
 
 
 NOTES = "\n".join(textwrap.fill(text, width=110, initial_indent="- ", subsequent_indent="  ") for text in (
-    "What changed: grain hands each array of a worker's batch over in a fresh shared-memory segment, which "
-    "costs ten times the copy itself (the hand-over line above; grain issue 851), and with one worker grain "
-    "copied every batch a second time. Workers now write each batch once into a slot they reuse "
-    "(`crrf_jax.data.shm_slots`). The flips and rotations moved into the jitted step "
-    "(`contract.FLIP_ROTATE`), so the host batches the crops as read instead of copying rotated views, which "
-    "is strided and about 5x slower than a contiguous copy (3.1 against 0.55 ms for 8 S2 patches); the "
-    "step's normalisation with them costs a few ms more a batch on this CPU (above), and the batches it "
-    "makes are the old ones bit for bit.",
-    "What is left: with both cores busy (2 workers) the pipeline runs at about 90 % of a loop over its own "
-    "source, and the source at about two thirds of the raw reads: per patch it opens the three files of the "
-    "triplet with their checks (the header, the band count and dtype, the partner grids), tests and "
-    "normalises S1 and opens the cloud map in its own rasterio environment, about 1-2 ms over the raw loop's "
-    "4 ms, which returns a byte count and checks nothing. This VM's speed drifts by 2x within minutes (the "
-    "same loop measured 4.3 and 10 ms a patch), so figures are the best of interleaved runs.",
-    "The ArrayRecord route is bounded by the riegeli reader: about 1.3-3 ms for a 4 MB uncompressed record "
-    "that one `pread` reads in 0.4 ms (it copies and checks each chunk: not ours), so neither of its goals "
-    "can hold on this reader. On an accelerator the normalisation and the transforms fuse into the step's "
-    "first operations; on this CPU the 'device' is the same two cores.",
+    "What changed in this round: (1) glibc's malloc mapped every patch-sized buffer afresh. Its mmap "
+    "threshold starts at 128 KiB and rises only as mapped blocks are freed, so the 4 MB buffers of a record "
+    "or a band stack were mapped, faulted in, zeroed and unmapped at every read: the riegeli reader took "
+    "16-17 ms a record in a fresh process against 2.7 ms warm, and grain's workers stayed slow (the reader "
+    "row at 1 and 2 workers above, before). The reading processes now set the thresholds once "
+    "(`crrf_jax.data.host_memory`). (2) rasterio reads the CRS of every file it opens, and GDAL built it "
+    "twice, from the GeoKeys and from the EPSG definition, to compare them: over half of each open. "
+    "`contract.GDAL_ENV` now takes the GeoKeys alone (`GTIFF_SRS_SOURCE=GEOKEYS`, the same CRS for these "
+    "files). Both apply to the raw-read and plain-read loops too, so the limits rose with the pipelines.",
+    "Earlier rounds: workers write each batch once into a shared-memory slot they reuse "
+    "(`crrf_jax.data.shm_slots`; grain's fresh segment per array costs ten times the copy, the hand-over "
+    "line above), and the flips and rotations run in the jitted step (`contract.FLIP_ROTATE`), so the host "
+    "batches crops as read instead of copying rotated views.",
+    "What is left: with 2 workers on 2 cores the pipeline runs at about two thirds of a loop over its own "
+    "source: the main process (grain's queues, mapping the slots) and each worker's reading threads share "
+    "the two cores with the readers. Opening the four files is still about 40 % of a patch's read (about "
+    "0.6 ms of rasterio's set-up a file, the CRS included). This VM's speed drifts by "
+    "2x within minutes, so figures are the best of interleaved runs.",
+    "The ArrayRecord route is bounded by the riegeli reader: about 2-3 ms for a 4 MB uncompressed record "
+    "that one `pread` reads in 0.5 ms (it copies the chunk and checks its hash, then Python copies the "
+    "record). Neither of its goals can hold on this reader, and 80 % of a plain read cannot hold for any "
+    "pipeline that copies each record once into a batch, which costs as much as the read. On an accelerator "
+    "the normalisation and the transforms fuse into the step's first operations; on this CPU the 'device' is "
+    "the same two cores.",
 ))
 
 
