@@ -1,8 +1,8 @@
 """The host allocator of the input pipeline's processes: freed patch-sized buffers kept for the next read.
 
 glibc's malloc maps every block above its mmap threshold with a fresh `mmap` and unmaps it when it is freed.
-The threshold starts at 128 KiB and only rises as mapped blocks are freed, so in a fresh process, and
-whenever a smaller free lowers its picture of what is large, the arrays of a patch (1.7 MB for 13-band S2 at
+The threshold starts at 128 KiB and rises only when a mapped block is freed, so in a fresh process, and as
+measured in grain's worker processes for the whole run, the arrays of a patch (1.7 MB for 13-band S2 at
 256 x 256, a 4 MB ArrayRecord record and the reader's buffers for it) are mapped, faulted in, zeroed by the
 kernel and unmapped again at every read. Memory it frees at the top of the heap beyond its trim threshold
 goes back to the system too, to be faulted in again next time. Measured on this project's CPU machines
@@ -63,8 +63,7 @@ def _apply() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    # mallopt returns 1 on success; the order matters: setting the mmap threshold also freezes glibc's
-    # dynamic adjustment of both.
+    # mallopt returns 1 on success; setting either threshold also turns off glibc's dynamic adjustment.
     done = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     if not done:
         logger.warning("mallopt refused the pipeline's thresholds; patch buffers are mapped afresh per read")
