@@ -413,11 +413,12 @@ NOTES = "\n".join(textwrap.fill(text, width=110, initial_indent="- ", subsequent
     "(`crrf_jax.data.shm_slots`; grain's fresh segment per array costs ten times the copy, the hand-over "
     "line above), and the flips and rotations run in the jitted step (`contract.FLIP_ROTATE`), so the host "
     "batches crops as read instead of copying rotated views.",
-    "What is left: with 2 workers on 2 cores the pipeline runs at about two thirds of a loop over its own "
-    "source: the main process (grain's queues, mapping the slots) and each worker's reading threads share "
-    "the two cores with the readers. Opening the four files is still about 40 % of a patch's read (about "
-    "0.6 ms of rasterio's set-up a file, the CRS included). This VM's speed drifts by "
-    "2x within minutes, so figures are the best of interleaved runs.",
+    "What is left: with 2 workers on 2 cores the pipeline ran at 64-71 % of a loop over its own source in "
+    "these runs, and single 2-worker runs spread from about 200 to 300 patches/s. The main process uses 3-5 "
+    "% of a core there (rusage), and 1, 2 or 4 read threads a worker made no difference beyond that spread. "
+    "Opening the four files is still about 40 % of a patch's read (about 0.6 ms of rasterio's set-up a file, "
+    "the CRS included). This VM's speed drifts by 2x within minutes, so figures are the best of interleaved "
+    "runs.",
     "The ArrayRecord route is bounded by the riegeli reader: about 2-3 ms for a 4 MB uncompressed record "
     "that one `pread` reads in 0.5 ms (it copies the chunk and checks its hash, then Python copies the "
     "record). Neither of its goals can hold on this reader, and 80 % of a plain read cannot hold for any "

@@ -1,6 +1,6 @@
 """The reading process's allocator: patch-sized blocks come from the heap and stay there once freed.
 
-Each case runs in a fresh Python process (glibc's thresholds are per process and only ever move one way),
+Each case runs in a fresh Python process (glibc's thresholds are per process, and its dynamic ones only rise),
 which reports glibc's own counters (`mallinfo2`) around a 16 MB block: whether it was mapped on its own,
 and how much freed memory the heap kept after it.
 """
