@@ -1,8 +1,9 @@
 """The reading process's allocator: patch-sized blocks come from the heap and stay there once freed.
 
-Each case runs in a fresh Python process (glibc's thresholds are per process, and its dynamic ones only rise),
-which reports glibc's own counters (`mallinfo2`) around a 16 MB block: whether it was mapped on its own,
-and how much freed memory the heap kept after it.
+Most cases run in a fresh Python process (glibc's thresholds are per process, and its dynamic ones only
+rise), which reports glibc's own counters (`mallinfo2`) around a 16 MB block: whether it was mapped on its
+own, and how much freed memory the heap kept after it. The last one reads through a grain worker, whose
+samples report the worker's settings.
 """
 
 import json
@@ -86,3 +87,24 @@ def test_a_pipeline_that_reads_in_this_process_keeps_its_buffers(tmp_path):
     result = _probe(setup)
     assert result["applied"] is True
     assert result["mapped"] == 0
+
+
+def test_the_pipeline_applies_it_in_its_grain_workers():
+    """Each worker process applies it (the pipeline's worker_init_fn); the samples it read say so. (This
+    process may have applied it already, for another test: the no-worker case is the subprocess test above.)"""
+    import grain
+
+    from crrf_jax.data import pipeline
+    from tests.helpers.allocator_source import AllocatorReport
+
+    source = AllocatorReport()
+    reader = pipeline._ShardReader(source, list(range(len(source))), len(source), "raise")
+    dataset = pipeline._batched(grain.MapDataset.source(reader), 2, None, False, False, 0, 1, True, 1, 2, 1)
+    iterator = iter(dataset)
+    try:
+        ids = [str(i) for i in next(iterator)["id"]]
+    finally:
+        iterator.close()
+    pids = {int(i.split()[0]) for i in ids}
+    assert {i.split()[1] for i in ids} == {"True"}, ids
+    assert os.getpid() not in pids, (pids, os.getpid())
