@@ -7,7 +7,7 @@ measured in grain's worker processes for the whole run, the arrays of a patch (1
 kernel and unmapped again at every read. Memory it frees at the top of the heap beyond its trim threshold
 goes back to the system too, to be faulted in again next time. Measured on this project's CPU machines
 (BENCHMARKS.md, Data pipeline): the riegeli reader took 16-17 ms for a 4 MB record in a fresh process and
-2.7 ms once its buffers were reused; the pipeline's worker processes stayed in the slow state.
+2.7 ms once its buffers were reused.
 
 `keep_large_buffers()` sets the two thresholds once per process (`mallopt`), so that blocks up to
 `MMAP_THRESHOLD` come from the heap and up to `TRIM_THRESHOLD` of freed memory stays with the process. The
@@ -39,16 +39,17 @@ _M_MMAP_THRESHOLD = -3
 
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
-_applied: dict[int, bool] = {}  # pid -> result: once per process (a forked child decides again)
+# This process's result; None until the first call. A forked child inherits the settings with the module.
+_applied: bool | None = None
 
 
 def keep_large_buffers() -> bool:
     """Sets this process's malloc to reuse freed blocks up to `MMAP_THRESHOLD` (see the module docstring);
     True when the settings are in effect, False where it leaves the allocator as it is. Idempotent."""
-    pid = os.getpid()
-    if pid not in _applied:
-        _applied[pid] = _apply()
-    return _applied[pid]
+    global _applied
+    if _applied is None:
+        _applied = _apply()
+    return _applied
 
 
 def _apply() -> bool:

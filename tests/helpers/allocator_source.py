@@ -16,4 +16,4 @@ class AllocatorReport:
     def __getitem__(self, index: int) -> dict:
         image = np.zeros((4, 4, 13), np.uint16)
         return {"s2": image, "s2_cloudy": image, "cloud_prob": np.zeros((4, 4, 1), np.uint8),
-                "id": f"{os.getpid()} {host_memory._applied.get(os.getpid())}"}
+                "id": f"{os.getpid()} {host_memory._applied}"}
