@@ -107,39 +107,70 @@ def _init(files: list[list[str]], root: str, records: list | None = None, data_d
     _STATE.update(files=files, source=source, records=records or [], fds={}, tfds=tfds)
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its live descendants (pool or grain worker processes),
+    from Linux's /proc; NaN elsewhere. Unlike wall time it leaves out the time this VM's cores were taken
+    by other guests, so it measures the work a patch costs."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        entries = [d for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return float("nan")
+    children, cpu = {}, {}
+    for pid in entries:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(pid))  # fields[1]: the parent
+        cpu[int(pid)] = int(fields[11]) + int(fields[12])  # utime, stime
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0)
+        todo += children.get(pid, [])
+    return total / tick
+
+
 def loop_rate(read, files: list[list[str]], root: Path, workers: int, repeats: int, records=None,
-              data_dir: Path | None = None) -> float:
-    """Patches/s of `read(index)` over `repeats` passes, in this process (0) or a pool of `workers`."""
+              data_dir: Path | None = None) -> tuple[float, float]:
+    """(patches/s, CPU ms a patch) of `read(index)` over `repeats` passes, in this process (0) or a pool of
+    `workers`."""
     indices = list(range(len(files))) * repeats
     data_dir = str(data_dir) if data_dir else None
     if workers == 0:
         _init(files, str(root), records, data_dir)
         for index in range(len(files)):
             read(index)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         for index in indices:
             read(index)
-        return len(indices) / (time.perf_counter() - start)
+        return _rates(len(indices), start, cpu)
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers, initializer=_init, initargs=(files, str(root), records, data_dir)) as pool:
         pool.map(read, range(len(files)), chunksize=4)  # warm-up: page cache, imports
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         pool.map(read, indices, chunksize=4)
-        return len(indices) / (time.perf_counter() - start)
+        return _rates(len(indices), start, cpu)
 
 
-def pipeline_rate(kwargs: dict, workers: int, batches: int) -> float:
-    """Patches/s of a training pipeline over `batches` batches after a warm-up of a few batches."""
+def pipeline_rate(kwargs: dict, workers: int, batches: int) -> tuple[float, float]:
+    """(patches/s, CPU ms a patch) of a training pipeline over `batches` batches after a warm-up of a few
+    batches."""
     iterator = iter(pipeline.make_dataset(**kwargs, worker_count=workers))
     for _ in range(max(3, workers * 2)):
         next(iterator)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     patches = 0
     for _ in range(batches):
         patches += len(next(iterator)["id"])
-    rate = patches / (time.perf_counter() - start)
+    rates = _rates(patches, start, cpu)
     iterator.close()
-    return rate
+    return rates
+
+
+def _rates(patches: int, start: float, cpu: float) -> tuple[float, float]:
+    return patches / (time.perf_counter() - start), (cpu_seconds() - cpu) / patches * 1e3
 
 
 def handover_ms(kwargs: dict, repeats: int = 10) -> dict[str, float]:
@@ -264,7 +295,8 @@ def main() -> None:
         process_count=1,
     )
     load_before = os.getloadavg()[0]
-    results: dict[tuple[str, int], float] = {}
+    results: dict[tuple[str, int], float] = {}  # patches/s, the best of the rounds
+    cpu_ms: dict[tuple[str, int], float] = {}  # CPU ms a patch, the least of the rounds
     for round_ in range(args.rounds):  # interleaved rounds, best of each: less skew from other jobs
         for workers in (0, 1, 2):
             rates = {
@@ -276,22 +308,24 @@ def main() -> None:
                 "tfds_samples": loop_rate(_read_tfds_sample, files, root, workers, args.passes, data_dir=data_dir),
                 "arrayrecord": pipeline_rate({**common, "source": "tfds"}, workers, batches),
             }
-            for name, rate in rates.items():
+            for name, (rate, cpu) in rates.items():
                 results[(name, workers)] = max(rate, results.get((name, workers), 0.0))
-            print(
-                f"round {round_}, {workers} worker(s): " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
-            )
+                cpu_ms[(name, workers)] = min(cpu, cpu_ms.get((name, workers), float("inf")))
+            print(f"round {round_}, {workers} worker(s): "
+                  + ", ".join(f"{k} {v:.1f}/s ({c:.2f} CPU ms)" for k, (v, c) in rates.items()))
 
     norm_ms, dtypes = normalize_ms({**common, "source": "tfds"})
     handover = handover_ms({**common, "source": "tfds"})
     load_after = os.getloadavg()[0]
-    run = {"results": {f"{k}/{w}": v for (k, w), v in results.items()}, "normalize_ms": norm_ms,
+    run = {"results": {f"{k}/{w}": v for (k, w), v in results.items()},
+           "cpu_ms": {f"{k}/{w}": v for (k, w), v in cpu_ms.items()}, "normalize_ms": norm_ms,
            "handover_ms": handover, "dtypes": dtypes, "load": [load_before, load_after], "commit": _commit(),
            "n": n}
     if args.json:  # an existing file is merged into: best of its runs and this one (runs interleaved by hand)
         if Path(args.json).exists():
             old = json.loads(Path(args.json).read_text())
             run["results"] = {k: max(v, old["results"].get(k, 0.0)) for k, v in run["results"].items()}
+            run["cpu_ms"] = {k: min(v, old.get("cpu_ms", {}).get(k, v)) for k, v in run["cpu_ms"].items()}
             run["load"] = [min(old["load"][0], load_before), max(old["load"][1], load_after)]
             run["runs"] = old.get("runs", 1) + 1
             kept = old.get("handover_ms", {})
@@ -347,6 +381,7 @@ def section(run: dict, before: dict | None, command: str, n: int, args) -> str:
         return f"{before['results'][key]:.1f} -> {now}" if before else now
 
     rows = "\n".join(f"| {label} | {cell(f'{k}/0')} | {cell(f'{k}/1')} | {cell(f'{k}/2')} |" for k, label in ROUTES)
+    cpu_rows = cpu_table(run, before)
     now = ratios(after)
     old = ratios(before["results"]) if before else None
 
@@ -388,7 +423,7 @@ that many processes; pipelines: grain worker processes){", before -> after" if b
 | route | 0 workers | 1 worker | 2 workers |
 | --- | ---: | ---: | ---: |
 {rows}
-
+{cpu_rows}
 Goals (0 / 1 / 2 workers{", before -> after" if before else ""}):
 - GeoTIFF pipeline >= 80 % of the raw reads: {pcts("geo_vs_raw", ".0%")} ({met(goal_geo)}).
 - ArrayRecord pipeline >= 5x the GeoTIFF pipeline: {pcts("ar_vs_geo", ".1f")}, or >= 80 % of a plain
@@ -426,6 +461,29 @@ NOTES = "\n".join(textwrap.fill(text, width=110, initial_indent="- ", subsequent
     "the normalisation and the transforms fuse into the step's first operations; on this CPU the 'device' is "
     "the same two cores.",
 ))
+
+
+def cpu_table(run: dict, before: dict | None) -> str:
+    """The CPU time a patch costs on each route, all its processes together (`cpu_seconds`); "" for runs
+    without it."""
+    if "cpu_ms" not in run:
+        return ""
+    old = before.get("cpu_ms") if before else None
+
+    def cell(key: str) -> str:
+        now = f"{run['cpu_ms'][key]:.2f}"
+        return f"{old[key]:.2f} -> {now}" if old else now
+
+    rows = "\n".join(f"| {label} | {cell(f'{k}/0')} | {cell(f'{k}/1')} | {cell(f'{k}/2')} |" for k, label in ROUTES)
+    return f"""
+CPU milliseconds a patch, all the route's processes together (the main one and its pool or workers; user +
+system time from /proc, the least of the rounds){", before -> after" if old else ""}. CPU time leaves out the
+time other guests of this VM held its cores, so this is the work a patch costs, steadier than the rates:
+
+| route | 0 workers | 1 worker | 2 workers |
+| --- | ---: | ---: | ---: |
+{rows}
+"""
 
 
 def handover_line(run: dict, batch: int) -> str:

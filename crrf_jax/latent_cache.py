@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from crrf_jax import sampling, train_lib
 from crrf_jax.data import contract
+from crrf_jax.data.epoch_shuffle import EpochShuffle
 from crrf_jax.data.pipeline import apply_flip_rotate
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,7 @@ def iterator(directory: str, *, batch_size: int, crop_size: int, seed: int, fact
              augment: bool = True, worker_count: int = 0):
     """An endless, shuffled, augmented and checkpointable iterator of cached-latent batches."""
     dataset = (
-        grain.MapDataset.source(LatentSource(directory))
-        .shuffle(seed=seed)
+        EpochShuffle(grain.MapDataset.source(LatentSource(directory)), seed)
         .repeat(None)
         .random_map(LatentCropFlipRotate(crop_size // factor, factor, augment), seed=seed + 1)
         .batch(batch_size, drop_remainder=True)

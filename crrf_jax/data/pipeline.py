@@ -36,8 +36,9 @@ s2_cloudy, cloud_prob and s1 where it is multi-temporal: (B, T, H, W, C) (docs/A
 contract"). A source that draws per read (`needs_rng`: SEN12MS-CR-TS's random date sampler) is read after the
 shuffle, with a generator seeded by the element's stream position.
 
-Determinism. Shuffling and augmentation draw from the seed and the element's position, so a run is fully
-determined by (seed, process index and count, worker_count). The iterator's state (`get_state` /
+Determinism. Shuffling (`epoch_shuffle.EpochShuffle`: a permutation per epoch, as cheap per element for a
+few dozen samples as for a million) and augmentation draw from the seed and the element's position, so a run
+is fully determined by (seed, process index and count, worker_count). The iterator's state (`get_state` /
 `set_state`, or Orbax through `grain.checkpoint.CheckpointSave` / `CheckpointRestore`) is small JSON; a
 restored iterator yields exactly the batches the uninterrupted one would. Restore with the same
 worker_count: with workers, each batch is assembled inside one worker, so batch composition depends on
@@ -80,6 +81,7 @@ from crrf_jax.data import (
     shm_slots,
 )
 from crrf_jax.data.contract import ARRAY_KEYS, DataError, array_keys
+from crrf_jax.data.epoch_shuffle import EpochShuffle
 from crrf_jax.data.sen12mscr import BadSampleLog, Triplet
 
 logger = logging.getLogger(__name__)
@@ -886,7 +888,7 @@ def make_dataset(
     reader = _ShardReader(src, indices, length, on_error, cache)
     if getattr(src, "needs_rng", False):  # draws per read (SEN12MS-CR-TS train): shuffle indices, then read
         ds = grain.MapDataset.range(length)
-        ds = ds.shuffle(seed=seed) if shuffle else ds
+        ds = EpochShuffle(ds, seed) if shuffle else ds
         ds = ds.repeat(num_epochs) if num_epochs != 1 else ds
         ds = ds.map_with_index(_ReadWithRng(reader, seed))
         return _batched(ds, batch_size, crop_size, augment, False, seed, 1, drop_remainder, worker_count,
@@ -909,7 +911,7 @@ def _batched(ds, batch_size, crop_size, augment, shuffle, seed, num_epochs, drop
              worker_buffer_size, read_threads, to_float32=False) -> grain.IterDataset:
     """Shuffle, repeat, augment, read, batch (padding or dropping the remainder), workers, bad-sample count."""
     if shuffle:
-        ds = ds.shuffle(seed=seed)
+        ds = EpochShuffle(ds, seed)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
     if crop_size is not None or augment:
