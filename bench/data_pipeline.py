@@ -14,8 +14,10 @@ Measures patches/s, after a warm-up pass (files in the page cache), for
 - tfds_samples: a plain loop over the pipeline's TFDS source (`open_source("tfds", ..., decode=False)`);
 - arrayrecord: `make_dataset(source="tfds")`: the TFDS ArrayRecord source, shuffle, flips/rotations, batching;
 each in this process (0) and with 1 and 2 worker processes (loops: a process pool of that size). Rounds
-interleave all measurements and the best of each is reported. It also times `contract.normalize_batch` on a
-batch inside jit (where the pipelines' compact batches become float32; on this CPU the "device" is the CPU).
+interleave all measurements and the best of each is reported, with the CPU time a patch costs all the
+processes of the route together (`cpu_seconds`: the work, steadier than the rates on a shared VM). It also
+times `contract.normalize_batch` on a batch inside jit (where the pipelines' compact batches become float32;
+on this CPU the "device" is the CPU).
 `--write` puts the results into the "Data pipeline" section of BENCHMARKS.md.
 
 The script runs against older code too (it only uses `open_source` and `make_dataset`), which is how the
@@ -435,31 +437,32 @@ Goals (0 / 1 / 2 workers{", before -> after" if before else ""}):
 
 
 NOTES = "\n".join(textwrap.fill(text, width=110, initial_indent="- ", subsequent_indent="  ") for text in (
-    "What changed in this round: (1) glibc's malloc mapped every patch-sized buffer afresh. Its mmap "
-    "threshold starts at 128 KiB and rises only as mapped blocks are freed, so the 4 MB buffers of a record "
-    "or a band stack were mapped, faulted in, zeroed and unmapped at every read: the riegeli reader took "
-    "16-17 ms a record in a fresh process against 2.7 ms warm, and grain's workers stayed slow (the reader "
-    "row at 1 and 2 workers above, before). The reading processes now set the thresholds once "
-    "(`crrf_jax.data.host_memory`). (2) rasterio reads the CRS of every file it opens, and GDAL built it "
-    "twice, from the GeoKeys and from the EPSG definition, to compare them: over half of each open. "
-    "`contract.GDAL_ENV` now takes the GeoKeys alone (`GTIFF_SRS_SOURCE=GEOKEYS`, the same CRS for these "
-    "files). Both apply to the raw-read and plain-read loops too, so the limits rose with the pipelines.",
-    "Earlier rounds: workers write each batch once into a shared-memory slot they reuse "
-    "(`crrf_jax.data.shm_slots`; grain's fresh segment per array costs ten times the copy, the hand-over "
-    "line above), and the flips and rotations run in the jitted step (`contract.FLIP_ROTATE`), so the host "
-    "batches crops as read instead of copying rotated views.",
-    "What is left: with 2 workers on 2 cores the pipeline ran at 64-71 % of a loop over its own source in "
-    "these runs, and single 2-worker runs spread from about 200 to 300 patches/s. The main process uses 3-5 "
-    "% of a core there (rusage), and 1, 2 or 4 read threads a worker made no difference beyond that spread. "
-    "Opening the four files is still about 40 % of a patch's read (about 0.6 ms of rasterio's set-up a file, "
-    "the CRS included). This VM's speed drifts by 2x within minutes, so figures are the best of interleaved "
-    "runs.",
-    "The ArrayRecord route is bounded by the riegeli reader: about 2-3 ms for a 4 MB uncompressed record "
-    "that one `pread` reads in 0.5 ms (it copies the chunk and checks its hash, then Python copies the "
-    "record). Neither of its goals can hold on this reader, and 80 % of a plain read cannot hold for any "
-    "pipeline that copies each record once into a batch, which costs as much as the read. On an accelerator "
-    "the normalisation and the transforms fuse into the step's first operations; on this CPU the 'device' is "
-    "the same two cores.",
+    "What changed in this round: grain's `shuffle` computes every element's position with a keyed bijection "
+    "whose cost grows as the dataset shrinks: 0.4 ms an element at 64 elements (this benchmark), 0.9 ms at "
+    "32, 28 us at 1024, 5 us from 16k up (`index_shuffle` timed alone). The training pipelines and the latent "
+    "cache now shuffle with `crrf_jax.data.epoch_shuffle`, one permutation drawn per epoch and looked up "
+    "(about 3 us an element at any size). The CPU table is new too: CPU time of all the route's processes "
+    "(at the kernel's 10 ms tick, so the fastest rows are coarse).",
+    "Earlier rounds: the reading processes keep their patch-sized buffers (`crrf_jax.data.host_memory`: "
+    "glibc's malloc mapped, faulted in, zeroed and unmapped each of them at every read, which made the riegeli "
+    "reader 5x slower in grain's workers); GeoTIFF opens take the CRS from the GeoKeys alone "
+    "(`GTIFF_SRS_SOURCE=GEOKEYS`: GDAL built it twice per open); workers write each batch once into a "
+    "shared-memory slot they reuse (`crrf_jax.data.shm_slots`; grain's fresh segment per array costs ten "
+    "times the copy, the hand-over line above); the flips and rotations run in the jitted step "
+    "(`contract.FLIP_ROTATE`), so the host batches crops as read instead of copying rotated views.",
+    "What is left on the GeoTIFF route: in this process the pipeline reads with 2 threads, and for GeoTIFFs "
+    "they cost CPU without saving time (rasterio takes and drops the GIL around each GDAL call): a "
+    "patch's CPU time roughly doubles against the plain loop over its source, in the CPU table's 0-worker "
+    "column. With worker processes each worker reads, and the goal holds there. Opening the four files is "
+    "about 40 % of a patch's read (about 0.6 ms of rasterio's set-up a file). This VM's speed drifts by 2x "
+    "within minutes, so rates are the best of interleaved runs.",
+    "The ArrayRecord route is bounded by the riegeli reader: about 1.2-3 ms for a 4 MB uncompressed record "
+    "that one `pread` reads in 0.25-0.5 ms. Profiled (py-spy --native on a loop of reads): 29 % checking the "
+    "chunk's HighwayHash, about half copying (the chunk out of the file, the record out of the chunk, into a "
+    "Python bytes), 14 % the read itself. Neither of its goals can hold on this reader, and 80 % of a plain "
+    "read cannot hold for any pipeline that copies each record once into a batch, which costs as much as the "
+    "read. On an accelerator the normalisation and the transforms fuse into the step's first operations; on "
+    "this CPU the 'device' is the same two cores.",
 ))
 
 

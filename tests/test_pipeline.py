@@ -171,6 +171,14 @@ def test_training_batches_shuffle_repeat_and_seed(data):
     assert list(np.concatenate([b["id"] for b in other_seed])) != list(epoch1)
 
 
+def test_read_threads_change_the_speed_not_the_batches(data):
+    """Reading threads ahead of the consumer keep the stream's order: crops, flips and order as with one."""
+    kwargs = _kwargs(data, batch_size=4, shuffle=True, num_epochs=None, crop_size=16, augment=True)
+    one = _take(iter(pipeline.make_dataset(**kwargs, read_threads=1)), 7)
+    _assert_same_batches(one, _take(iter(pipeline.make_dataset(**kwargs, read_threads=3)), 7))
+    _assert_same_batches(one, _take(iter(pipeline.make_dataset(**kwargs, read_threads=0)), 7))
+
+
 def test_a_cached_pipeline_reads_each_file_once_and_gives_the_same_batches(data, tmp_path):
     """data.cache: after the first epoch the samples come from memory; the batches (crops, flips, order) are
     the uncached pipeline's, and later epochs go on when the files are gone."""

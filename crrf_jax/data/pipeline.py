@@ -834,7 +834,7 @@ def make_dataset(
     drop_remainder: bool | None = None,
     worker_count: int = 0,
     worker_buffer_size: int = 2,
-    read_threads: int = 2,
+    read_threads: int = 1,
     process_index: int | None = None,
     process_count: int | None = None,
     on_error: str = "raise",
@@ -856,7 +856,11 @@ def make_dataset(
       num_epochs: None repeats forever.
       drop_remainder: default True when training (shuffle or repeating), False for an evaluation pass, which
         then pads the last batch (mask False) and shards so that every process makes as many batches.
-      worker_count: grain worker processes (0: read in this process with read_threads threads).
+      worker_count: grain worker processes (0: read in this process).
+      read_threads: threads reading in each reading process (this one without workers, every worker with
+        them), ahead of the consumer. One by default: on local files more threads cost CPU and gain nothing,
+        since rasterio holds the GIL between GDAL's calls (BENCHMARKS.md, "Data pipeline"); more can hide
+        the latency of network storage.
       process_index, process_count: this process's shard (default: jax.process_index() / process_count()).
       on_error: "raise" (a DataError naming the file) or "skip" (logged and counted, see the module docs).
       cloud_prob_dir: cloud-probability cache of the geotiff source (default root; train.py fills it first).
