@@ -441,8 +441,11 @@ NOTES = "\n".join(textwrap.fill(text, width=110, initial_indent="- ", subsequent
     "whose cost grows as the dataset shrinks: 0.4 ms an element at 64 elements (this benchmark), 0.9 ms at "
     "32, 28 us at 1024, 5 us from 16k up (`index_shuffle` timed alone). The training pipelines and the latent "
     "cache now shuffle with `crrf_jax.data.epoch_shuffle`, one permutation drawn per epoch and looked up "
-    "(about 3 us an element at any size). The CPU table is new too: CPU time of all the route's processes "
-    "(at the kernel's 10 ms tick, so the fastest rows are coarse).",
+    "(about 3 us an element at any size). And each reading process reads with one thread by default "
+    "(`read_threads`, was 2): for GeoTIFFs a second thread adds CPU time without saving wall time, since "
+    "rasterio holds the GIL between GDAL's calls; for the ArrayRecord source the two tie on wall time. The "
+    "CPU table is new too: CPU time of all the route's processes (at the kernel's 10 ms tick, so the "
+    "fastest rows are coarse).",
     "Earlier rounds: the reading processes keep their patch-sized buffers (`crrf_jax.data.host_memory`: "
     "glibc's malloc mapped, faulted in, zeroed and unmapped each of them at every read, which made the riegeli "
     "reader 5x slower in grain's workers); GeoTIFF opens take the CRS from the GeoKeys alone "
@@ -450,12 +453,12 @@ NOTES = "\n".join(textwrap.fill(text, width=110, initial_indent="- ", subsequent
     "shared-memory slot they reuse (`crrf_jax.data.shm_slots`; grain's fresh segment per array costs ten "
     "times the copy, the hand-over line above); the flips and rotations run in the jitted step "
     "(`contract.FLIP_ROTATE`), so the host batches crops as read instead of copying rotated views.",
-    "What is left on the GeoTIFF route: in this process the pipeline reads with 2 threads, and for GeoTIFFs "
-    "they cost CPU without saving time (rasterio takes and drops the GIL around each GDAL call): a "
-    "patch's CPU time roughly doubles against the plain loop over its source, in the CPU table's 0-worker "
-    "column. With worker processes each worker reads, and the goal holds there. Opening the four files is "
-    "about 40 % of a patch's read (about 0.6 ms of rasterio's set-up a file). This VM's speed drifts by 2x "
-    "within minutes, so rates are the best of interleaved runs.",
+    "What is left on the GeoTIFF route: the pipeline still costs 1-2 CPU ms a patch over the plain loop "
+    "over its source (the batch copy, about 0.35 ms for 4 MB, grain's per-element machinery and the "
+    "reading thread's hand-over). Opening the four files is about 40 % of a patch's read (about 0.6 ms of "
+    "rasterio's set-up a file). This VM's speed drifts by 2x within minutes: the same code's share of the "
+    "raw reads moved by 20 points between two sets of runs, so rates are the best of interleaved runs and "
+    "one set meeting the goal is not proof that every set will.",
     "The ArrayRecord route is bounded by the riegeli reader: about 1.2-3 ms for a 4 MB uncompressed record "
     "that one `pread` reads in 0.25-0.5 ms. Profiled (py-spy --native on a loop of reads): 29 % checking the "
     "chunk's HighwayHash, about half copying (the chunk out of the file, the record out of the chunk, into a "
@@ -481,7 +484,8 @@ def cpu_table(run: dict, before: dict | None) -> str:
     return f"""
 CPU milliseconds a patch, all the route's processes together (the main one and its pool or workers; user +
 system time from /proc, the least of the rounds){", before -> after" if old else ""}. CPU time leaves out the
-time other guests of this VM held its cores, so this is the work a patch costs, steadier than the rates:
+time other guests of this VM held its cores, so it tells the work a patch costs apart from waiting; it still
+moves with the VM's load (a vCPU whose physical core is shared runs slower and counts its time all the same):
 
 | route | 0 workers | 1 worker | 2 workers |
 | --- | ---: | ---: | ---: |

@@ -856,11 +856,8 @@ def make_dataset(
       num_epochs: None repeats forever.
       drop_remainder: default True when training (shuffle or repeating), False for an evaluation pass, which
         then pads the last batch (mask False) and shards so that every process makes as many batches.
-      worker_count: grain worker processes (0: read in this process).
-      read_threads: threads reading in each reading process (this one without workers, every worker with
-        them), ahead of the consumer. One by default: on local files more threads cost CPU and gain nothing,
-        since rasterio holds the GIL between GDAL's calls (BENCHMARKS.md, "Data pipeline"); more can hide
-        the latency of network storage.
+      worker_count: grain worker processes (0: read in this process). read_threads: threads reading ahead in
+        each reading process; more than one only hide network storage's latency (BENCHMARKS.md, Data pipeline).
       process_index, process_count: this process's shard (default: jax.process_index() / process_count()).
       on_error: "raise" (a DataError naming the file) or "skip" (logged and counted, see the module docs).
       cloud_prob_dir: cloud-probability cache of the geotiff source (default root; train.py fills it first).
