@@ -179,6 +179,28 @@ def test_read_threads_change_the_speed_not_the_batches(data):
     _assert_same_batches(one, _take(iter(pipeline.make_dataset(**kwargs, read_threads=0)), 7))
 
 
+def test_a_state_from_another_shuffle_is_restored_with_a_warning(data, caplog):
+    """A shuffled run's state names its order; one written before `epoch_shuffle` (no name) restores, with a
+    warning that the rest of that epoch follows the new order. Evaluation passes (no shuffle) do not warn."""
+    kwargs = _kwargs(data, batch_size=4, shuffle=True, num_epochs=None)
+    first = iter(pipeline.make_dataset(**kwargs))
+    _take(first, 2)
+    state = first.get_state()
+    assert state["shuffle"] == pipeline.SHUFFLE_ORDER
+    with caplog.at_level(logging.WARNING, logger="crrf_jax.data.pipeline"):
+        iter(pipeline.make_dataset(**kwargs)).set_state(state)
+        assert not caplog.records
+        old = {k: v for k, v in state.items() if k != "shuffle"}
+        resumed = iter(pipeline.make_dataset(**kwargs))
+        resumed.set_state(old)
+        assert "another shuffle" in caplog.text and "before crrf_jax's epoch_shuffle" in caplog.text
+        _assert_same_batches(_take(first, 2), _take(resumed, 2))  # positions restored; this run's order
+        caplog.clear()
+        evaluation = iter(pipeline.eval_dataset(**_kwargs(data)))
+        evaluation.set_state({k: v for k, v in evaluation.get_state().items() if k != "shuffle"})
+        assert not caplog.records
+
+
 def test_a_cached_pipeline_reads_each_file_once_and_gives_the_same_batches(data, tmp_path):
     """data.cache: after the first epoch the samples come from memory; the batches (crops, flips, order) are
     the uncached pipeline's, and later epochs go on when the files are gone."""

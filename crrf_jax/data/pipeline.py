@@ -87,6 +87,7 @@ from crrf_jax.data.sen12mscr import BadSampleLog, Triplet
 logger = logging.getLogger(__name__)
 
 _BAD = "_bad"  # key of a bad-sample marker: (id, path, reason)
+SHUFFLE_ORDER = "epoch_shuffle/1"  # the iterator state's name for the order `EpochShuffle` draws
 _SKIPPED = "_skipped"  # batch key carrying the markers met while assembling it
 
 
@@ -712,21 +713,24 @@ class _CountBadSamples(grain.IterDataset):
     def __init__(self, parent: grain.IterDataset, to_float32: bool):
         super().__init__(parent)
         self.to_float32 = to_float32
+        self.shuffled = False  # set by make_dataset
 
     def __iter__(self) -> PipelineIterator:
-        return PipelineIterator(self._parent.__iter__(), self.to_float32)
+        return PipelineIterator(self._parent.__iter__(), self.to_float32, self.shuffled)
 
 
 class PipelineIterator(grain.DatasetIterator):
     """Iterator over batches; checkpointable with `get_state()` / `set_state()` (JSON-serialisable dicts).
 
     `bad_samples`: a BadSampleLog of the samples skipped since this iterator was made;
-    `bad_sample_count`: all skipped so far, including before a restore.
+    `bad_sample_count`: all skipped so far, including before a restore. The state names the shuffle's order
+    (`SHUFFLE_ORDER`); a shuffled pipeline restored from a state without it (written before `epoch_shuffle`)
+    warns that the rest of that epoch follows another order.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, to_float32: bool = False):
+    def __init__(self, parent: grain.DatasetIterator, to_float32: bool = False, shuffled: bool = False):
         super().__init__(parent)
-        self.to_float32 = to_float32
+        self.to_float32, self.shuffled = to_float32, shuffled
         self.bad_samples = BadSampleLog(logger)
         self._skipped_before = 0
         self._slots = shm_slots.SlotReader()  # batches in the grain workers' reused shared memory
@@ -745,9 +749,16 @@ class PipelineIterator(grain.DatasetIterator):
         return contract.normalize_batch(batch, np) if self.to_float32 else batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"pipeline": self._parent.get_state(), "bad_sample_count": self.bad_sample_count}
+        return {"pipeline": self._parent.get_state(), "bad_sample_count": self.bad_sample_count,
+                "shuffle": SHUFFLE_ORDER}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        if self.shuffled and state.get("shuffle") != SHUFFLE_ORDER:
+            logger.warning(
+                "restoring a data-iterator state written with another shuffle (%s, not %s): the rest of its "
+                "epoch follows this pipeline's order, so some of that epoch's samples come twice and others "
+                "not until the next epoch", state.get("shuffle", "grain's, before crrf_jax's epoch_shuffle"),
+                SHUFFLE_ORDER)
         self._parent.set_state(state["pipeline"])
         self.bad_samples = BadSampleLog(logger)
         self._skipped_before = int(state.get("bad_sample_count", 0))
@@ -856,8 +867,8 @@ def make_dataset(
       num_epochs: None repeats forever.
       drop_remainder: default True when training (shuffle or repeating), False for an evaluation pass, which
         then pads the last batch (mask False) and shards so that every process makes as many batches.
-      worker_count: grain worker processes (0: read in this process). read_threads: threads reading ahead in
-        each reading process; more than one only hide network storage's latency (BENCHMARKS.md, Data pipeline).
+      worker_count: grain worker processes (0: read in this process). read_threads: threads reading ahead
+        in each reading process; more than one only hide network storage's latency (BENCHMARKS.md).
       process_index, process_count: this process's shard (default: jax.process_index() / process_count()).
       on_error: "raise" (a DataError naming the file) or "skip" (logged and counted, see the module docs).
       cloud_prob_dir: cloud-probability cache of the geotiff source (default root; train.py fills it first).
@@ -888,15 +899,22 @@ def make_dataset(
         )
     reader = _ShardReader(src, indices, length, on_error, cache)
     if getattr(src, "needs_rng", False):  # draws per read (SEN12MS-CR-TS train): shuffle indices, then read
-        ds = grain.MapDataset.range(length)
-        ds = EpochShuffle(ds, seed) if shuffle else ds
-        ds = ds.repeat(num_epochs) if num_epochs != 1 else ds
-        ds = ds.map_with_index(_ReadWithRng(reader, seed))
-        return _batched(ds, batch_size, crop_size, augment, False, seed, 1, drop_remainder, worker_count,
-                        worker_buffer_size, read_threads, to_float32)
-    ds = grain.MapDataset.source(reader)
-    return _batched(ds, batch_size, crop_size, augment, shuffle, seed, num_epochs, drop_remainder, worker_count,
-                    worker_buffer_size, read_threads, to_float32)
+        ds, shuffle_here, epochs = _reads_of_shuffled_indices(reader, length, shuffle, seed, num_epochs), False, 1
+    else:
+        ds, shuffle_here, epochs = grain.MapDataset.source(reader), shuffle, num_epochs
+    out = _batched(ds, batch_size, crop_size, augment, shuffle_here, seed, epochs, drop_remainder, worker_count,
+                   worker_buffer_size, read_threads, to_float32)
+    out.shuffled = shuffle
+    return out
+
+
+def _reads_of_shuffled_indices(reader: _ShardReader, length: int, shuffle: bool, seed: int, num_epochs):
+    """The element indices shuffled and repeated, then read with a generator seeded by the stream position
+    (sources that draw per read)."""
+    ds = grain.MapDataset.range(length)
+    ds = EpochShuffle(ds, seed) if shuffle else ds
+    ds = ds.repeat(num_epochs) if num_epochs != 1 else ds
+    return ds.map_with_index(_ReadWithRng(reader, seed))
 
 
 def _check_options(on_error: str, batch_size: int, crop_size: int | None, worker_count: int, num_epochs) -> None:
