@@ -8,7 +8,7 @@ was most of a batch's host time.
 
 `EpochShuffle` draws each epoch's permutation once, as a whole, and looks the elements up in it: O(n) memory
 (16 bytes an element while drawing it, 8 after: under 2 MB for SEN12MS-CR's 122k training patches) and one
-draw per epoch (about 10 ms a million elements). Like grain's, it is a MapDataset over the repeated stream:
+draw per epoch (about 0.1 s a million elements). Like grain's, it is a MapDataset over the repeated stream:
 element i of the stream is element `perm_e[i mod n] + e n` of the parent, e = i div n the epoch, so every
 epoch visits every element once in its own order, random access stays O(1) and a checkpointed position
 restores exactly.

@@ -87,8 +87,8 @@ from crrf_jax.data.sen12mscr import BadSampleLog, Triplet
 logger = logging.getLogger(__name__)
 
 _BAD = "_bad"  # key of a bad-sample marker: (id, path, reason)
-SHUFFLE_ORDER = "epoch_shuffle/1"  # the iterator state's name for the order `EpochShuffle` draws
 _SKIPPED = "_skipped"  # batch key carrying the markers met while assembling it
+SHUFFLE_ORDER = "epoch_shuffle/1"  # the iterator state's name for the order `EpochShuffle` draws
 
 
 # ---------------------------------------------------------------------------------------------------- sources
