@@ -15,9 +15,9 @@ Measures patches/s, after a warm-up pass (files in the page cache), for
 - arrayrecord: `make_dataset(source="tfds")`: the TFDS ArrayRecord source, shuffle, flips/rotations, batching;
 each in this process (0) and with 1 and 2 worker processes (loops: a process pool of that size). Rounds
 interleave all measurements and the best of each is reported, with the CPU time a patch costs all the
-processes of the route together (`cpu_seconds`: the work, steadier than the rates on a shared VM). It also
-times `contract.normalize_batch` on a batch inside jit (where the pipelines' compact batches become float32;
-on this CPU the "device" is the CPU).
+processes of the route together (`cpu_seconds`: the work, without the time other guests held the cores). It
+also times `contract.normalize_batch` on a batch inside jit (where the pipelines' compact batches become
+float32; on this CPU the "device" is the CPU).
 `--write` puts the results into the "Data pipeline" section of BENCHMARKS.md.
 
 The script runs against older code too (it only uses `open_source` and `make_dataset`), which is how the
@@ -112,7 +112,7 @@ def _init(files: list[list[str]], root: str, records: list | None = None, data_d
 def cpu_seconds() -> float:
     """CPU time (user + system) of this process and its live descendants (pool or grain worker processes),
     from Linux's /proc; NaN elsewhere. Unlike wall time it leaves out the time this VM's cores were taken
-    by other guests, so it measures the work a patch costs."""
+    by other guests (it still moves with their load: a shared physical core runs slower)."""
     tick = os.sysconf("SC_CLK_TCK")
     try:
         entries = [d for d in os.listdir("/proc") if d.isdigit()]
@@ -378,11 +378,7 @@ def section(run: dict, before: dict | None, command: str, n: int, args) -> str:
     """The "Data pipeline" section of BENCHMARKS.md: this run, beside a `--before` run when given."""
     after = run["results"]
 
-    def cell(key: str) -> str:
-        now = f"{after[key]:.1f}"
-        return f"{before['results'][key]:.1f} -> {now}" if before else now
-
-    rows = "\n".join(f"| {label} | {cell(f'{k}/0')} | {cell(f'{k}/1')} | {cell(f'{k}/2')} |" for k, label in ROUTES)
+    rows = route_rows(after, before["results"] if before else None, ".1f")
     cpu_rows = cpu_table(run, before)
     now = ratios(after)
     old = ratios(before["results"]) if before else None
@@ -439,16 +435,16 @@ Goals (0 / 1 / 2 workers{", before -> after" if before else ""}):
 NOTES = "\n".join(textwrap.fill(text, width=110, initial_indent="- ", subsequent_indent="  ") for text in (
     "What changed in this round: grain's `shuffle` computes every element's position with a keyed bijection "
     "whose cost grows as the dataset shrinks: 0.4 ms an element at 64 elements (this benchmark), 0.9 ms at "
-    "32, 28 us at 1024, 5 us from 16k up (`index_shuffle` timed alone). The training pipelines and the latent "
-    "cache now shuffle with `crrf_jax.data.epoch_shuffle`, one permutation drawn per epoch and looked up "
+    "32, 28 us at 1024, 5 us from 16k up (`index_shuffle` timed alone). The training pipelines and the "
+    "latent cache now shuffle with `crrf_jax.data.epoch_shuffle`, one permutation drawn per epoch and looked up "
     "(about 3 us an element at any size). And each reading process reads with one thread by default "
     "(`read_threads`, was 2): for GeoTIFFs a second thread adds CPU time without saving wall time, since "
     "rasterio holds the GIL between GDAL's calls; for the ArrayRecord source the two tie on wall time. The "
     "CPU table is new too: CPU time of all the route's processes (at the kernel's 10 ms tick, so the "
     "fastest rows are coarse).",
     "Earlier rounds: the reading processes keep their patch-sized buffers (`crrf_jax.data.host_memory`: "
-    "glibc's malloc mapped, faulted in, zeroed and unmapped each of them at every read, which made the riegeli "
-    "reader 5x slower in grain's workers); GeoTIFF opens take the CRS from the GeoKeys alone "
+    "glibc's malloc mapped, faulted in, zeroed and unmapped each of them at every read, which made the "
+    "riegeli reader 5x slower in grain's workers); GeoTIFF opens take the CRS from the GeoKeys alone "
     "(`GTIFF_SRS_SOURCE=GEOKEYS`: GDAL built it twice per open); workers write each batch once into a "
     "shared-memory slot they reuse (`crrf_jax.data.shm_slots`; grain's fresh segment per array costs ten "
     "times the copy, the hand-over line above); the flips and rotations run in the jitted step "
@@ -469,18 +465,22 @@ NOTES = "\n".join(textwrap.fill(text, width=110, initial_indent="- ", subsequent
 ))
 
 
+def route_rows(now: dict, old: dict | None, fmt: str) -> str:
+    """The table rows of ROUTES at 0 / 1 / 2 workers: each figure of `now` (`old -> now` with `old`)."""
+    def cell(key: str) -> str:
+        return f"{old[key]:{fmt}} -> {now[key]:{fmt}}" if old else format(now[key], fmt)
+
+    return "\n".join(f"| {label} | " + " | ".join(cell(f"{k}/{w}") for w in (0, 1, 2)) + " |"
+                     for k, label in ROUTES)
+
+
 def cpu_table(run: dict, before: dict | None) -> str:
     """The CPU time a patch costs on each route, all its processes together (`cpu_seconds`); "" for runs
     without it."""
     if "cpu_ms" not in run:
         return ""
     old = before.get("cpu_ms") if before else None
-
-    def cell(key: str) -> str:
-        now = f"{run['cpu_ms'][key]:.2f}"
-        return f"{old[key]:.2f} -> {now}" if old else now
-
-    rows = "\n".join(f"| {label} | {cell(f'{k}/0')} | {cell(f'{k}/1')} | {cell(f'{k}/2')} |" for k, label in ROUTES)
+    rows = route_rows(run["cpu_ms"], old, ".2f")
     return f"""
 CPU milliseconds a patch, all the route's processes together (the main one and its pool or workers; user +
 system time from /proc, the least of the rounds){", before -> after" if old else ""}. CPU time leaves out the

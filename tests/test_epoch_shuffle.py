@@ -1,4 +1,4 @@
-"""epoch_shuffle.EpochShuffle: every epoch a uniform permutation of its own, random access, threads, pickling."""
+"""epoch_shuffle.EpochShuffle: each epoch a uniform permutation of its own; access, threads, pickling."""
 
 import collections
 import pickle
