@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import common
@@ -141,3 +142,46 @@ def test_a_compact_batch_is_normalised_first_inside_the_step():
     (a, trace_a), (b, trace_b) = _run(_optim(), [compact]), _run(_optim(), [floats])
     assert trace_a[0]["loss"] == trace_b[0]["loss"]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(a.params), jax.device_get(b.params))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_the_donated_step_applies_optax_and_the_ema_and_a_skipped_one_keeps_the_state(backend, monkeypatch):
+    """train.py's compiled step (explicit shardings, state donated: XLA updates it in place): a finite step is
+    optax's update of the loss's gradients with the EMA of the new weights, computed here independently; a
+    non-finite step after it leaves weights, moments and EMA bit for bit as they were. Both forms of the
+    guard: CPU's branch and the select traced for accelerators (`train_lib._apply_if`)."""
+    monkeypatch.setattr(train_lib.jax, "default_backend", lambda: backend)
+    from flax import nnx
+
+    from crrf_jax import parallel
+
+    cfg = _optim()
+    tx = train_lib.make_optimizer(cfg)
+    step_cfg = train_lib.StepConfig.from_config(cfg)
+    mesh = parallel.make_mesh({"data": -1})
+    state = train_lib.init_train_state(lambda: build.cloud_removal_flux(common.model_config("tiny")), tx, mesh)
+    good = _batch(0)
+    batch_shardings = {k: parallel.batch_sharding(mesh, v.ndim) for k, v in good.items()}
+    step = train_lib.compile_step(functools.partial(train_lib.train_step, loss_fn=_loss, tx=tx, cfg=step_cfg),
+                                  train_lib.train_state_shardings(state, tx, mesh), batch_shardings, None, mesh)
+
+    objective = lambda p: _loss(nnx.merge(state.graphdef, p, state.rest), good, None, None)[0]  # noqa: E731
+    grads = jax.grad(objective)(state.params)
+    updates, want_opt = tx.update(grads, state.opt_state, state.params)
+    want_params = jax.device_get(optax.apply_updates(state.params, updates))
+    want_ema = jax.tree.map(lambda e, p: step_cfg.ema_decay * e + (1 - step_cfg.ema_decay) * p,
+                            jax.device_get(state.ema), want_params)
+    want_opt = jax.device_get(want_opt)
+
+    state, metrics = step(state, good, jax.random.key(0), None)
+    assert metrics["skipped"] == 0.0
+    got = jax.device_get((state.params, state.opt_state, state.ema))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves((want_params, want_opt, want_ema))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+    state, metrics = step(state, _poisoned(good), jax.random.key(0), None)
+    assert metrics["skipped"] == 1.0
+    for a, b in zip(jax.tree.leaves(jax.device_get((state.params, state.opt_state, state.ema))),
+                    jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(state.updates) == 1 and int(state.guard.consecutive) == 1
