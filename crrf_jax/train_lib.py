@@ -171,14 +171,10 @@ def train_step(
     guard = state.guard
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     apply = finite & (guard.halted_at == 0)
-
-    def update(params, opt_state, ema):
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * p, ema, params)
-        return params, opt_state, ema
-
-    params, opt_state, ema = _apply_if(apply, update, state.params, state.opt_state, state.ema)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * p, state.ema, params)
+    keep = functools.partial(_select, apply)
     consecutive = jnp.where(finite, 0, guard.consecutive + 1)
     halt = (guard.halted_at == 0) & (consecutive >= cfg.max_bad_steps) if cfg.max_bad_steps else False
     guard = Guard(
@@ -191,28 +187,17 @@ def train_step(
         metrics["lr"] = jnp.asarray(cfg.schedule(state.updates), jnp.float32)
     new = state.replace(
         step=state.step + 1,
-        params=params,
-        opt_state=opt_state,
-        ema=ema,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        ema=keep(ema, state.ema),
         updates=state.updates + apply.astype(jnp.int32),
         guard=guard,
     )
     return new, metrics
 
 
-
-
-def _apply_if(pred: jax.Array, update, *trees):
-    """update(*trees) where `pred`, else the trees unchanged.
-
-    On CPU a branch (lax.cond): XLA then updates each donated weight, moment and EMA in place, where a select
-    of new and old trees keeps both alive and copies the state (the base model's update phase took 0.52-0.58 s
-    as a select and 0.36-0.39 s as a branch, BENCHMARKS.md "Train step"). Elsewhere a select, which XLA fuses
-    on GPU and TPU, while a GPU conditional would make the host wait for its predicate inside every step.
-    """
-    if jax.default_backend() == "cpu":
-        return jax.lax.cond(pred, update, lambda *unchanged: unchanged, *trees)
-    return jax.tree.map(lambda new, old: jnp.where(pred, new, old), update(*trees), trees)
+def _select(pred: jax.Array, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
 def _gradients(state: TrainState, batch: Batch, rng: jax.Array, frozen, loss_fn: LossFn, micro_batches: int):
