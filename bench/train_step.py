@@ -2,7 +2,8 @@
 
     python bench/train_step.py [--variants tiny,base] [--size 256] [--batch 0] [--steps 3] [--dtype auto]
                                [--remat none] [--sides jax,torch] [--no-torch] [--feed-steps 0]
-                               [--feed-workers 0] [--peak-tflops 0] [--section "Train step"] [--write]
+                               [--feed-workers 0] [--profile] [--peak-tflops 0] [--section "Train step"]
+                               [--write]
 
 The step is the rectified-flow training step of the transformer on latents (no VAE): a 256x256 patch is a
 32x32 latent, i.e. 256 noisy-target tokens + 256 cloudy tokens in the image stream and 256 SAR tokens in the
@@ -18,6 +19,9 @@ backward, clip the gradient norm to 1, one AdamW update and one EMA update.
 - torch_compile (`--sides jax,torch,torch_compile`): the same model wrapped in `torch.compile` (default mode);
   its compile happens in two warm-up steps, counted in setup. bench/gpu.sh runs it in its own process under a
   timeout, since a compile can outlast a benchmark's time.
+
+--profile traces one JAX step after the timed ones (`profile_jax`): its time by XLA op kind, and the page
+faults and system CPU time of a step, which is where the CPU step's time beyond its matmuls goes.
 
 --feed-steps N adds the feed test: N JAX steps fed from the flow stage's own grain pipeline
 (`latent_cache.iterator` over a synthetic latent cache written in its format, --feed-workers processes) the way
@@ -176,7 +180,8 @@ def _jax_step(variant: str, dtype: str, remat: str, host: dict[str, np.ndarray])
     return compiled, state, batch_shardings, init_s, time.perf_counter() - t0
 
 
-def bench_jax(variant: str, size: int, batch: int, steps: int, dtype: str, remat: str) -> dict:
+def bench_jax(variant: str, size: int, batch: int, steps: int, dtype: str, remat: str,
+              profile: bool = False) -> dict:
     host = latent_batch(batch, size)
     t0 = time.perf_counter()
     compiled, state, batch_shardings, init_s, compile_s = _jax_step(variant, dtype, remat, host)
@@ -194,8 +199,44 @@ def bench_jax(variant: str, size: int, batch: int, steps: int, dtype: str, remat
         jax.block_until_ready(out["loss"])
 
     median, best = time_steps(one, steps)
+    prof = profile_jax(compiled, holder["state"], data, jax.random.fold_in(rng, 0)) if profile else None
     return {"median_s": median, "best_s": best, "setup_s": setup_s, "init_s": init_s, "compile_s": compile_s,
-            "xla_flops": xla_flops}
+            "xla_flops": xla_flops, "profile": prof}
+
+
+def profile_jax(compiled, state, data, rng) -> dict:
+    """Where one JAX step's time goes: a jax.profiler trace of one step, its XLA thunks (CPU) or kernels
+    summed by op kind (the HLO name up to its first '.': `ynn_fusion` = XLA CPU's matmul fusions,
+    `wrapped_broadcast` = buffers filled with a constant, `dynamic-slice...` / `...dynamic-update-slice...` =
+    the scanned blocks' per-layer weights and gradients, `copy...` = copies), and the wall time, minor page
+    faults and user / system CPU seconds of the untraced step before it (getrusage)."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import resource
+    import tempfile
+
+    wrappers = ("ThunkExecutor::", "SlinkyThreadPool::", "PjitFunction(", "$")
+    with tempfile.TemporaryDirectory() as tmp:
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        state, out = compiled(state, data, rng, None)  # untraced: its faults and CPU time
+        jax.block_until_ready(out)
+        wall = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+        state, out = compiled(state, data, rng, None)
+        jax.block_until_ready(out)
+        jax.profiler.stop_trace()
+        trace = json.load(gzip.open(glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)[0]))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    kinds = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and not e["name"].startswith(wrappers):
+            kinds[e["name"].split(".")[0]] += e.get("dur", 0) / 1e6
+    return {"kinds": kinds.most_common(), "wall_s": wall, "minflt": r1.ru_minflt - r0.ru_minflt,
+            "sys_s": r1.ru_stime - r0.ru_stime, "user_s": r1.ru_utime - r0.ru_utime}
 
 
 def write_latent_cache(directory: str, n: int, size: int, seed: int = 0) -> str:
@@ -369,6 +410,8 @@ def main() -> None:
     parser.add_argument("--feed-steps", type=int, default=0,
                         help="also time this many JAX steps fed from the grain latent pipeline (0: off)")
     parser.add_argument("--feed-workers", type=int, default=0, help="grain worker processes of the feed test")
+    parser.add_argument("--profile", action="store_true",
+                        help="also trace one JAX step: its time by XLA op kind, page faults, system CPU")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak per device (0: look up)")
     parser.add_argument("--section", default="Train step", help="BENCHMARKS.md section to write")
     parser.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
@@ -392,7 +435,8 @@ def main() -> None:
         results = {}
         for side in sides:
             if side == "jax":
-                results[side] = bench_jax(variant, args.size, batch, args.steps, dtype, args.remat)
+                results[side] = bench_jax(variant, args.size, batch, args.steps, dtype, args.remat,
+                                          args.profile)
             else:
                 results[side] = bench_torch(cfg, args.size, batch, args.steps, not on_cpu,
                                             compile_=side == "torch_compile")
@@ -463,6 +507,24 @@ def main() -> None:
               for s in ("torch", "torch_compile") if (v, s) in by and (v, "jax") in by]
     if ratios:
         lines += ["", "JAX step speed-up (torch median / JAX median): " + "; ".join(ratios) + "."]
+    for r in (r for r in rows if r.get("profile")):
+        p = r["profile"]
+        total = sum(t for _, t in p["kinds"])
+        env = os.environ.get("GLIBC_TUNABLES")
+        lines += [
+            "",
+            (f"Where the {r['variant']} JAX step's time goes (`--profile`: one traced step, XLA's ops summed by "
+             f"kind over all threads, {total:.2f} s in all; the untraced step before it took {p['wall_s']:.2f} "
+             f"s, {p['minflt']} minor page faults, {p['user_s']:.2f} s user and {p['sys_s']:.2f} s system CPU; "
+             f"GLIBC_TUNABLES={env or 'unset'}):"),
+            "",
+            "| op kind | seconds | share |",
+            "| --- | ---: | ---: |",
+        ]
+        top = p["kinds"][:12]
+        lines += [f"| `{k}` | {t:.3f} | {t / total:.0%} |" for k, t in top]
+        rest = total - sum(t for _, t in top)
+        lines.append(f"| the other {len(p['kinds']) - len(top)} kinds | {rest:.3f} | {rest / total:.0%} |")
     if feeds:
         lines += [
             "",
