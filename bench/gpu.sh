@@ -10,7 +10,8 @@
 #   env        nvidia-smi, versions, carried wheels installed, JAX's devices
 #   train      bench/train_step.py: the flow train step of base and large, JAX bf16 (cuDNN attention) vs
 #              diffusers' FluxTransformer2DModel bf16 autocast, SDPA, eager; MFU against the chip's dense
-#              bf16 peak (crrf_jax.trainer.PEAK_TFLOPS); init / compile / first-step times   -> "GPU: train step"
+#              bf16 peak (crrf_jax.trainer.PEAK_TFLOPS); init / compile / first-step times; one traced
+#              step's time by op kind (--profile)                                            -> "GPU: train step"
 #   sampling   bench/sampling.py: base, tiles/s at 1, 2, 4, 8 Euler steps and batches 128, 32, 8, with the
 #              encode / transformer / decode split and compile times                            -> "GPU: sampling"
 #   feed       bench/train_step.py --feed-steps: base steps fed from the grain latent pipeline vs from a
@@ -161,7 +162,7 @@ EOF
 export -f env_check
 export dry PY
 run env "$t_env" bash -c env_check
-run train "$t_train" "$PY" bench/train_step.py "${train_args[@]}" --sides jax,torch \
+run train "$t_train" "$PY" bench/train_step.py "${train_args[@]}" --sides jax,torch --profile \
   --section "$prefix: train step" --write
 run sampling "$t_sampling" "$PY" bench/sampling.py "${sampling_args[@]}" --section "$prefix: sampling" --write
 run feed "$t_feed" "$PY" bench/train_step.py "${feed_args[@]}" --sides none --section "$prefix: step feed" \

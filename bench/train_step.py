@@ -199,7 +199,12 @@ def bench_jax(variant: str, size: int, batch: int, steps: int, dtype: str, remat
         jax.block_until_ready(out["loss"])
 
     median, best = time_steps(one, steps)
-    prof = profile_jax(compiled, holder["state"], data, jax.random.fold_in(rng, 0)) if profile else None
+    prof = None
+    if profile:
+        try:
+            prof = profile_jax(compiled, holder["state"], data, jax.random.fold_in(rng, 0))
+        except Exception as e:  # noqa: BLE001 - a profiler that cannot start (e.g. no CUPTI) loses only this
+            print(f"{variant}: --profile failed: {type(e).__name__}: {e}", flush=True)
     return {"median_s": median, "best_s": best, "setup_s": setup_s, "init_s": init_s, "compile_s": compile_s,
             "xla_flops": xla_flops, "profile": prof}
 
