@@ -105,6 +105,25 @@ def test_both_sources_give_identical_compact_batches(data):
             )
 
 
+def test_compact_tfds_reads_are_tfds_own_decoding_without_copies(data):
+    """decode=False reads the records in place (crrf_jax.data.tf_example): the same arrays TFDS decodes, as
+    read-only views of the record; a record that is not one of ours is refused with the folder named."""
+    _, data_dir = data
+    source = pipeline.TfdsSource(data_dir, "train", decode=False)
+    tfds_source = source._open()
+    for index in range(len(source)):
+        ours, theirs = source[index], tfds_source[index]
+        assert ours["id"] == theirs["id"].decode()
+        for key in contract.ARRAY_KEYS:
+            assert ours[key].dtype == theirs[key].dtype and not ours[key].flags.writeable, key
+            np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+    record = tfds_source.data_source[0]
+    for broken, reason in [(record[: len(record) // 2], "truncated"), (b"", "KeyError"),
+                           (record.replace(b"s2/shape", b"s2/shapf"), "KeyError")]:
+        with pytest.raises(contract.DataError, match=f"{data_dir}.*record 3 .*{reason}"):
+            source._parse(broken, 3)
+
+
 @pytest.mark.parametrize("source", ["geotiff", "tfds"])
 def test_device_normalisation_equals_the_host_float32_bit_for_bit(data, source):
     """The data contract moved to the device: `contract.normalize_batch` inside jit turns a compact batch into

@@ -79,6 +79,7 @@ from crrf_jax.data import (
     sen12mscr,
     sen12mscr_ts,
     shm_slots,
+    tf_example,
 )
 from crrf_jax.data.contract import ARRAY_KEYS, DataError, array_keys
 from crrf_jax.data.epoch_shuffle import EpochShuffle
@@ -197,18 +198,17 @@ class TfdsSource:
         return sample
 
     def _parse(self, record: bytes, index: int) -> dict[str, Any]:
-        """A stored record -> its arrays in their stored dtypes, read-only views of the parsed record (TFDS's
-        own decoding copies every array twice: a third of the read time). The layout is TFDS's serialisation
-        of our features: "<key>/value" raw bytes and "<key>/shape" for each array, "id" text."""
-        from tensorflow_datasets.proto import tf_example_pb2
-
+        """A stored record -> its arrays in their stored dtypes, read-only views of the record's own bytes
+        (TFDS's decoding, and protobuf's parser under it, copy every array: BENCHMARKS.md "Data pipeline").
+        The layout is TFDS's serialisation of our features: "<key>/value" raw bytes and "<key>/shape" for
+        each array, "id" text."""
         stored = _tfds_modules()[1].FEATURES  # {key: (dtype, channels)}
-        feature = tf_example_pb2.Example.FromString(record).features.feature
         try:
-            sample = {key: np.frombuffer(feature[f"{key}/value"].bytes_list.value[0], stored[key][0])
-                      .reshape(tuple(feature[f"{key}/shape"].int64_list.value)) for key in ARRAY_KEYS}
-            sample["id"] = feature["id"].bytes_list.value[0].decode()
-        except (KeyError, IndexError, ValueError) as err:
+            features = tf_example.parse_example(record)
+            sample = {key: np.frombuffer(features[f"{key}/value"].of("bytes_list")[0], stored[key][0])
+                      .reshape(tuple(features[f"{key}/shape"].of("int64_list"))) for key in ARRAY_KEYS}
+            sample["id"] = bytes(features["id"].of("bytes_list")[0]).decode()
+        except (KeyError, IndexError, ValueError) as err:  # ExampleError is a ValueError
             reason = f"record {index} of split {self.split!r} is not a sen12mscr example"
             raise DataError(self.data_dir, f"{reason} ({type(err).__name__}: {err}); rebuild the shards") from err
         return sample
