@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from crrf_jax import sampling, train_lib
 from crrf_jax.data import contract
 from crrf_jax.data.epoch_shuffle import EpochShuffle
-from crrf_jax.data.pipeline import apply_flip_rotate
+from crrf_jax.data.pipeline import PipelineIterator, apply_flip_rotate
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,8 @@ class LatentCropFlipRotate(grain.transforms.RandomMap):
 
 def iterator(directory: str, *, batch_size: int, crop_size: int, seed: int, factor: int = 8,
              augment: bool = True, worker_count: int = 0):
-    """An endless, shuffled, augmented and checkpointable iterator of cached-latent batches."""
+    """An endless, shuffled, augmented and checkpointable iterator of cached-latent batches; its state names
+    the shuffle's order, as the image pipeline's does (`pipeline.PipelineIterator`)."""
     dataset = (
         EpochShuffle(grain.MapDataset.source(LatentSource(directory)), seed)
         .repeat(None)
@@ -121,4 +122,4 @@ def iterator(directory: str, *, batch_size: int, crop_size: int, seed: int, fact
     )
     if worker_count:
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return iter(dataset)
+    return PipelineIterator(iter(dataset), shuffled=True)

@@ -724,8 +724,9 @@ class PipelineIterator(grain.DatasetIterator):
 
     `bad_samples`: a BadSampleLog of the samples skipped since this iterator was made;
     `bad_sample_count`: all skipped so far, including before a restore. The state names the shuffle's order
-    (`SHUFFLE_ORDER`); a shuffled pipeline restored from a state without it (written before `epoch_shuffle`)
-    warns that the rest of that epoch follows another order.
+    (`SHUFFLE_ORDER`); a shuffled pipeline restored from a state without it (written before `epoch_shuffle`,
+    or by the latent cache before it named its order) warns that the rest of that epoch may follow another
+    order. A bare grain state (the latent cache's, before it was wrapped in this) restores as the parent's.
     """
 
     def __init__(self, parent: grain.DatasetIterator, to_float32: bool = False, shuffled: bool = False):
@@ -754,12 +755,14 @@ class PipelineIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         if self.shuffled and state.get("shuffle") != SHUFFLE_ORDER:
+            named = state.get("shuffle")
             logger.warning(
-                "restoring a data-iterator state written with another shuffle (%s, not %s): the rest of its "
-                "epoch follows this pipeline's order, so some of that epoch's samples come twice and others "
-                "not until the next epoch", state.get("shuffle", "grain's, before crrf_jax's epoch_shuffle"),
+                "restoring a data-iterator state written with %s, not %s: the rest of its epoch follows this "
+                "pipeline's order, so some of that epoch's samples may come twice and others not until the "
+                "next epoch", f"another shuffle ({named})" if named else
+                "another shuffle or none named (code before crrf_jax's epoch_shuffle shuffled with grain's)",
                 SHUFFLE_ORDER)
-        self._parent.set_state(state["pipeline"])
+        self._parent.set_state(state["pipeline"] if "pipeline" in state else state)
         self.bad_samples = BadSampleLog(logger)
         self._skipped_before = int(state.get("bad_sample_count", 0))
 
