@@ -358,8 +358,8 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     run = {"results": {f"{k}/{w}": v for (k, w), v in results.items()},
            "cpu_ms": {f"{k}/{w}": v for (k, w), v in cpu_ms.items()}, "normalize_ms": norm_ms,
-           "handover_ms": handover, "decode_ms": decode, "dtypes": dtypes, "load": [load_before, load_after], "commit": _commit(),
-           "n": n}
+           "handover_ms": handover, "decode_ms": decode, "dtypes": dtypes, "load": [load_before, load_after],
+           "commit": _commit(), "n": n}
     if args.json:  # an existing file is merged into: best of its runs and this one (runs interleaved by hand)
         if Path(args.json).exists():
             old = json.loads(Path(args.json).read_text())
@@ -476,8 +476,9 @@ NOTES = "\n".join(textwrap.fill(text, width=110, initial_indent="- ", subsequent
     "What changed in this round: the TFDS source reads each record's tf.Example in place "
     "(`crrf_jax.data.tf_example`): protobuf's parser copied the record's 4 MB into its message and "
     "`bytes_list.value[0]` copied them again into a Python bytes, 0.6-0.7 ms a record, against 0.04 ms for "
-    "the walk over the wire format that hands out views of the record (the `decode_ms` line above). And every measurement now runs whole passes until `--min_seconds` (2 s) have gone by: one pass "
-    "over 64 patches took a few tenths of a second, short enough for one slow moment of this VM to decide a "
+    "the walk over the wire format that hands out views of the record (the `decode_ms` line above). And "
+    "every measurement now runs whole passes until `--min_seconds` (2 s) have gone by: one pass over 64 "
+    "patches took a few tenths of a second, short enough for one slow moment of this VM to decide a "
     "figure.",
     "Earlier rounds: grain's `shuffle` computed every element's position with a keyed bijection whose cost "
     "grows as the dataset shrinks (0.4 ms an element at 64 elements); the training pipelines and the latent "

@@ -11,7 +11,8 @@ It reads what protobuf's own parser reads, field for field (tests/test_tf_exampl
 (map entries: the last one for a key wins; a Feature met twice: values of one kind concatenate, a new kind
 replaces the old), packed and unpacked numeric lists both, unknown fields and known field numbers with an
 unexpected wire type skipped (a map entry holding one is skipped whole, as upb does). Groups (wire types 3
-and 4), which nothing in Example's schema uses, are refused where protobuf would skip them. A record that is not valid wire format raises `ExampleError`.
+and 4), which nothing in Example's schema uses, are refused where protobuf would skip them. A record that is
+not valid wire format raises `ExampleError`.
 
 Example -> features (1) -> feature map (1: entries of key (1) and Feature (2)); Feature -> one of bytes_list
 (1), float_list (2), int64_list (3), each a list of values (1).
