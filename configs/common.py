@@ -13,6 +13,7 @@ Sentinel-1 autoencoders (`vae_s2`, `vae_s1`) and the cloud-probability encoder (
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 VARIANTS = ("tiny", "base", "large", "flux")
 
@@ -219,7 +220,9 @@ def base_config(variant: str = "base", s2_bands=None, dataset: str = "sen12mscr"
     c.data.bands = s2_bands if s2_bands is not None else ""  # "" = all 13; "rgb"; or "B02,B03,B04,B08"
     c.data.crop_size = 256
     c.data.worker_count = 2
-    c.data.read_threads = 1  # per reading process; more only for high-latency storage (make_dataset's docs)
+    # Threads per reading process; None: one for GeoTIFFs, the process's share of the cores for ArrayRecord
+    # (pipeline.default_read_threads). More only for high-latency storage.
+    c.data.read_threads = config_dict.placeholder(int)
     c.data.on_error = "raise"  # raise | skip (bad samples are logged and counted)
     c.data.cache = False  # training samples held in memory after their first read (datasets that fit: the demo)
     c.data.compute_cloud_prob = True  # compute missing s2cloudless maps (SEN12MS-CR-TS: date coverage) first

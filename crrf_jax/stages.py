@@ -50,7 +50,7 @@ def make_input(config, split: str, batch_size: int, *, seed: int, train: bool = 
         bands=contract.resolve_bands(d.bands), batch_size=batch_size,
         crop_size=(crop_size or d.crop_size) if train else None, augment=train, shuffle=train,
         num_epochs=None if train else 1, drop_remainder=train, seed=seed, worker_count=d.worker_count,
-        read_threads=d.get("read_threads", 1),
+        read_threads=d.get("read_threads"),
         on_error=d.on_error, process_index=process_index, process_count=process_count,
         cache=train and d.get("cache", False), **pipeline.dataset_options(d),
     )

@@ -190,12 +190,25 @@ def test_training_batches_shuffle_repeat_and_seed(data):
     assert list(np.concatenate([b["id"] for b in other_seed])) != list(epoch1)
 
 
-def test_read_threads_change_the_speed_not_the_batches(data):
-    """Reading threads ahead of the consumer keep the stream's order: crops, flips and order as with one."""
-    kwargs = _kwargs(data, batch_size=4, shuffle=True, num_epochs=None, crop_size=16, augment=True)
+@pytest.mark.parametrize("source", ["geotiff", "tfds"])
+def test_read_threads_change_the_speed_not_the_batches(data, source):
+    """Reading threads ahead of the consumer keep the stream's order: crops, flips and order as with one,
+    and so does the default count."""
+    kwargs = _kwargs(data, source, batch_size=4, shuffle=True, num_epochs=None, crop_size=16, augment=True)
     one = _take(iter(pipeline.make_dataset(**kwargs, read_threads=1)), 7)
-    _assert_same_batches(one, _take(iter(pipeline.make_dataset(**kwargs, read_threads=3)), 7))
-    _assert_same_batches(one, _take(iter(pipeline.make_dataset(**kwargs, read_threads=0)), 7))
+    for threads in (3, 0, None):
+        _assert_same_batches(one, _take(iter(pipeline.make_dataset(**kwargs, read_threads=threads)), 7))
+
+
+def test_default_read_threads_share_the_cores_only_where_reads_release_the_gil(data):
+    root, data_dir = data
+    geotiff, tfds_source = pipeline.GeoTiffSource(root, "train"), pipeline.TfdsSource(data_dir, "train")
+    for workers in (0, 1, 2, 8):
+        assert pipeline.default_read_threads(geotiff, workers, cores=16) == 1  # rasterio holds the GIL
+    rule = {(0, 2): 2, (1, 2): 2, (2, 2): 1, (3, 2): 1, (0, 1): 1, (0, 16): 4, (2, 16): 4, (8, 16): 2}
+    for (workers, cores), threads in rule.items():
+        assert pipeline.default_read_threads(tfds_source, workers, cores=cores) == threads, (workers, cores)
+    assert 1 <= pipeline.default_read_threads(tfds_source, 0) <= pipeline.MAX_DEFAULT_READ_THREADS
 
 
 def test_a_state_from_another_shuffle_is_restored_with_a_warning(data, caplog):

@@ -151,6 +151,10 @@ class TfdsSource:
     process, so the source pickles cheaply into grain workers.
     """
 
+    # riegeli's reader lets go of the GIL while it reads and checks a record, and the compact parse after it
+    # is brief, so reading threads in one process read on as many cores (`default_read_threads`).
+    reads_release_gil = True
+
     def __init__(
         self,
         data_dir: str | os.PathLike,
@@ -848,7 +852,7 @@ def make_dataset(
     drop_remainder: bool | None = None,
     worker_count: int = 0,
     worker_buffer_size: int = 2,
-    read_threads: int = 1,
+    read_threads: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
     on_error: str = "raise",
@@ -871,7 +875,8 @@ def make_dataset(
       drop_remainder: default True when training (shuffle or repeating), False for an evaluation pass, which
         then pads the last batch (mask False) and shards so that every process makes as many batches.
       worker_count: grain worker processes (0: read in this process). read_threads: threads reading ahead
-        in each reading process; more than one only hide network storage's latency (BENCHMARKS.md).
+        in each reading process; None: `default_read_threads` (one for GeoTIFFs, the reading process's share
+        of the cores for ArrayRecord shards). More than that only hide network storage's latency.
       process_index, process_count: this process's shard (default: jax.process_index() / process_count()).
       on_error: "raise" (a DataError naming the file) or "skip" (logged and counted, see the module docs).
       cloud_prob_dir: cloud-probability cache of the geotiff source (default root; train.py fills it first).
@@ -901,6 +906,8 @@ def make_dataset(
             f"{src!r}: {length} samples x {num_epochs} epochs cannot fill a batch of {batch_size}"
         )
     reader = _ShardReader(src, indices, length, on_error, cache)
+    if read_threads is None:
+        read_threads = default_read_threads(src, worker_count)
     if getattr(src, "needs_rng", False):  # draws per read (SEN12MS-CR-TS train): shuffle indices, then read
         ds, shuffle_here, epochs = _reads_of_shuffled_indices(reader, length, shuffle, seed, num_epochs), False, 1
     else:
@@ -909,6 +916,25 @@ def make_dataset(
                    worker_buffer_size, read_threads, to_float32)
     out.shuffled = shuffle
     return out
+
+
+MAX_DEFAULT_READ_THREADS = 4
+
+
+def default_read_threads(source, worker_count: int, cores: int | None = None) -> int:
+    """Threads reading ahead in each reading process when `make_dataset` is not told.
+
+    One, unless the source's reads release the GIL (`reads_release_gil`: the TFDS source): then the cores each
+    reading process has to itself (all of `cores`, default this process's CPU affinity, without workers;
+    cores // worker_count with them), at most MAX_DEFAULT_READ_THREADS, so that the reading leaves the
+    training loop's own threads some room on a large host. GeoTIFF reads hold the GIL between GDAL's calls
+    (rasterio), so a second thread there only adds CPU time (BENCHMARKS.md "Data pipeline").
+    """
+    if not getattr(source, "reads_release_gil", False):
+        return 1
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_READ_THREADS, cores // max(1, worker_count)))
 
 
 def _reads_of_shuffled_indices(reader: _ShardReader, length: int, shuffle: bool, seed: int, num_epochs):
