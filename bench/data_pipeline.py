@@ -473,7 +473,14 @@ Goals (0 / 1 / 2 workers{", before -> after" if before else ""}):
 
 
 NOTES = "\n".join(textwrap.fill(text, width=110, initial_indent="- ", subsequent_indent="  ") for text in (
-    "What changed in this round: the TFDS source reads each record's tf.Example in place "
+    "What changed in this round: how many threads read ahead in each reading process, when the config "
+    "does not say (`pipeline.default_read_threads`). riegeli's reader lets go of the GIL while it reads and "
+    "checks a record (two threads on one reader: 914-921 records/s, one: 466-471, this VM, 2026-12-03), "
+    "and the in-place parse after it takes 0.04 ms, so the ArrayRecord source now reads with the cores each "
+    "reading process has to itself (2 here without workers or with one, 1 with two; at most 4). GeoTIFFs "
+    "keep one thread: rasterio holds the GIL between GDAL's calls, and a second thread there gave the same "
+    "patches/s (233-240 against 233-237 in this process, 422-432 against 412-432 with two workers).",
+    "The round before: the TFDS source reads each record's tf.Example in place "
     "(`crrf_jax.data.tf_example`): protobuf's parser copied the record's 4 MB into its message and "
     "`bytes_list.value[0]` copied them again into a Python bytes, 0.6-0.7 ms a record, against 0.04 ms for "
     "the walk over the wire format that hands out views of the record (the `decode_ms` line above). And "
@@ -483,9 +490,8 @@ NOTES = "\n".join(textwrap.fill(text, width=110, initial_indent="- ", subsequent
     "Earlier rounds: grain's `shuffle` computed every element's position with a keyed bijection whose cost "
     "grows as the dataset shrinks (0.4 ms an element at 64 elements); the training pipelines and the latent "
     "cache shuffle with `crrf_jax.data.epoch_shuffle`, one permutation drawn per epoch and looked up (about "
-    "3 us an element). Each reading process reads with one thread by default (`read_threads`, was 2): for "
-    "GeoTIFFs a second thread adds CPU time without saving wall time, since rasterio holds the GIL between "
-    "GDAL's calls. "
+    "3 us an element). GeoTIFFs are read with one thread a process (`read_threads`, was 2): a second "
+    "thread added CPU time without saving wall time. "
     "The reading processes keep their patch-sized buffers (`crrf_jax.data.host_memory`: "
     "glibc's malloc mapped, faulted in, zeroed and unmapped each of them at every read, which made the "
     "riegeli reader 5x slower in grain's workers); GeoTIFF opens take the CRS from the GeoKeys alone "
@@ -504,7 +510,8 @@ NOTES = "\n".join(textwrap.fill(text, width=110, initial_indent="- ", subsequent
     "chunk's HighwayHash, about half copying (the chunk out of the file, the record out of the chunk, into a "
     "Python bytes), 14 % the read itself. Neither of its goals can hold on this reader, and 80 % of a plain "
     "read cannot hold for any pipeline that copies each record once into a batch, which costs as much as the "
-    "read. On an accelerator the normalisation and the transforms fuse into the step's first operations; on "
+    "read. With the cores to spare, reading threads take the in-process pipeline past one reader's rate, "
+    "not the CPU a patch costs. On an accelerator the normalisation and the transforms fuse into the step's first operations; on "
     "this CPU the 'device' is the same two cores.",
 ))
 
