@@ -77,7 +77,7 @@ def main(argv) -> None:
 
     from crrf_jax import config as C
     from crrf_jax import evaluation, parallel, rundir
-    from crrf_jax.data import pipeline
+    from crrf_jax.data import sources
     from crrf_jax.inference import CloudRemover
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax's per-array INFO lines
@@ -87,14 +87,14 @@ def main(argv) -> None:
         remover = CloudRemover.from_workdir(_WORKDIR.value)
         run_config = rundir.load_run_config(_WORKDIR.value)
         root, base = _DATA_ROOT.value or run_config.data.root, _WORKDIR.value
-        options = C.eval_options(run_config) | pipeline.dataset_options(run_config.data)
+        options = C.eval_options(run_config) | sources.dataset_options(run_config.data)
         if _DATASET.value and _DATASET.value != options["dataset"]:
             raise app.UsageError(f"--dataset={_DATASET.value}: the run was trained on {options['dataset']}")
     else:
         remover = CloudRemover.from_bundle(_BUNDLE.value)
         root, base, options = _DATA_ROOT.value, _BUNDLE.value, dict(C.EVAL_DEFAULTS)
         dataset = _DATASET.value or remover.config.get("dataset", "sen12mscr")
-        fixed = pipeline.dataset_info(dataset).dates  # None: SEN12MS-CR-TS, any number of dates
+        fixed = sources.dataset_info(dataset).dates  # None: SEN12MS-CR-TS, any number of dates
         options.update(dataset=dataset, dates=remover.max_dates if fixed is None else min(fixed, remover.max_dates),
                        downsample=2 if dataset.startswith("cuhk") else 1)
     options.update({k: f.value for f, k in ((_DATES, "dates"), (_DOWNSAMPLE, "downsample")) if f.value is not None})

@@ -46,6 +46,11 @@ sys.path.insert(0, str(REPO))
 import report  # noqa: E402 (bench/report.py, beside this script)
 
 from crrf_jax.data import cloudprob, contract, pipeline, sen12mscr, synthetic
+
+try:
+    from crrf_jax.data import sources
+except ImportError:  # the code before the sources had a module of their own: the script measures it too
+    sources = pipeline
 from crrf_jax.data.tfds import build_tfds
 
 _STATE: dict = {}
@@ -104,8 +109,8 @@ def _init(files: list[list[str]], root: str, records: list | None = None, data_d
         pass
     else:
         host_memory.keep_large_buffers()
-    source = pipeline.open_source("geotiff", root=root, split="train", decode=False)
-    tfds = pipeline.open_source("tfds", data_dir=data_dir, split="train", decode=False) if data_dir else None
+    source = sources.open_source("geotiff", root=root, split="train", decode=False)
+    tfds = sources.open_source("tfds", data_dir=data_dir, split="train", decode=False) if data_dir else None
     _STATE.update(files=files, source=source, records=records or [], fds={}, tfds=tfds)
 
 
@@ -256,7 +261,7 @@ def decode_ms(data_dir: Path, records: int = 16, repeats: int = 4) -> dict[str, 
     `crrf_jax.data.tf_example`, did)."""
     from tensorflow_datasets.proto import tf_example_pb2
 
-    source = pipeline.open_source("tfds", data_dir=data_dir, split="train", decode=False)
+    source = sources.open_source("tfds", data_dir=data_dir, split="train", decode=False)
     stored = [source._open().data_source[i] for i in range(min(records, len(source)))]
 
     def with_protobuf(record: bytes) -> None:

@@ -158,7 +158,7 @@ def optim_config(*, steps: int, lr: float, batch_size: int, warmup_steps: int = 
 
 
 # The benchmarks `config.data.dataset` names: their band set (a band spec; "" = all 13), input dates per
-# sample (config.data.dates) and SAR. crrf_jax/data/pipeline.py DATASET_INFO states the same facts for the
+# sample (config.data.dates) and SAR. crrf_jax/data/sources.py DATASET_INFO states the same facts for the
 # readers (configs import no data code); tests/test_config.py checks that the two agree.
 RGBN = "B04,B03,B02,B08"  # R, G, B, NIR as Sentinel-2 names: CUHK-CR and Sen2_MTC_New
 DATASETS = {

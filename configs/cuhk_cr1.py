@@ -5,7 +5,7 @@
 `root` is the extracted archive (EMRDM's `C-CUHK`: CUHK-CR1/ and nir/CUHK-CR1/; crrf_jax/data/cuhk_cr.py
 has the layout). Splits are the archive's folders (534 train / 134 test, no validation folder); eval scores the
 test folder. As EMRDM, every 512 x 512 image is halved to 256 x 256 before training and testing
-(config.data.downsample=2: antialiased bicubic, crrf_jax/data/pipeline.py downsample_bicubic); training
+(config.data.downsample=2: antialiased bicubic, crrf_jax/data/sources.py downsample_bicubic); training
 takes the whole halved image (crop_size 256) with flips and rotations. The cloud map is the learning-free
 R, G, B, NIR score (crrf_jax/data/cloudprob.py rgbn_cloud_score): s2cloudless needs 13 bands.
 

@@ -85,10 +85,10 @@ def networks(cfg: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _cloud_score(run_config) -> dict[str, Any]:
-    """How the cloud probability the model was trained with is made (`pipeline.DatasetInfo`)."""
-    from crrf_jax.data import pipeline
+    """How the cloud probability the model was trained with is made (`sources.DatasetInfo`)."""
+    from crrf_jax.data import sources
 
-    return pipeline.dataset_info(str(run_config.data.get("dataset", "sen12mscr"))).cloud_score_config()
+    return sources.dataset_info(str(run_config.data.get("dataset", "sen12mscr"))).cloud_score_config()
 
 
 def bundle_config(run_config) -> dict[str, Any]:

@@ -19,7 +19,7 @@ def finish(config, workdir: str | os.PathLike) -> dict:
     from crrf_jax import bundle as bundle_lib
     from crrf_jax import config as C
     from crrf_jax import evaluation, parallel, rundir
-    from crrf_jax.data import pipeline, synthetic
+    from crrf_jax.data import sources, synthetic
     from crrf_jax.inference import CloudRemover
     from crrf_jax.predict import predict_scene
 
@@ -29,7 +29,7 @@ def finish(config, workdir: str | os.PathLike) -> dict:
         bundle_lib.write_bundle(parts, bundle, overwrite=True)
     rundir.sync("demo-bundle")
     remover = CloudRemover.from_bundle(bundle)
-    options = C.eval_options(config) | pipeline.dataset_options(config.data)  # the test split by default
+    options = C.eval_options(config) | sources.dataset_options(config.data)  # the test split by default
     eval_dir = rundir.eval_dir(workdir, options["split"])
     result = evaluation.evaluate(remover, root=config.data.root, out=eval_dir, **options)
     if options["dataset"] != "sen12mscr":  # the demo scene is a 13-band single-date SEN12MS-CR scene

@@ -23,7 +23,7 @@ With several processes (jax.distributed) every process calls `evaluate` alike: e
 feeds its devices' part of each batch, gets the gathered predictions back, and scores them; process 0 alone
 writes the files. The result is the one-process result.
 
-Other benchmarks (`dataset`, `crrf_jax.data.pipeline.DATASETS`): the split comes through
+Other benchmarks (`dataset`, `crrf_jax.data.sources.DATASETS`): the split comes through
 `pipeline.eval_dataset` of that dataset, and the remover gets each batch as it comes (s2_cloudy and
 cloud_prob with their date axis T for the multi-temporal ones, s1 only where the dataset has SAR).
 Multi-temporal data is scored against its per-image least cloudy date (the date of lowest mean cloud
@@ -68,7 +68,7 @@ from crrf_jax import metrics as M
 from crrf_jax import parallel, paths, rgb_metrics
 from crrf_jax import references as R
 from crrf_jax import visualize as vis
-from crrf_jax.data import contract, pipeline, sen12mscr
+from crrf_jax.data import contract, pipeline, sen12mscr, sources
 
 log = logging.getLogger(__name__)
 
@@ -204,13 +204,13 @@ def evaluate(
     Beyond the data and sampling settings: `references` also scores the learning-free references;
     `use_sar=False` runs the SAR-absent mode and `zero_cloud_prob` feeds the model a zero cloud map (ablations;
     the real map still decides which pixels are cloudy); `write_examples` draws the example grids (a second
-    pass); `dataset`, `dates`, `downsample` pick the benchmark (`pipeline.dataset_options(config.data)`);
+    pass); `dataset`, `dates`, `downsample` pick the benchmark (`sources.dataset_options(config.data)`);
     `metric_set`, `lpips_weights`: `metric_scorer`; `**predict_options` go to `remover.predict_tiles`
     (`output=`, `drop_cloudy=`, `keep_clear=`) and into metrics.json.
     """
     steps = int(steps or remover.config["sampling"]["steps"])
     guidance = float(remover.config["sampling"]["guidance_scale"] if guidance_scale is None else guidance_scale)
-    info = pipeline.dataset_info(dataset)
+    info = sources.dataset_info(dataset)
     use_sar = use_sar and info.has_sar and remover.use_sar(True)
     temporal = dataset in TEMPORAL_DATASETS and dates > 1
     data_options = {"dataset": dataset, "dates": dates, "downsample": downsample}
@@ -427,7 +427,7 @@ class _GeoTiffWriter:
         self.root, self.out, self.band_indices = root, out, band_indices
         self.split, self.protocol, self.options = split, protocol, data_options
         self.files: dict[str, Any] | None = None
-        if not pipeline.dataset_info(data_options["dataset"]).georeferenced:
+        if not sources.dataset_info(data_options["dataset"]).georeferenced:
             log.info("dataset %s has no georeferenced files: predictions are not written as GeoTIFFs",
                      data_options["dataset"])
             self.files = {}
@@ -437,7 +437,7 @@ class _GeoTiffWriter:
             _write_prediction(self.root, self.out, image_id, pred, self.band_indices, self.split, self.protocol)
             return
         if self.files is None:
-            src = pipeline.open_source("geotiff", root=self.root, split=self.split, **self.options)
+            src = sources.open_source("geotiff", root=self.root, split=self.split, **self.options)
             self.files = {item.id: src.reference_file(i) for i, item in enumerate(src.items)}
         if self.files.get(image_id) is not None:
             _write_geotiff(self.out, image_id, pred, self.band_indices, self.files[image_id])

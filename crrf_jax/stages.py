@@ -41,7 +41,7 @@ def make_input(config, split: str, batch_size: int, *, seed: int, train: bool = 
     Training crops are `crop_size` pixels, or `config.data.crop_size` when it is 0. `shard` (index, count)
     reads another process's shard (default: this process's, jax.process_index() of jax.process_count()).
     """
-    from crrf_jax.data import pipeline
+    from crrf_jax.data import pipeline, sources
 
     d = config.data
     process_index, process_count = shard or (None, None)
@@ -52,7 +52,7 @@ def make_input(config, split: str, batch_size: int, *, seed: int, train: bool = 
         num_epochs=None if train else 1, drop_remainder=train, seed=seed, worker_count=d.worker_count,
         read_threads=d.get("read_threads"),
         on_error=d.on_error, process_index=process_index, process_count=process_count,
-        cache=train and d.get("cache", False), **pipeline.dataset_options(d),
+        cache=train and d.get("cache", False), **sources.dataset_options(d),
     )
     return iter(dataset)
 

@@ -67,10 +67,10 @@ def prepare_data(config, workdir: str | os.PathLike) -> None:
     (its input-date choice). CUHK-CR and Sen2_MTC_New cache nothing: their R, G, B, NIR cloud score is computed
     on read (`cloudprob.rgbn_cloud_score`, a few arithmetic passes); their layout is checked here, so a wrong
     root fails before any stage starts."""
-    from crrf_jax.data import cloudprob, pipeline, sen12mscr
+    from crrf_jax.data import cloudprob, sen12mscr, sources
 
     dataset = config.data.get("dataset", "sen12mscr")
-    pipeline.dataset_info(dataset)  # a clear error for an unknown name
+    sources.dataset_info(dataset)  # a clear error for an unknown name
     if config.get("demo") and paths.is_url(workdir) and not (config.data.root and config.stage):
         raise ValueError(f"--workdir={workdir}: the demo writes its synthetic data and scene GeoTIFFs with rasterio, "
                          "which needs a local --workdir")
@@ -88,8 +88,8 @@ def prepare_data(config, workdir: str | os.PathLike) -> None:
         if config.data.compute_cloud_prob and jax.process_index() == 0:
             cloudprob.compute_ts_coverage(config.data.root, workers=max(1, config.data.worker_count))
     else:
-        pipeline.open_source(config.data.source, root=config.data.root, split="train",
-                             bands=config.data.bands or None, **pipeline.dataset_options(config.data))
+        sources.open_source(config.data.source, root=config.data.root, split="train",
+                             bands=config.data.bands or None, **sources.dataset_options(config.data))
     rundir.sync("data-ready")
 
 
@@ -116,14 +116,14 @@ def write_demo_data(config) -> None:
 
 
 def _has_samples(config) -> bool:
-    from crrf_jax.data import pipeline, sen12mscr
+    from crrf_jax.data import sen12mscr, sources
 
     try:
         if config.data.get("dataset", "sen12mscr") == "sen12mscr":
             return bool(sen12mscr.find_triplets(config.data.root, "all"))
-        return bool(len(pipeline.open_source("geotiff", root=config.data.root, split="train",
+        return bool(len(sources.open_source("geotiff", root=config.data.root, split="train",
                                              bands=config.data.bands or None,
-                                             **pipeline.dataset_options(config.data))))
+                                             **sources.dataset_options(config.data))))
     except (FileNotFoundError, ValueError):
         return False
 

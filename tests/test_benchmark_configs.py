@@ -22,7 +22,7 @@ import rasterio
 from rasterio.transform import from_origin
 
 from crrf_jax import export, predict
-from crrf_jax.data import contract, cuhk_cr, pipeline, sen2_mtc, sen12mscr_ts
+from crrf_jax.data import contract, cuhk_cr, sen2_mtc, sen12mscr_ts, sources
 from tests.helpers import train_run as tr
 
 SIZE = 32
@@ -71,8 +71,8 @@ def _geotiff(path: Path, bands_last: np.ndarray, descriptions=()) -> str:
 
 def _scene_files(dataset: str, root: Path, band_names, tmp: Path) -> tuple[list[str], list[str]]:
     """A test sample of `dataset` as the GeoTIFFs a user would have: (--s2 files, --s1 files), a date each."""
-    sample = pipeline.open_source("geotiff", root=root, split="test", bands=list(band_names),
-                                  **pipeline.dataset_options({"dataset": dataset, "dates": 3 if dataset in
+    sample = sources.open_source("geotiff", root=root, split="test", bands=list(band_names),
+                                  **sources.dataset_options({"dataset": dataset, "dates": 3 if dataset in
                                                               ("sen2_mtc_new", "sen12mscr_ts") else 1,
                                                               "downsample": 2 if dataset.startswith("cuhk") else 1}))[0]
     cloudy = sample["s2_cloudy"] if sample["s2_cloudy"].ndim == 4 else sample["s2_cloudy"][None]

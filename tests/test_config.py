@@ -77,11 +77,11 @@ def test_config_strings_of_the_benchmarks():
 
 def test_the_configs_dataset_table_agrees_with_the_readers():
     from configs import common
-    from crrf_jax.data import contract, pipeline
+    from crrf_jax.data import contract, sources
 
-    assert tuple(common.DATASETS) == pipeline.DATASETS
+    assert tuple(common.DATASETS) == sources.DATASETS
     for name, entry in common.DATASETS.items():
-        info = pipeline.dataset_info(name)
+        info = sources.dataset_info(name)
         assert [contract.S2_BANDS[i] for i in contract.resolve_bands(entry["bands"] or None)] == list(info.bands)
         assert entry["has_sar"] == info.has_sar
         assert info.dates is None or entry["dates"] == info.dates

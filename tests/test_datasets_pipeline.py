@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from crrf_jax import evaluation
-from crrf_jax.data import cloudprob, contract, cuhk_cr, pipeline, sen2_mtc, sen12mscr_ts
+from crrf_jax.data import cloudprob, contract, cuhk_cr, pipeline, sen2_mtc, sen12mscr_ts, sources
 from crrf_jax.data.contract import DataError
 from crrf_jax.data.synthetic import synthetic_scene
 
@@ -37,7 +37,7 @@ def _options(dataset):
 
 
 def _source(roots, dataset, split="train", **overrides):
-    return pipeline.open_source("geotiff", root=roots[dataset], dataset=dataset, split=split,
+    return sources.open_source("geotiff", root=roots[dataset], dataset=dataset, split=split,
                                 **{**_options(dataset), **overrides})
 
 
@@ -70,10 +70,10 @@ def test_cuhk_source_is_the_reader_halved_with_the_rgbn_score(roots):
     want = cuhk_cr.read_pair(pair)
     assert sample["id"] == want["id"] == "CR1/train/2"
     for key in ("s2", "s2_cloudy"):
-        np.testing.assert_array_equal(sample[key], pipeline.downsample_bicubic(want[key], 2))
-    halved = pipeline.downsample_bicubic(want["s2_cloudy"], 2)
+        np.testing.assert_array_equal(sample[key], sources.downsample_bicubic(want[key], 2))
+    halved = sources.downsample_bicubic(want["s2_cloudy"], 2)
     np.testing.assert_array_equal(sample["cloud_prob"],
-                                  cloudprob.rgbn_cloud_score(halved, pipeline.CUHK_REFLECTANCE_SCALE))
+                                  cloudprob.rgbn_cloud_score(halved, sources.CUHK_REFLECTANCE_SCALE))
     # A band subset selects the same channels (Sentinel-2 names of R, G, B, NIR); bands it lacks are refused.
     rgb = _source(roots, "cuhk_cr1", bands="rgb")[1]
     np.testing.assert_array_equal(rgb["s2"], sample["s2"][..., :3])
@@ -83,7 +83,7 @@ def test_cuhk_source_is_the_reader_halved_with_the_rgbn_score(roots):
 
 def test_downsample_keeps_a_constant_image_and_halves_the_size():
     image = np.full((2, 8, 6, 3), 0.25, np.float32)
-    out = pipeline.downsample_bicubic(image, 2)
+    out = sources.downsample_bicubic(image, 2)
     assert out.shape == (2, 4, 3, 3)
     np.testing.assert_allclose(out, 0.25, atol=1e-6)
 
@@ -242,11 +242,11 @@ def test_bad_files_raise_naming_the_file(roots, tmp_path):
 
 def test_dataset_arguments_are_checked(roots):
     with pytest.raises(ValueError, match="config.data.dataset='sen2_mtc'"):
-        pipeline.open_source("geotiff", root=roots["sen2_mtc_new"], dataset="sen2_mtc")
+        sources.open_source("geotiff", root=roots["sen2_mtc_new"], dataset="sen2_mtc")
     with pytest.raises(ValueError, match="reads its raw layout"):
-        pipeline.open_source("tfds", root=roots["sen2_mtc_new"], dataset="sen2_mtc_new")
+        sources.open_source("tfds", root=roots["sen2_mtc_new"], dataset="sen2_mtc_new")
     with pytest.raises(ValueError, match="SEN12MS-CR is single-date"):
-        pipeline.open_source("geotiff", root=roots["sen2_mtc_new"], dates=3)
+        sources.open_source("geotiff", root=roots["sen2_mtc_new"], dates=3)
 
 
 # ------------------------------------------------------------------------------------ cloud score, generators
@@ -280,7 +280,7 @@ def test_rgbn_cloud_score_finds_the_synthetic_clouds(seed):
 def test_rgbn_cloud_score_on_8_bit_cuhk_images():
     pair = cuhk_cr.synthetic_cuhk_pair(SIZE, seed=2, variant="CR2")
     scene = synthetic_scene(SIZE, seed=2, cloud_cover=0.5)  # the scene the pair was drawn from
-    score = cloudprob.rgbn_cloud_score(pair["cloud"] / np.float32(255), pipeline.CUHK_REFLECTANCE_SCALE)
+    score = cloudprob.rgbn_cloud_score(pair["cloud"] / np.float32(255), sources.CUHK_REFLECTANCE_SCALE)
     truth = (scene["thick"] > 0.5) | (scene["thin"] > 0.3)
     assert _auc(score, truth) >= 0.95
 

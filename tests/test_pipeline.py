@@ -8,7 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from crrf_jax.data import cloudprob, contract, pipeline, sen12mscr, synthetic
+from crrf_jax.data import cloudprob, contract, pipeline, sen12mscr, sources, synthetic
 from crrf_jax.data.tfds import build_tfds
 
 N_SCENES, SIZE = 16, 32  # 12 train, 2 val, 2 test
@@ -53,8 +53,8 @@ def _assert_same_batches(a, b):
 
 def test_sources_give_the_data_contract(data):
     root, data_dir = data
-    geotiff = pipeline.GeoTiffSource(root, "val")
-    tfds_source = pipeline.TfdsSource(data_dir, "val")
+    geotiff = sources.GeoTiffSource(root, "val")
+    tfds_source = sources.TfdsSource(data_dir, "val")
     assert len(geotiff) == len(tfds_source) == 2
     by_id = {tfds_source[i]["id"]: tfds_source[i] for i in range(len(tfds_source))}
     for i, triplet in enumerate(geotiff.triplets):
@@ -64,9 +64,9 @@ def test_sources_give_the_data_contract(data):
         assert sample["cloud_prob"].shape == (SIZE, SIZE, 1) and sample["cloud_prob"].dtype == np.float32
         for key in ("s1", "s2", "s2_cloudy", "cloud_prob"):
             np.testing.assert_array_equal(by_id[triplet.id][key], sample[key], err_msg=key)
-    rgb = pipeline.GeoTiffSource(root, "val", bands="rgb")[0]
+    rgb = sources.GeoTiffSource(root, "val", bands="rgb")[0]
     np.testing.assert_array_equal(rgb["s2"], geotiff[0]["s2"][..., list(contract.RGB)])
-    assert pipeline.TfdsSource(data_dir, "val", bands="rgb")[0]["s2"].shape == (SIZE, SIZE, 3)
+    assert sources.TfdsSource(data_dir, "val", bands="rgb")[0]["s2"].shape == (SIZE, SIZE, 3)
 
 
 @pytest.mark.parametrize("source", ["geotiff", "tfds"])
@@ -109,7 +109,7 @@ def test_compact_tfds_reads_are_tfds_own_decoding_without_copies(data):
     """decode=False reads the records in place (crrf_jax.data.tf_example): the same arrays TFDS decodes, as
     read-only views of the record; a record that is not one of ours is refused with the folder named."""
     _, data_dir = data
-    source = pipeline.TfdsSource(data_dir, "train", decode=False)
+    source = sources.TfdsSource(data_dir, "train", decode=False)
     tfds_source = source._open()
     for index in range(len(source)):
         ours, theirs = source[index], tfds_source[index]
@@ -138,8 +138,8 @@ def test_device_normalisation_equals_the_host_float32_bit_for_bit(data, source):
     device = jax.device_get(jax.jit(contract.normalize_batch)(compact))
     host = contract.normalize_batch(compact, np)
     floats = next(iter(pipeline.eval_dataset(**kwargs, to_float32=True)))
-    old = (pipeline.GeoTiffSource(root, "train") if source == "geotiff"
-           else pipeline.TfdsSource(data_dir, "train"))
+    old = (sources.GeoTiffSource(root, "train") if source == "geotiff"
+           else sources.TfdsSource(data_dir, "train"))
     old_by_id = {str(old[i]["id"]): old[i] for i in range(len(old))}
     assert batch["s2"].dtype == np.uint16 and batch["cloud_prob"].dtype == np.uint8
     for i, sample_id in enumerate(batch["id"]):
@@ -202,7 +202,7 @@ def test_read_threads_change_the_speed_not_the_batches(data, source):
 
 def test_default_read_threads_share_the_cores_only_where_reads_release_the_gil(data):
     root, data_dir = data
-    geotiff, tfds_source = pipeline.GeoTiffSource(root, "train"), pipeline.TfdsSource(data_dir, "train")
+    geotiff, tfds_source = sources.GeoTiffSource(root, "train"), sources.TfdsSource(data_dir, "train")
     for workers in (0, 1, 2, 8):
         assert pipeline.default_read_threads(geotiff, workers, cores=16) == 1  # rasterio holds the GIL
     rule = {(0, 2): 2, (1, 2): 2, (2, 2): 1, (3, 2): 1, (0, 1): 1, (0, 16): 4, (2, 16): 4, (8, 16): 2}
@@ -288,7 +288,7 @@ def _dihedral(image, turns, flip):
 def test_augmentation_identical_across_modalities(data):
     """Every augmented sample is one crop + rotation + flip of its patch, the same for all four arrays."""
     root, _ = data
-    source = pipeline.GeoTiffSource(root, "train", compact=True)
+    source = sources.GeoTiffSource(root, "train", compact=True)
     originals = {t.id: source[i] for i, t in enumerate(source.triplets)}
     batch = next(iter(pipeline.make_dataset(**_kwargs(data, batch_size=8, crop_size=20, augment=True))))
     assert batch[contract.FLIP_ROTATE].shape == (8, 2)  # applied with the rest of the contract
@@ -375,6 +375,6 @@ def test_bad_arguments_are_refused(data):
     with pytest.raises(ValueError, match="needs data_dir"):
         pipeline.make_dataset(**{**_kwargs(data, "tfds"), "data_dir": None})
     with pytest.raises(FileNotFoundError, match="python -m crrf_jax.data.tfds"):
-        pipeline.TfdsSource(data[0], "train")
+        sources.TfdsSource(data[0], "train")
     with pytest.raises(ValueError, match="crop_size 64 exceeds"):
         next(iter(pipeline.make_dataset(**_kwargs(data, crop_size=64))))

@@ -129,7 +129,7 @@ def rgbn_cloud_score(rgbn: np.ndarray, reflectance_scale: float = 1.0) -> np.nda
     Args:
       rgbn: (..., 4) R, G, B, NIR on [0, 1] (any leading shape: one image, dates, a batch).
       reflectance_scale: top-of-atmosphere reflectance of a value of 1 (Sen2_MTC_New, DN / 10000: 1; the 8-bit
-        CUHK-CR images: see `crrf_jax.data.pipeline.CUHK_REFLECTANCE_SCALE`).
+        CUHK-CR images: see `crrf_jax.data.sources.CUHK_REFLECTANCE_SCALE`).
     Returns (..., 1) float32 in [0, 1].
     """
     x = np.asarray(rgbn, np.float32)
