@@ -461,8 +461,7 @@ def make_dataset(
             f"{src!r}: {length} samples x {num_epochs} epochs cannot fill a batch of {batch_size}"
         )
     reader = _ShardReader(src, indices, length, on_error, cache)
-    if read_threads is None:
-        read_threads = default_read_threads(src, worker_count)
+    read_threads = default_read_threads(src, worker_count) if read_threads is None else read_threads
     if getattr(src, "needs_rng", False):  # draws per read (SEN12MS-CR-TS train): shuffle indices, then read
         ds, shuffle_here, epochs = _reads_of_shuffled_indices(reader, length, shuffle, seed, num_epochs), False, 1
     else:
