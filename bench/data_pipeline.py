@@ -281,6 +281,43 @@ def decode_ms(data_dir: Path, records: int = 16, repeats: int = 4) -> dict[str, 
     return {"source": best(source._parse), "protobuf": best(lambda record, _: with_protobuf(record))}
 
 
+def latent_feed(batch: int, size: int, wait_s: float = 5.0) -> dict[str, float]:
+    """The flow stage's latent-cache iterator (`latent_cache.iterator`, its defaults) in a process of its own,
+    so that the memory it holds is its own: ms and CPU ms a batch of `batch` crops of `size` pixels over a
+    synthetic cache (bench/train_step.py's), best of 3 runs of 50 batches, and how much its resident memory
+    grew (MB) after the consumer waited `wait_s` s: what it reads ahead (the cache's mapped pages
+    included, `cache_mb`)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_latent_feed, (batch, size, wait_s))
+
+
+def _latent_feed(batch: int, size: int, wait_s: float) -> dict[str, float]:
+    from train_step import write_latent_cache  # bench/train_step.py, beside this script
+
+    from crrf_jax import latent_cache
+
+    def rss_mb() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = write_latent_cache(tmp, 8 * batch, size)
+        cache_mb = sum(p.stat().st_size for p in Path(cache).glob("*.npy")) / 2**20
+        start_mb = rss_mb()
+        it = latent_cache.iterator(cache, batch_size=batch, crop_size=size, seed=0)
+        next(it)
+        best, best_cpu = float("inf"), float("inf")
+        for _ in range(3):
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(50):
+                next(it)
+            best = min(best, (time.perf_counter() - t0) / 50 * 1e3)
+            best_cpu = min(best_cpu, (time.process_time() - c0) / 50 * 1e3)
+        time.sleep(wait_s)
+        return {"ms": best, "cpu_ms": best_cpu, "rss_mb": rss_mb() - start_mb, "cache_mb": cache_mb,
+                "batch": batch, "size": size, "wait_s": wait_s}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=96, help="synthetic patches")
@@ -290,6 +327,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best rate is reported")
     parser.add_argument("--min_seconds", type=float, default=2.0,
                         help="each measurement runs whole passes (batches) until this long at least")
+    parser.add_argument("--latent_batch", type=int, default=32,
+                        help="batch of the latent-cache measurement (the flow stage's default batch)")
     parser.add_argument("--work", default=None, help="folder for the data (kept; default: a temporary one)")
     parser.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
     parser.add_argument("--json", default=None, help="also write this run's figures to this JSON file (an "
@@ -360,10 +399,11 @@ def main() -> None:
     norm_ms, dtypes = normalize_ms({**common, "source": "tfds"})
     handover = handover_ms({**common, "source": "tfds"})
     decode = decode_ms(data_dir)
+    latent = latent_feed(args.latent_batch, args.size)
     load_after = os.getloadavg()[0]
     run = {"results": {f"{k}/{w}": v for (k, w), v in results.items()},
            "cpu_ms": {f"{k}/{w}": v for (k, w), v in cpu_ms.items()}, "normalize_ms": norm_ms,
-           "handover_ms": handover, "decode_ms": decode, "dtypes": dtypes, "load": [load_before, load_after],
+           "handover_ms": handover, "decode_ms": decode, "latent_feed": latent, "dtypes": dtypes, "load": [load_before, load_after],
            "commit": _commit(), "n": n}
     if args.json:  # an existing file is merged into: best of its runs and this one (runs interleaved by hand)
         if Path(args.json).exists():
@@ -376,6 +416,8 @@ def main() -> None:
             run["handover_ms"] = {k: min(v, kept.get(k, v)) for k, v in handover.items()}
             kept = old.get("decode_ms", {})
             run["decode_ms"] = {k: min(v, kept.get(k, v)) for k, v in decode.items()}
+            kept = old.get("latent_feed", {})
+            run["latent_feed"] = {k: min(v, kept.get(k, v)) for k, v in latent.items()}
         Path(args.json).write_text(json.dumps(run, indent=2))
     before = json.loads(Path(args.before).read_text()) if args.before else None
     text = section(run, before, _command(args), n, args)
@@ -459,6 +501,8 @@ Date: {datetime.date.today().isoformat()}
 
 {handover_line(run, args.batch)}
 {decode_line(run, before)}
+
+{latent_line(run, before)}
 
 Patches per second, best of {args.rounds * run.get("runs", 1)} rounds (0 = in the main process; loops: a pool of
 that many processes; pipelines: grain worker processes){", before -> after" if before else ""}:
@@ -558,6 +602,21 @@ def handover_line(run: dict, batch: int) -> str:
         f"Handing a batch of {batch} from a worker to the main process, the worker's side (`handover_ms`, "
         f"best of 10): into grain's fresh shared-memory segments, one per array, {ms['fresh']:.1f} ms{slot}.",
         width=110)
+
+
+def latent_line(run: dict, before: dict | None) -> str:
+    now, old = run.get("latent_feed"), (before or {}).get("latent_feed")
+    if not now:
+        return ""
+
+    def figures(f: dict) -> str:
+        return (f"{f['ms']:.2f} ms a batch ({f['cpu_ms']:.2f} CPU ms), memory grown by {f['rss_mb']:.0f} MB after "
+                f"{f['wait_s']:g} s")
+
+    return textwrap.fill(
+        f"The flow stage's latent-cache iterator (`latent_feed`: batches of {now['batch']} crops of "
+        f"{now['size']} pixels, in its own process, the cache's {now['cache_mb']:.0f} MB of mapped pages "
+        f"counted in its memory): {figures(now)}" + (f" (before: {figures(old)})." if old else "."), width=110)
 
 
 def decode_line(run: dict, before: dict | None) -> str:

@@ -109,16 +109,26 @@ class LatentCropFlipRotate(grain.transforms.RandomMap):
         return out
 
 
+READ_AHEAD_BATCHES = 4
+
+
 def iterator(directory: str, *, batch_size: int, crop_size: int, seed: int, factor: int = 8,
-             augment: bool = True, worker_count: int = 0):
+             augment: bool = True, worker_count: int = 0, read_threads: int = 1):
     """An endless, shuffled, augmented and checkpointable iterator of cached-latent batches; its state names
-    the shuffle's order, as the image pipeline's does (`pipeline.PipelineIterator`)."""
+    the shuffle's order, as the image pipeline's does (`pipeline.PipelineIterator`).
+
+    Each reading process (this one, or each of `worker_count` workers) assembles batches in `read_threads`
+    threads, at most READ_AHEAD_BATCHES ahead of the consumer. grain's default read options hold 500 ahead
+    in 16 threads: about 4 GB of host memory a process for batches of 32 256-pixel crops (BENCHMARKS.md
+    "Data pipeline").
+    """
+    read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=READ_AHEAD_BATCHES)
     dataset = (
         EpochShuffle(grain.MapDataset.source(LatentSource(directory)), seed)
         .repeat(None)
         .random_map(LatentCropFlipRotate(crop_size // factor, factor, augment), seed=seed + 1)
         .batch(batch_size, drop_remainder=True)
-        .to_iter_dataset()
+        .to_iter_dataset(read_options)
     )
     if worker_count:
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))

@@ -1,6 +1,8 @@
 """The flow stage's latent cache: encoded once, served with aligned crops and a checkpointable state."""
 
 import logging
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -111,6 +113,30 @@ def test_iterator_state_names_its_shuffle_and_older_states_restore(cache, caplog
         got = next(bare)
         for k in want:
             np.testing.assert_array_equal(got[k], want[k])
+
+
+@pytest.mark.parametrize("read_threads", [1, 2])
+def test_iterator_reads_a_few_batches_ahead_not_hundreds(cache, monkeypatch, read_threads):
+    """At most READ_AHEAD_BATCHES batches (and those the threads are assembling) are read ahead of the
+    consumer, however long it waits; the batches are those of any thread count. grain's default options read
+    500 batches ahead (BENCHMARKS.md "Data pipeline")."""
+    directory, _, _ = cache
+    reads, lock, wrapped = [0], threading.Lock(), latent_cache.LatentSource.__getitem__
+
+    def counted(self, index):
+        with lock:
+            reads[0] += 1
+        return wrapped(self, index)
+
+    expected = [next(latent_cache.iterator(directory, batch_size=2, crop_size=16, seed=1))]
+    monkeypatch.setattr(latent_cache.LatentSource, "__getitem__", counted)
+    it = latent_cache.iterator(directory, batch_size=2, crop_size=16, seed=1, read_threads=read_threads)
+    got = next(it)
+    time.sleep(0.5)  # room to run ahead: the bound below holds whatever the threads did meanwhile
+    ahead = 1 + latent_cache.READ_AHEAD_BATCHES + read_threads
+    assert reads[0] <= ahead * 2, reads[0]
+    for k in expected[0]:
+        np.testing.assert_array_equal(got[k], expected[0][k])
 
 
 def test_incomplete_cache_is_refused(tmp_path):
