@@ -528,7 +528,11 @@ NOTES = "\n".join(textwrap.fill(text, width=110, initial_indent="- ", subsequent
     "and the in-place parse after it takes 0.04 ms, so the ArrayRecord source now reads with the cores each "
     "reading process has to itself (2 here without workers or with one, 1 with two; at most 4). GeoTIFFs "
     "keep one thread: rasterio holds the GIL between GDAL's calls, and a second thread there gave the same "
-    "patches/s (233-240 against 233-237 in this process, 422-432 against 412-432 with two workers).",
+    "patches/s (233-240 against 233-237 in this process, 422-432 against 412-432 with two workers). "
+    "And the flow stage's latent-cache iterator reads at most 4 batches ahead in one thread "
+    "(`latent_cache.READ_AHEAD_BATCHES`): with grain's default read options it kept 500 batches in flight "
+    "in 16 threads, 4 GB of host memory in each reading process at the flow stage's batch of 32 (the "
+    "`latent_feed` line above), and the threads' contention made it slower too.",
     "The round before: the TFDS source reads each record's tf.Example in place "
     "(`crrf_jax.data.tf_example`): protobuf's parser copied the record's 4 MB into its message and "
     "`bytes_list.value[0]` copied them again into a Python bytes, 0.6-0.7 ms a record, against 0.04 ms for "
