@@ -481,8 +481,9 @@ def default_read_threads(source, worker_count: int, cores: int | None = None) ->
     One, unless the source's reads release the GIL (`reads_release_gil`: the TFDS source): then the cores each
     reading process has to itself (all of `cores`, default this process's CPU affinity, without workers;
     cores // worker_count with them), at most MAX_DEFAULT_READ_THREADS, so that the reading leaves the
-    training loop's own threads some room on a large host. GeoTIFF reads hold the GIL between GDAL's calls
-    (rasterio), so a second thread there only adds CPU time (BENCHMARKS.md "Data pipeline").
+    training loop's own threads some room on a large host. rasterio holds the GIL through much of each GeoTIFF
+    open (it builds the file's CRS under it), so a second thread there only adds CPU time (BENCHMARKS.md
+    "Data pipeline").
     """
     if not getattr(source, "reads_release_gil", False):
         return 1
