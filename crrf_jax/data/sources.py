@@ -10,9 +10,10 @@ docs/ARCHITECTURE.md "Data contract"; channels last):
 The other benchmarks (`DATASETS`, one source each: `CuhkCrSource`, `Sen2MtcSource`, `Sen12mscrTsSource`)
 give the same keys, without s1 where the dataset has no SAR, and with a date axis on s2_cloudy, cloud_prob
 and s1 where it is multi-temporal: (T, H, W, C). A source that draws per read (`needs_rng`: SEN12MS-CR-TS's
-random date sampler) also has `read(index, rng)`. `open_source` picks the source of a config's dataset;
-`crrf_jax.data.pipeline` shuffles, augments and batches any of them. Every source raises `DataError`
-naming the file of a bad sample.
+random date sampler) also has `read(index, rng)`; one whose reads let go of the GIL says so
+(`reads_release_gil`: the pipeline then reads it in several threads). `open_source` picks the source of a
+config's dataset; `crrf_jax.data.pipeline` shuffles, augments and batches any of them. Every source raises
+`DataError` naming the file of a bad sample.
 """
 
 from __future__ import annotations
