@@ -26,9 +26,10 @@
 # array_record, rasterio (imported by crrf_jax.trainer's data modules) and ml_collections (configs): they travel
 # as wheels in .whl/ (`--fetch-wheels` downloads them, pinned to the versions this repository is tested with,
 # for CPython 3.12 manylinux x86-64; 45 MB, rasterio 36 of them). flax is carried too and installed only when the machine's
-# flax is not 0.12.x (the API this code is written against). Caveat: requirements.txt pins jax < 0.11, the
-# machine has 0.11.2 (its CUDA build; jaxlib with the CUDA plugin is too large to carry): the env step prints
-# the versions, and a failure there shows as every later step failing.
+# flax is not 0.12.x (the API this code is written against). The machine's jax 0.11.2 (its CUDA build; jaxlib
+# with the CUDA plugin is too large to carry) is in requirements.txt's range: the whole test suite and this
+# script's dry run pass on CPU under Python 3.12, jax/jaxlib 0.11.2, flax 0.12.12 and diffusers 0.42.1
+# (BENCHMARKS.md "Test suite"). The env step prints the versions.
 #
 # With the device tool: once here, `echo /.whl/ >> .git/info/exclude; bash bench/gpu.sh --fetch-wheels`; then
 # run `bash bench/gpu.sh` with carry [".whl"] and timeout_s 540. The run copies BENCHMARKS.md (with the new
