@@ -4,7 +4,7 @@
 
 writes synthetic scenes in the official layout into `<workdir>/data` (if none are there), computes their
 s2cloudless cloud probability, trains the S2 VAE, the S1 VAE, measures latent statistics, trains the flow
-model and the pixel-space refiner, evaluates it on the held-out (test-split) synthetic scenes against the
+model (on the training set's latents, encoded once) and the pixel-space refiner, evaluates it on the held-out (test-split) synthetic scenes against the
 cloudy input and the learning-free references, exports a bundle and removes clouds from a larger demo scene.
 Minutes on a laptop CPU.
 """
