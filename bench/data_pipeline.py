@@ -412,12 +412,9 @@ def main() -> None:
             run["cpu_ms"] = {k: min(v, old.get("cpu_ms", {}).get(k, v)) for k, v in run["cpu_ms"].items()}
             run["load"] = [min(old["load"][0], load_before), max(old["load"][1], load_after)]
             run["runs"] = old.get("runs", 1) + 1
-            kept = old.get("handover_ms", {})
-            run["handover_ms"] = {k: min(v, kept.get(k, v)) for k, v in handover.items()}
-            kept = old.get("decode_ms", {})
-            run["decode_ms"] = {k: min(v, kept.get(k, v)) for k, v in decode.items()}
-            kept = old.get("latent_feed", {})
-            run["latent_feed"] = {k: min(v, kept.get(k, v)) for k, v in latent.items()}
+            for key in ("handover_ms", "decode_ms", "latent_feed"):  # times: the least of the runs
+                kept = old.get(key, {})
+                run[key] = {k: min(v, kept.get(k, v)) for k, v in run[key].items()}
         Path(args.json).write_text(json.dumps(run, indent=2))
     before = json.loads(Path(args.before).read_text()) if args.before else None
     text = section(run, before, _command(args), n, args)
