@@ -128,15 +128,15 @@ def test_iterator_reads_a_few_batches_ahead_not_hundreds(cache, monkeypatch, rea
             reads[0] += 1
         return wrapped(self, index)
 
-    expected = [next(latent_cache.iterator(directory, batch_size=2, crop_size=16, seed=1))]
+    expected = next(latent_cache.iterator(directory, batch_size=2, crop_size=16, seed=1))
     monkeypatch.setattr(latent_cache.LatentSource, "__getitem__", counted)
     it = latent_cache.iterator(directory, batch_size=2, crop_size=16, seed=1, read_threads=read_threads)
     got = next(it)
     time.sleep(0.5)  # room to run ahead: the bound below holds whatever the threads did meanwhile
     ahead = 1 + latent_cache.READ_AHEAD_BATCHES + read_threads
     assert reads[0] <= ahead * 2, reads[0]
-    for k in expected[0]:
-        np.testing.assert_array_equal(got[k], expected[0][k])
+    for k in expected:
+        np.testing.assert_array_equal(got[k], expected[k])
 
 
 def test_incomplete_cache_is_refused(tmp_path):
