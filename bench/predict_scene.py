@@ -1,8 +1,8 @@
 """Whole-scene prediction: seconds and peak memory of `python -m crrf_jax.predict` as the scene grows.
 
     python bench/predict_scene.py [--variants tiny,base] [--sizes 1024,2048,4096,4096x1024] [--steps 1]
-                                  [--batch 8]
-                                  [--cloud-prob given|computed] [--cog] [--write]
+                                  [--batch 8] [--model sampler|identity] [--uncertainty]
+                                  [--cloud-prob given|computed] [--cog] [--write] [--section NAME]
 
 A size is N (N x N) or HxW (H rows, W columns).
 
@@ -41,9 +41,20 @@ TILE_10980 = 10980 * 10980
 CHILD = (
     "import json, resource, sys\n"
     "from crrf_jax import predict\n"
+    "{patch}"
     "code = predict.main(sys.argv[1:])\n"
     "print(json.dumps({'maxrss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
     "sys.exit(code)\n"
+)
+
+# --model identity: the sampler replaced by one that returns its cloudy input (std 0) as it lies on the device,
+# so everything else runs as it does with a model (reading, normalising, batching, host<->device transfers,
+# blending, DN conversion, compression, writing): the tiles/s of the host pipeline, the ceiling that a device
+# faster than the host would see.
+IDENTITY_PATCH = (
+    "import jax.numpy as jnp\n"
+    "from crrf_jax import sampling\n"
+    "sampling.sample_patches_jit = lambda nets, cloudy, *a, **k: (cloudy, jnp.zeros_like(cloudy))\n"
 )
 
 
@@ -79,9 +90,12 @@ def write_scene(directory: Path, height: int, width: int, seed: int = 0) -> dict
 
 
 def run_one(bundle_dir: Path, scene: dict[str, Path], out: Path, args) -> dict[str, float]:
-    cmd = [sys.executable, "-c", CHILD, f"--bundle={bundle_dir}", f"--s2={scene['s2']}",
+    child = CHILD.replace("{patch}", IDENTITY_PATCH if args.model == "identity" else "")
+    cmd = [sys.executable, "-c", child, f"--bundle={bundle_dir}", f"--s2={scene['s2']}",
            f"--s1={scene['s1']}",
            f"--out={out}", f"--steps={args.steps}", f"--batch-size={args.batch}", "--quiet"]
+    if args.uncertainty:
+        cmd.append(f"--uncertainty={out.with_name('std.tif')}")
     if args.cloud_prob == "given":
         cmd.append(f"--cloud-prob={scene['cloud_prob']}")
     if not args.cog:
@@ -92,8 +106,9 @@ def run_one(bundle_dir: Path, scene: dict[str, Path], out: Path, args) -> dict[s
     if done.returncode != 0:
         raise SystemExit(f"predict failed:\n{done.stderr[-3000:]}")
     lines = done.stdout.strip().splitlines()
-    tiles = int(lines[-2].split(", ")[1].split()[0])  # "wrote ... (HxW, N tiles, S s)"
-    return {"wall_s": wall, "tiles": tiles, **json.loads(lines[-1])}
+    fields = lines[-2].rsplit("(", 1)[1].split(", ")  # "wrote ... (HxW, N tiles, S s)"
+    tiles, seconds = int(fields[1].split()[0]), float(fields[2].split()[0])
+    return {"wall_s": wall, "predict_s": seconds, "tiles": tiles, **json.loads(lines[-1])}
 
 
 def main() -> None:
@@ -104,6 +119,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--cloud-prob", choices=("given", "computed"), default="given")
     parser.add_argument("--cog", action="store_true", help="Cloud-Optimized outputs (default: plain tiled)")
+    parser.add_argument("--uncertainty", action="store_true", help="also write the float32 std GeoTIFF")
+    parser.add_argument("--model", choices=("sampler", "identity"), default="sampler",
+                        help="identity: the host pipeline alone (see IDENTITY_PATCH)")
+    parser.add_argument("--section", default="Scene prediction")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     from crrf_jax import bundle
@@ -121,23 +140,31 @@ def main() -> None:
                     scenes[h, w] = write_scene(tmp / f"scene_{h}x{w}", h, w)
                 r = run_one(bundle_dir, scenes[h, w], tmp / "out.tif", args)
                 mpx = h * w / 1e6
-                rows.append((variant, f"{h}x{w}", r["tiles"], r["wall_s"], r["tiles"] / r["wall_s"],
-                             mpx / r["wall_s"], r["maxrss_mb"], TILE_10980 / 1e6 / (mpx / r["wall_s"]) / 60))
-                print(f"{variant} {h}x{w}: {r['tiles']} tiles in {r['wall_s']:.1f} s, "
-                      f"peak {r['maxrss_mb']:.0f} MB", flush=True)
-    header = ("| variant | scene (HxW) | tiles | seconds | tiles/s | Mpx/s | peak RSS (MB) "
+                rows.append((variant, f"{h}x{w}", r["tiles"], r["wall_s"], r["predict_s"],
+                             r["tiles"] / r["wall_s"], mpx / r["wall_s"], r["maxrss_mb"],
+                             TILE_10980 / 1e6 / (mpx / r["wall_s"]) / 60))
+                print(f"{variant} {h}x{w}: {r['tiles']} tiles in {r['wall_s']:.1f} s "
+                      f"({r['predict_s']:.1f} s in predict), peak {r['maxrss_mb']:.0f} MB", flush=True)
+    header = ("| variant | scene (HxW) | tiles | seconds | in predict (s) | tiles/s | Mpx/s | peak RSS (MB) "
               "| 10980² estimate (min) |\n"
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
     table = header + "".join(
-        f"| {v} | {s} | {t} | {w:.1f} | {tps:.2f} | {mps:.3f} | {rss:.0f} | {est:.0f} |\n"
-        for v, s, t, w, tps, mps, rss, est in rows)
-    text = (f"## Scene prediction\n\n`python bench/predict_scene.py {' '.join(sys.argv[1:])}` on {report.machine()}, "
-            f"{datetime.date.today()}; {args.steps} Euler step(s), batch {args.batch}, cloud probability "
-            f"{args.cloud_prob}, {'COG' if args.cog else 'plain tiled'} output, S1 resampled from 20 m. "
-            f"Each run is a fresh process (compiling included).\n\n{table}")
+        f"| {v} | {s} | {t} | {w:.1f} | {p:.1f} | {tps:.2f} | {mps:.3f} | {rss:.0f} | {est:.0f} |\n"
+        for v, s, t, w, p, tps, mps, rss, est in rows)
+    model = ("the sampler replaced by an identity (the host pipeline alone)" if args.model == "identity"
+             else f"{args.steps} Euler step(s)")
+    text = (f"## {args.section}\n\n`python bench/predict_scene.py {' '.join(sys.argv[1:])}` on "
+            f"{report.machine()}, "
+            f"{datetime.date.today()}; {model}, batch {args.batch}, cloud probability "
+            f"{args.cloud_prob}, {'COG' if args.cog else 'plain tiled'} output"
+            f"{' and float32 uncertainty' if args.uncertainty else ''}, S1 resampled from 20 m. "
+            "Each run is a fresh process; seconds and tiles/s are the child's wall time (compiling "
+            "included), 'in predict' the CLI's own count from opening the inputs to the published outputs."
+            "\n\n"
+            f"{table}")
     print(text)
     if args.write:
-        report.write_section("Scene prediction", text)
+        report.write_section(args.section, text)
 
 
 if __name__ == "__main__":

@@ -268,8 +268,9 @@ def add_method(result: dict[str, Any], groups: Mapping[str, Any]) -> None:
 
 
 def accepts(remover, option: str) -> bool:
-    """Whether remover.predict_tiles takes the keyword `option`."""
-    return option in inspect.signature(remover.predict_tiles).parameters
+    """Whether remover.predict_tiles takes the keyword `option` (its options are submit_tiles's where that
+    exists: older code has predict_tiles alone)."""
+    return option in inspect.signature(getattr(remover, "submit_tiles", remover.predict_tiles)).parameters
 
 
 def ablations(remover) -> list[tuple[str, dict[str, Any] | None, str]]:

@@ -27,7 +27,7 @@ import numpy as np
 from crrf_jax import bundle, parallel, rundir, sampling, temporal
 from crrf_jax import flow as rf
 from crrf_jax.data import contract
-from crrf_jax.tiling import Arrays, ReadRows, TileLayout, WriteRows, blend_tiles, pad_to
+from crrf_jax.tiling import Arrays, PendingTiles, ReadRows, TileLayout, WriteRows, blend_tiles, pad_to
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,12 @@ class CloudRemover:
 
     # ---- tiles
 
-    def predict_tiles(
+    def predict_tiles(self, tiles: Arrays, tile_ids: np.ndarray, **options) -> tuple[np.ndarray, np.ndarray]:
+        """Samples a batch of tiles on the mesh and waits for it: `submit_tiles(tiles, tile_ids, **options)()`,
+        host (mean clipped to [0, 1], std), each (n, T, T, C) float32."""
+        return self.submit_tiles(tiles, tile_ids, **options)()
+
+    def submit_tiles(
         self,
         tiles: Arrays,
         tile_ids: np.ndarray,
@@ -152,8 +157,9 @@ class CloudRemover:
         keep_clear: float | None = None,
         samples_per_pass: int = 1,
         dates: int | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Samples a batch of tiles on the mesh.
+    ) -> PendingTiles:
+        """Submits a batch of tiles to the mesh and returns at once (JAX dispatches asynchronously), so the host
+        can prepare and finish other batches while the devices sample this one.
 
         tiles: "s2_cloudy" (n, T, T, C), "cloud_prob" (n, T, T, 1), optionally "s1" (n, T, T, 2), all in
         [0, 1], and with "s1" optionally "s1_coverage" (n, T, T) bool, where the SAR footprint covers each
@@ -167,7 +173,9 @@ class CloudRemover:
         memory; the same result). dates: D cloudy dates of a multi-temporal scene, stacked date-major along
         the channel axis of every input (s2_cloudy (n, T, T, D * C), cloud_prob (n, T, T, D), s1
         (n, T, T, D * 2), as `remove_clouds` tiles them); keep_clear then keeps the least-cloudy date's pixel.
-        Returns host (mean clipped to [0, 1], std), each (n, T, T, C) float32.
+        Returns a call that waits for the batch and returns host (mean clipped to [0, 1], std), each
+        (n, T, T, C) float32. With several processes the waits are collectives: every process waits for its
+        batches in the order it submitted them.
         """
         if dates is not None:
             tiles = dict(tiles) | {k: unstack_dates(tiles[k], dates) for k in ("s2_cloudy", "cloud_prob", "s1")
@@ -199,11 +207,16 @@ class CloudRemover:
             output=output, drop_cloudy=bool(drop_cloudy), drop_sar=drop_sar,
             samples_per_pass=min(int(samples_per_pass), int(num_samples)),
         )
-        mean, std = np.clip(parallel.to_host(mean)[:n], 0.0, 1.0), parallel.to_host(std)[:n]
-        if keep_clear is not None:
-            cloudy, prob, _ = (np.asarray(a) for a in temporal.single_view(tiles["s2_cloudy"], tiles["cloud_prob"]))
-            mean, std = keep_clear_pixels(mean, std, cloudy, prob, keep_clear)
-        return mean, std
+
+        def wait() -> tuple[np.ndarray, np.ndarray]:
+            host_mean, host_std = np.clip(parallel.to_host(mean)[:n], 0.0, 1.0), parallel.to_host(std)[:n]
+            if keep_clear is not None:
+                cloudy, prob, _ = (np.asarray(a) for a in temporal.single_view(tiles["s2_cloudy"],
+                                                                                tiles["cloud_prob"]))
+                host_mean, host_std = keep_clear_pixels(host_mean, host_std, cloudy, prob, keep_clear)
+            return host_mean, host_std
+
+        return wait
 
     def check_tiling(self, tile_size: int | None, overlap: int | None) -> tuple[int, int]:
         """(tile, overlap), defaults from the bundle; tile must be a positive multiple of `tile_multiple`."""
@@ -311,8 +324,8 @@ class CloudRemover:
         check_samples(num_samples, samples_per_pass)
         check_keep_clear(keep_clear)
 
-        def predict(tiles: Arrays, ids: np.ndarray):
-            return self.predict_tiles(tiles, ids, steps=steps, num_samples=num_samples,
+        def predict(tiles: Arrays, ids: np.ndarray) -> PendingTiles:
+            return self.submit_tiles(tiles, ids, steps=steps, num_samples=num_samples,
                                       guidance_scale=guidance_scale, seed=seed, pad_batch_to=batch_size,
                                       keep_clear=keep_clear, samples_per_pass=samples_per_pass, dates=dates)
 

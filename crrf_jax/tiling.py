@@ -3,14 +3,18 @@
 - `TileLayout(height, width, tile, overlap)`: where the tiles lie (`tile_starts`) and their blend weights
   (`blend_ramp`); scenes smaller than a tile are reflect-padded (`pad_to`) and cropped back.
 - `blend_tiles(layout, read_rows, predict, write_rows)`: the streaming tiler, which reads and writes rows of
-  tiles so memory stays bounded on large scenes. It knows nothing of models: `predict` is any function of a
-  batch of tiles (CloudRemover.process passes its sampler, the tests deterministic fakes).
+  tiles so memory stays bounded on large scenes, reading, predicting and writing in three threads so each
+  overlaps the others. It knows nothing of models: `predict` is any function that submits a batch of tiles
+  and returns a call waiting for its result (CloudRemover.process passes its sampler, the tests deterministic
+  fakes).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -98,7 +102,9 @@ class TileLayout:
 
 
 ReadRows = Callable[[int, int], Arrays]  # (y0, y1) on the padded grid -> name: (y1 - y0, padded_width, C)
-PredictTiles = Callable[[Arrays, np.ndarray], tuple[np.ndarray, np.ndarray]]  # tiles, ids -> mean, std
+PendingTiles = Callable[[], tuple[np.ndarray, np.ndarray]]  # waits for a submitted batch: -> mean, std
+PredictTiles = Callable[[Arrays, np.ndarray], PendingTiles]  # tiles, ids -> submitted batch
+IN_FLIGHT_BATCHES = 2  # blend_tiles: batches submitted ahead of the one waited for (and queued for writing)
 WriteRows = Callable[[int, int, np.ndarray, np.ndarray], None]  # y0, y1, mean/std (y1 - y0, width, C)
 
 
@@ -144,28 +150,64 @@ def blend_tiles(
     write_rows: WriteRows,
     *,
     batch_size: int = 8,
+    in_flight: int = IN_FLIGHT_BATCHES,
     progress: bool = False,
 ) -> None:
     """Predicts a scene tile by tile and writes the blended result row band by row band.
 
     Tiles are read one row of tiles at a time (`read_rows(y, y + tile)`), predicted `batch_size` at a time
-    (`predict(tiles, tile_ids)` with tiles name -> (n, tile, tile, C) and ids the row-major tile indices), and
-    blended with `layout.window`: every output pixel is the weight-normalised mean of the tiles covering it.
-    As soon as no later tile reaches a row, it is written (`write_rows(y0, y1, mean, std)`, cropped to the
-    scene), so memory holds about three rows of tiles whatever the scene size: the one being blended, the one
-    being predicted and the next one, read in a background thread meanwhile (`read_rows` runs only there,
-    `write_rows` only in the caller's thread).
+    (`predict(tiles, tile_ids)` with tiles name -> (n, tile, tile, C) and ids the row-major tile indices; it
+    returns a call that waits for the batch's (mean, std)), and blended with `layout.window`: every output
+    pixel is the weight-normalised mean of the tiles covering it. As soon as no later tile reaches a row, it
+    is written (`write_rows(y0, y1, mean, std)`, cropped to the scene), so memory holds a few rows of tiles
+    whatever the scene size.
+
+    Three threads share the work, so the device is not left waiting for the host: a reading thread reads the
+    next row of tiles (`read_rows` runs only there); the caller's thread batches tiles and submits them,
+    keeping up to `in_flight` batches submitted before it waits for the oldest (every `predict` and every
+    wait for its result happen in this thread, in submission order, as collectives across processes need);
+    a writing thread blends the results and writes the finished rows (`write_rows` runs only there, one call
+    at a time, rows in order), with at most `in_flight` batches waiting for it. in_flight=0 does each batch's
+    predict, wait, blend and write in turn. The result does not depend on `in_flight` or `batch_size`.
     """
     from tqdm.auto import tqdm
 
+    if in_flight < 0:
+        raise ValueError(f"in_flight must be >= 0, got {in_flight}")
+    blend = _Blend(layout, write_rows)
+    bar = tqdm(total=math.ceil(layout.num_tiles / batch_size), desc="tile batches", unit="batch",
+               disable=not progress, dynamic_ncols=True)
+    submitted: collections.deque = collections.deque()  # (where, wait for mean and std), oldest first
+    blending: collections.deque = collections.deque()  # the writing thread's futures, oldest first
+    writer = ThreadPoolExecutor(1, thread_name_prefix="write_rows")
+
+    def settle(limit: int) -> None:  # waits until at most `limit` batches are submitted and `limit` queued
+        while len(submitted) > limit:
+            where, wait = submitted.popleft()
+            blending.append(writer.submit(blend, where, *wait()))
+            bar.update(1)
+        while len(blending) > limit:
+            blending.popleft().result()  # raises what the writing thread raised
+
+    try:
+        for where, stacked, ids in _batches(layout, read_rows, batch_size):
+            submitted.append((where, predict(stacked, ids)))
+            settle(in_flight)
+        settle(0)
+    finally:
+        writer.shutdown(cancel_futures=True)
+        bar.close()
+    blend.check_done()
+
+
+def _batches(layout: TileLayout, read_rows: ReadRows, batch_size: int
+             ) -> Iterator[tuple[list[tuple[int, int]], Arrays, np.ndarray]]:
+    """The scene's tiles in row-major batches: ((row, col) of each tile, stacked tiles, tile ids). The next
+    row of tiles is read in a thread while this one is batched and predicted (file reads and XLA both release
+    the GIL); `read_rows` is only ever called from that one thread."""
     t = layout.tile
-    acc = _RowAccumulator(layout.padded_width)
-    remaining = [len(layout.xs)] * len(layout.ys)  # tiles of each tile row not yet blended
-    next_row = 0  # first tile row not yet complete
 
     def tiles() -> Iterator[tuple[int, int, Arrays]]:
-        # The next row of tiles is read in a thread while this one is predicted (file reads and XLA both
-        # release the GIL); `read_rows` is only ever called from that one thread.
         with ThreadPoolExecutor(1, thread_name_prefix="read_rows") as pool:
             pending = pool.submit(read_rows, layout.ys[0], layout.ys[0] + t)
             for r in range(len(layout.ys)):
@@ -175,40 +217,40 @@ def blend_tiles(
                 for c, x in enumerate(layout.xs):
                     yield r, c, {k: v[:, x : x + t] for k, v in band.items()}
 
-    def flush() -> None:
-        nonlocal next_row
-        while next_row < len(layout.ys) and remaining[next_row] == 0:
-            next_row += 1
-        until = layout.ys[next_row] if next_row < len(layout.ys) else layout.padded_height
+    stream = tiles()
+    while chunk := list(itertools.islice(stream, batch_size)):
+        stacked = {k: np.stack([b[2][k] for b in chunk]) for k in chunk[0][2]}
+        ids = np.asarray([r * len(layout.xs) + c for r, c, _ in chunk], np.int32)
+        yield [(r, c) for r, c, _ in chunk], stacked, ids
+
+
+class _Blend:
+    """Blends predicted tiles into the scene's rows and writes each band of rows once no later tile reaches
+    it; called with the batches in row-major order."""
+
+    def __init__(self, layout: TileLayout, write_rows: WriteRows):
+        self.layout, self.write_rows = layout, write_rows
+        self.acc = _RowAccumulator(layout.padded_width)
+        self.remaining = [len(layout.xs)] * len(layout.ys)  # tiles of each tile row not yet blended
+        self.next_row = 0  # first tile row not yet complete
+
+    def __call__(self, where: list[tuple[int, int]], mean: np.ndarray, std: np.ndarray) -> None:
+        layout, acc = self.layout, self.acc
+        for i, (r, c) in enumerate(where):
+            acc.add(layout.ys[r], layout.xs[c], mean[i], std[i], layout.window(r, c))
+            self.remaining[r] -= 1
+        while self.next_row < len(layout.ys) and self.remaining[self.next_row] == 0:
+            self.next_row += 1
+        until = layout.ys[self.next_row] if self.next_row < len(layout.ys) else layout.padded_height
         if until > acc.start:
             y0 = acc.start
-            mean, std = acc.pop(until)
+            rows_mean, rows_std = acc.pop(until)
             end = min(until, layout.height)
             if end > y0:
-                write_rows(y0, end, mean[: end - y0, : layout.width], std[: end - y0, : layout.width])
+                self.write_rows(y0, end, rows_mean[: end - y0, : layout.width],
+                                rows_std[: end - y0, : layout.width])
 
-    n_batches = math.ceil(layout.num_tiles / batch_size)
-    bar = tqdm(total=n_batches, desc="tile batches", unit="batch", disable=not progress, dynamic_ncols=True)
-    batch: list[tuple[int, int, Arrays]] = []
-    stream = tiles()
-    try:
-        while True:
-            item = next(stream, None)
-            if item is not None:
-                batch.append(item)
-            if batch and (len(batch) == batch_size or item is None):
-                stacked = {k: np.stack([b[2][k] for b in batch]) for k in batch[0][2]}
-                ids = np.asarray([r * len(layout.xs) + c for r, c, _ in batch], np.int32)
-                mean, std = predict(stacked, ids)
-                for i, (r, c, _) in enumerate(batch):
-                    acc.add(layout.ys[r], layout.xs[c], mean[i], std[i], layout.window(r, c))
-                    remaining[r] -= 1
-                batch = []
-                flush()
-                bar.update(1)
-            if item is None:
-                break
-    finally:
-        bar.close()
-    if acc.start != layout.padded_height:
-        raise AssertionError(f"blend_tiles: rows {acc.start}..{layout.height} were never written")
+    def check_done(self) -> None:
+        if self.acc.start != self.layout.padded_height:
+            raise AssertionError(f"blend_tiles: rows {self.acc.start}..{self.layout.height} were never "
+                                 "written")

@@ -9,6 +9,7 @@ against crrf_jax.flow's Euler sampler with classifier-free guidance.
 from __future__ import annotations
 
 import logging
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,8 @@ def test_tile_starts_cover_with_overlap(length, tile, overlap):
         assert len(starts) - 1 < (max(length, tile) - tile) / (tile - overlap) + 1
 
 
-def _run(layout: TileLayout, scene: dict, predict, batch_size: int = 7):
+def _run(layout: TileLayout, scene: dict, predict, batch_size: int = 7,
+         in_flight: int = tiling.IN_FLIGHT_BATCHES):
     """blend_tiles over an in-memory scene; returns (mean, std, events)."""
     padded = {k: tiling.pad_to(v, layout.padded_height, layout.padded_width) for k, v in scene.items()}
     c = scene["s2_cloudy"].shape[-1]
@@ -61,12 +63,12 @@ def _run(layout: TileLayout, scene: dict, predict, batch_size: int = 7):
         events.append(("write", y0, y1))
         mean[y0:y1], std[y0:y1] = m, s
 
-    blend_tiles(layout, read, predict, write, batch_size=batch_size)
+    blend_tiles(layout, read, predict, write, batch_size=batch_size, in_flight=in_flight)
     return mean, std, events
 
 
 def _identity(tiles, ids):
-    return tiles["s2_cloudy"], 0.5 * tiles["s2_cloudy"]
+    return lambda: (tiles["s2_cloudy"], 0.5 * tiles["s2_cloudy"])
 
 
 @pytest.mark.parametrize("height,width", [(500, 700), (100, 100), (40, 50), (64, 64)])
@@ -84,24 +86,119 @@ def test_identity_predictor_gives_the_scene_back(height, width):
     assert all(y1 - y0 == TILE for y0, y1 in reads) and len(reads) == len(layout.ys)
 
 
-def test_rows_are_written_while_reading_goes_on():
+@pytest.mark.parametrize("in_flight", [0, 2])
+def test_rows_are_written_while_reading_goes_on(in_flight):
     """Memory stays bounded: when row r of tiles is read (ahead, in the reading thread), the rows above row
-    r - 2 are already written."""
+    r - 2 are already written, less the rows of the 2 x in_flight batches submitted or queued for writing."""
     layout = TileLayout(500, 300, TILE, OVERLAP)  # 6 tiles a row, batches of 4: a batch spans <= 2 rows
-    _, _, events = _run(layout, {"s2_cloudy": np.zeros((500, 300, 1), np.float32)}, _identity, batch_size=4)
+    _, _, events = _run(layout, {"s2_cloudy": np.zeros((500, 300, 1), np.float32)}, _identity, batch_size=4,
+                        in_flight=in_flight)
+    lag = 2 + -(-2 * in_flight * 4 // len(layout.xs))
     written = 0
     for kind, y0, y1 in events:
         if kind == "write":
             written = y1
-        elif (r := layout.ys.index(y0)) >= 2:
-            assert written >= layout.ys[r - 2], (r, written)
+        elif (r := layout.ys.index(y0)) >= lag:
+            assert written >= layout.ys[r - lag], (r, written)
+
+
+@pytest.mark.parametrize("in_flight", [0, 1, 2, 5])
+@pytest.mark.parametrize("batch_size", [1, 4, 7])
+def test_the_blend_does_not_depend_on_in_flight_or_batch_size(in_flight, batch_size):
+    layout = TileLayout(300, 260, TILE, OVERLAP)
+    values = np.random.default_rng(2).uniform(0, 1, layout.num_tiles)
+    scene = {"s2_cloudy": np.zeros((300, 260, 1), np.float32)}
+    reference, _, _ = _run(layout, scene, _constant_tiles(layout, values), batch_size=3, in_flight=0)
+    mean, _, _ = _run(layout, scene, _constant_tiles(layout, values), batch_size=batch_size,
+                      in_flight=in_flight)
+    np.testing.assert_array_equal(mean, reference)
+
+
+def _logged(layout: TileLayout, log: list):
+    """An identity predictor that logs ("submit", k) and ("wait", k) for batch k, and the thread of each."""
+    def predict(tiles, ids):
+        k = int(ids[0])
+        log.append(("submit", k, threading.current_thread().name))
+
+        def wait():
+            log.append(("wait", k, threading.current_thread().name))
+            return tiles["s2_cloudy"], np.zeros_like(tiles["s2_cloudy"])
+
+        return wait
+
+    return predict
+
+
+@pytest.mark.parametrize("in_flight", [0, 1, 3])
+def test_batches_are_submitted_ahead_and_waited_for_in_order(in_flight):
+    """Up to in_flight batches are submitted before the oldest is waited for; every submit and wait happens
+    in the caller's thread, in order (collectives across processes need both)."""
+    layout = TileLayout(200, 200, TILE, OVERLAP)
+    log = []
+    _run(layout, {"s2_cloudy": np.zeros((200, 200, 1), np.float32)}, _logged(layout, log), batch_size=1,
+         in_flight=in_flight)
+    calls = [(kind, k) for kind, k, _ in log]
+    assert {name for *_, name in log} == {threading.current_thread().name}
+    assert [k for kind, k in calls if kind == "submit"] == list(range(layout.num_tiles))
+    assert [k for kind, k in calls if kind == "wait"] == list(range(layout.num_tiles))
+    for k in range(layout.num_tiles):  # batch k is waited for once batch k + in_flight is submitted
+        before = calls[: calls.index(("wait", k))]
+        assert sum(kind == "submit" for kind, _ in before) == min(k + in_flight + 1, layout.num_tiles)
+
+
+@pytest.mark.parametrize("in_flight", [0, 2])
+def test_writing_overlaps_the_next_batches(in_flight):
+    """With batches in flight, rows are written in a thread of their own while the caller's thread goes on
+    submitting: each write of a band waits for the next tile row's first batch to be submitted. Done in turn
+    (in_flight=0), the next batch is only submitted after the write, so that wait times out."""
+    layout = TileLayout(260, 200, TILE, OVERLAP)  # 4 x 4 tiles; batches of 4: one tile row each
+    submitted = [threading.Event() for _ in range(len(layout.ys) + 1)]
+    came, writers = [], set()
+
+    def predict(tiles, ids):
+        submitted[int(ids[0]) // len(layout.xs)].set()
+        return lambda: (tiles["s2_cloudy"], np.zeros_like(tiles["s2_cloudy"]))
+
+    def write(y0, y1, mean, std):
+        writers.add(threading.current_thread().name)
+        row = next(r for r, y in enumerate(layout.ys) if y >= y1) if y1 < layout.height else None
+        if row is not None:
+            came.append(submitted[row].wait(timeout=5.0 if in_flight else 0.5))
+
+    blend_tiles(layout, lambda y0, y1: {"s2_cloudy": np.zeros((y1 - y0, 200, 1), np.float32)}, predict, write,
+                batch_size=4, in_flight=in_flight)
+    assert threading.current_thread().name not in writers and len(writers) == 1
+    assert came and all(came) if in_flight else not any(came)
+
+
+def test_errors_of_the_writing_thread_and_of_a_batch_reach_the_caller():
+    layout = TileLayout(300, 300, TILE, OVERLAP)
+    scene = {"s2_cloudy": np.zeros((300, 300, 1), np.float32)}
+
+    def write(y0, y1, mean, std):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        blend_tiles(layout, lambda y0, y1: {k: v[y0:y1] for k, v in scene.items()}, _identity, write)
+
+    def failing(tiles, ids):
+        def wait():
+            if ids[0] >= 5:
+                raise RuntimeError("device lost")
+            return tiles["s2_cloudy"], tiles["s2_cloudy"]
+        return wait
+
+    with pytest.raises(RuntimeError, match="device lost"):
+        _run(layout, scene, failing, batch_size=1)
+    with pytest.raises(ValueError, match="in_flight must be >= 0"):
+        _run(layout, scene, _identity, in_flight=-1)
 
 
 def _constant_tiles(layout: TileLayout, values: np.ndarray):
     def predict(tiles, ids):
         n = len(ids)
         mean = np.broadcast_to(values[ids][:, None, None, None], (n, layout.tile, layout.tile, 1))
-        return mean.astype(np.float32), np.zeros_like(mean, np.float32)
+        return lambda: (mean.astype(np.float32), np.zeros_like(mean, np.float32))
 
     return predict
 
