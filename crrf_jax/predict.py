@@ -125,8 +125,8 @@ def predict_scene(
                                        grid=opened[0][0] if opened else None))
         s2, s1, prob = opened[0]
         layout = TileLayout(s2.height, s2.width, tile, overlap)
-        readers = [_SceneReader(remover, layout, *inputs, prob_paths[d] if prob_paths else None)
-                   for d, inputs in enumerate(opened)]
+        readers = [_SceneReader(remover, layout, *inputs, prob_paths[d] if prob_paths else None,
+                                changes=change_mask_path is not None) for d, inputs in enumerate(opened)]
         reader = readers[0] if len(readers) == 1 else _DatesReader(readers)
         if parallel.is_writer():
             writer = scene_outputs.SceneOutputs(
@@ -218,7 +218,7 @@ def _discard_rows(y0: int, y1: int, mean: np.ndarray, std: np.ndarray) -> None:
 class _SceneReader:
     """Rows of the padded tile grid from the opened inputs, normalised like the training data."""
 
-    def __init__(self, remover, layout, s2, s1, prob, prob_path):
+    def __init__(self, remover, layout, s2, s1, prob, prob_path, *, changes: bool = False):
         self.remover, self.layout, self.s2, self.s1, self.prob, self.prob_path = (
             remover, layout, s2, s1, prob, prob_path)
         nodata = s2.nodata
@@ -226,6 +226,13 @@ class _SceneReader:
             log.warning("%s: nodata %s does not fit uint16; the output has no nodata", s2.path, nodata)
             nodata = None
         self.nodata = nodata
+        # What the writer will take (`came_in`): the valid pixels (nodata goes there; they mask the change
+        # mask) and, when a change mask is written (`changes`), what came in; kept from the reads so that no
+        # row is read twice, and nothing where this process writes no outputs (only process 0 writes).
+        writes = parallel.is_writer()
+        self.changes = writes and changes
+        self.kept_valid = _KeptRows() if writes and (nodata is not None or changes) else None
+        self.kept_dn = _KeptRows() if self.changes else None
         # s2cloudless needs all 13 bands; otherwise (a given map, the RGBN score) only the model's are read.
         s2cloudless = prob is None and remover.cloud_score["kind"] == "s2cloudless"
         self.bands = contract.S2_BANDS if s2cloudless else tuple(remover.band_names)
@@ -233,27 +240,25 @@ class _SceneReader:
         if missing and s2cloudless and missing == ["B10"] and "B10" not in remover.band_names:
             raise DataError(s2.path, "has no B10, which s2cloudless needs to compute the cloud probability: "
                                      "give --cloud-prob, or --fill-b10")
-        self._lock = threading.Lock()
 
-    def model_dn(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
-        """(DN of the model's bands after the offset, valid mask) of rows [y0, y1) of the scene."""
-        with self._lock:
-            return self.s2.read(y0, y1, self.remover.band_names), self.s2.valid(y0, y1)
+    def came_in(self, y0: int, y1: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """What came in at rows [y0, y1) of the scene, taken from the kept reads (each row once): (uint16 DN
+        of the model's bands as the output would hold them, with a change mask, else None; (rows, W) valid
+        mask, where the output has nodata or a change mask, else None)."""
+        return (None if self.kept_dn is None else self.kept_dn.take(y0, y1),
+                None if self.kept_valid is None else self.kept_valid.take(y0, y1))
 
     def read_rows(self, y0: int, y1: int) -> dict[str, np.ndarray]:
         """Rows [y0, y1) of the padded grid: "s2_cloudy" (model bands), "cloud_prob", and with SAR "s1" and
-        "s1_coverage". Called from the tiler's reading thread while the writer may call `model_dn`: the
-        datasets are read under one lock (a GDAL dataset is not to be read from two threads at once)."""
-        with self._lock:
-            return self._read_rows(y0, y1)
-
-    def _read_rows(self, y0: int, y1: int) -> dict[str, np.ndarray]:
+        "s1_coverage". Only the tiler's reading thread reads the datasets (a GDAL dataset is not to be
+        read from two threads at once); the writing thread takes what it needs from `came_in`."""
         end = min(y1, self.layout.height)
         raw = self.s2.read(y0, end, self.bands)
         if not np.all(np.isfinite(raw)):
             raise DataError(self.s2.path, f"NaN or Inf values in rows {y0}..{end}")
         s2 = contract.normalize_s2(raw)
-        s2[~self.s2.valid(y0, end)] = 0.0
+        valid = self.s2.valid(y0, end)
+        s2[~valid] = 0.0
         if self.prob is None:
             prob = self.remover.compute_cloud_prob(s2, self.bands)
         else:
@@ -263,6 +268,10 @@ class _SceneReader:
                 raise DataError(self.prob_path, f"cloud probability outside [0, 1] in rows {y0}..{end}")
         model_bands = [self.bands.index(b) for b in self.remover.band_names]
         rows = {"s2_cloudy": s2[..., model_bands], "cloud_prob": prob}
+        if self.kept_valid is not None:
+            self.kept_valid.keep(y0, valid)
+        if self.kept_dn is not None:  # exactly the DN the output holds for an unchanged valid pixel
+            self.kept_dn.keep(y0, contract.denormalize_s2(rows["s2_cloudy"]))
         if self.s1 is not None:
             rows["s1"] = contract.normalize_s1_filled(self.s1.read(y0, end))
             rows["s1_coverage"] = self.s1.coverage(y0, end)
@@ -272,12 +281,11 @@ class _SceneReader:
 class _DatesReader:
     """Several dates' `_SceneReader`s as one: rows with the dates stacked date-major along the channels (as
     `CloudRemover.predict_tiles` takes them), and, for the writer, the least-cloudy composite of the dates'
-    DN (what came in, for --keep-clear and the change mask). A pixel counts as valid where every date is."""
+    DN (what came in, for the change mask). A pixel counts as valid where every date is."""
 
     def __init__(self, readers: list[_SceneReader]):
         self.readers, self.nodata = readers, readers[0].nodata
-        self._prob_rows: dict[int, np.ndarray] = {}  # scene row -> (W, D) cloud probability, until written
-        self._lock = threading.Lock()
+        self.kept_prob = _KeptRows() if readers[0].changes else None  # (W, D) per row, for the composite
 
     def read_rows(self, y0: int, y1: int) -> dict[str, np.ndarray]:
         dates = [r.read_rows(y0, y1) for r in self.readers]
@@ -285,17 +293,36 @@ class _DatesReader:
                 if k in dates[0]}
         if "s1_coverage" in dates[0]:
             rows["s1_coverage"] = np.logical_and.reduce([d["s1_coverage"] for d in dates])
-        with self._lock:
-            for y in range(y0, min(y1, self.readers[0].layout.height)):
-                self._prob_rows.setdefault(y, rows["cloud_prob"][y - y0])
+        if self.kept_prob is not None:
+            self.kept_prob.keep(y0, rows["cloud_prob"][: min(y1, self.readers[0].layout.height) - y0])
         return rows
 
-    def model_dn(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
-        dn, valid = zip(*(r.model_dn(y0, y1) for r in self.readers))
+    def came_in(self, y0: int, y1: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        dn, valid = zip(*(r.came_in(y0, y1) for r in self.readers))
+        valid = None if valid[0] is None else np.logical_and.reduce(valid)
+        if dn[0] is None:
+            return None, valid
+        prob = self.kept_prob.take(y0, y1)  # (rows, W, D); the composite follows the flow's rule
+        return references.least_cloudy_composite(np.stack(dn), np.moveaxis(prob, -1, 0)), valid
+
+
+class _KeptRows:
+    """Rows of the scene kept from the reading thread until the writing thread takes them, each once (the
+    first read of a row is kept: tile rows overlap, and every read of a row gives the same values)."""
+
+    def __init__(self):
+        self._rows: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def keep(self, y0: int, rows: np.ndarray) -> None:
+        """rows (n, ...): scene rows y0 .. y0 + n."""
         with self._lock:
-            prob = np.stack([self._prob_rows.pop(y) for y in range(y0, y1)])  # (rows, W, D)
-        composite = references.least_cloudy_composite(np.stack(dn), np.moveaxis(prob, -1, 0))  # the flow's rule
-        return composite, np.logical_and.reduce(valid)
+            for i, row in enumerate(rows):
+                self._rows.setdefault(y0 + i, row)
+
+    def take(self, y0: int, y1: int) -> np.ndarray:
+        with self._lock:
+            return np.stack([self._rows.pop(y) for y in range(y0, y1)])
 
 
 class _Writes:
@@ -306,14 +333,16 @@ class _Writes:
 
     def __call__(self, y0: int, y1: int, mean: np.ndarray, std: np.ndarray) -> None:
         dn = contract.denormalize_s2(mean)
-        std = std.astype(np.float32)
-        raw, valid = self.reader.model_dn(y0, y1)
-        before = contract.denormalize_s2(contract.normalize_s2(raw))
-        changed = np.any(np.abs(dn.astype(np.int32) - before.astype(np.int32)) > CHANGE_DN, axis=-1)
+        std = np.asarray(std, np.float32)  # the tiler's own rows: changed in place
+        before, valid = self.reader.came_in(y0, y1)
+        changed = None
+        if before is not None:
+            changed = np.any(np.abs(dn.astype(np.int32) - before.astype(np.int32)) > CHANGE_DN, axis=-1)
+            changed &= valid
         if self.reader.nodata is not None:
             dn[~valid] = self.reader.nodata
             std[~valid] = np.nan
-        self.writer.write_rows(y0, y1, dn, std, changed & valid)
+        self.writer.write_rows(y0, y1, dn, std, changed)
 
 
 # ------------------------------------------------------------------------------------------------------------

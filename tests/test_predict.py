@@ -266,6 +266,11 @@ def test_outputs_are_cloud_optimized_with_quicklook_and_change_mask(bundle, scen
         clear = ds.read(1).astype(np.float32) / 255.0 < 0.4
     assert set(np.unique(changed)) <= {0, 1} and 0 < changed.mean() < 1
     assert np.all(changed[clear] == 0) and changed[~clear].mean() > 0.5  # kept pixels are not changes
+    with rasterio.open(out) as o, rasterio.open(scene["s2_cloudy"]) as src:  # the mask's definition, exactly
+        bands = [contract.S2_BANDS.index(name) + 1 for name in o.descriptions]
+        came_in = np.clip(src.read(bands).astype(np.float64) - float(o.tags()["s2_offset"]), 0, contract.S2_DN_MAX)
+        moved = np.abs(o.read().astype(np.float64) - np.rint(came_in))
+    np.testing.assert_array_equal(changed, np.any(moved > predict.CHANGE_DN, axis=0))
     from PIL import Image
 
     with Image.open(tmp_path / "rgb.png") as png:
