@@ -108,8 +108,10 @@ class SceneOutputs:
             raise ValueError(f"quicklook bands {self.rgb} outside the {self.bands} output bands")
         self.quicklook_path = Path(quicklook_path) if quicklook_path else None
         self._published: list[tuple[Path, Path]] = []  # (finished partial, final path), filled by commit
+        # NUM_THREADS: GDAL compresses the written blocks on all cores, not in the writing thread alone.
         self._base = {"driver": "GTiff", "width": self.width, "height": self.height, "crs": crs,
-                      "transform": transform, "compress": compress, "BIGTIFF": "IF_SAFER"}
+                      "transform": transform, "compress": compress, "BIGTIFF": "IF_SAFER",
+                      "NUM_THREADS": "ALL_CPUS"}
         if cog:
             self._base.update(tiled=True, blockxsize=BLOCK, blockysize=BLOCK, **_FAST_LEVEL[compress])
         self.out = self.std = self.mask = None
