@@ -267,7 +267,9 @@ class _SceneReader:
             if not np.all(np.isfinite(prob)) or prob.min() < 0 or prob.max() > 1:
                 raise DataError(self.prob_path, f"cloud probability outside [0, 1] in rows {y0}..{end}")
         model_bands = [self.bands.index(b) for b in self.remover.band_names]
-        rows = {"s2_cloudy": s2[..., model_bands], "cloud_prob": prob}
+        if model_bands != list(range(len(self.bands))):  # a full-band model reads just its bands: no copy
+            s2 = s2[..., model_bands]
+        rows = {"s2_cloudy": s2, "cloud_prob": prob}
         if self.kept_valid is not None:
             self.kept_valid.keep(y0, valid)
         if self.kept_dn is not None:  # exactly the DN the output holds for an unchanged valid pixel

@@ -108,8 +108,9 @@ CLOUD_PROB_DTYPES = ("uint8", "float32", "float64")
 
 def normalize_s2(dn: np.ndarray) -> np.ndarray:
     """S2 L1C digital numbers -> float32 reflectance in [0, 1] (clip to [0, 10000], divide by 10000)."""
-    dn = np.asarray(dn, dtype=np.float32)
-    return (np.clip(dn, 0.0, S2_DN_MAX) / S2_DN_MAX).astype(np.float32)
+    x = np.clip(np.asarray(dn, dtype=np.float32), 0.0, S2_DN_MAX)  # a new array: divided in place
+    x /= np.float32(S2_DN_MAX)
+    return x
 
 
 def denormalize_s2(x: np.ndarray) -> np.ndarray:

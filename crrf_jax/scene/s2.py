@@ -180,15 +180,20 @@ class S2Scene:
                 out[..., i] = self._fill_b10
                 continue
             values = raw[name]
-            empty = self._is_nodata(values)
-            bad = ~np.isfinite(values) & ~empty
+            empty = None if self._file_nodata is None else self._is_nodata(values)
+            bad = ~np.isfinite(values)
+            if empty is not None:
+                bad &= ~empty
             if bad.any():
                 raise DataError(self._sources[name].path,
                                 f"{int(bad.sum())} NaN or Inf values in band {name}, rows {y0}..{y1}")
-            dn = values * self._scale
-            self._report_range(name, dn[~empty], y0, y1)
-            dn = np.maximum((dn - self._offsets.get(name, 0.0)) * self._gain, 0.0)
-            dn[empty] = 0.0
+            dn = values * np.float32(self._scale)  # float32 throughout, in place after this copy
+            self._report_range(name, dn if empty is None else dn[~empty], y0, y1)
+            dn -= np.float32(self._offsets.get(name, 0.0))
+            dn *= np.float32(self._gain)
+            np.maximum(dn, 0.0, out=dn)
+            if empty is not None:
+                dn[empty] = 0.0
             out[..., i] = dn
         return out
 
