@@ -16,6 +16,9 @@
 #              encode / transformer / decode split and compile times                            -> "GPU: sampling"
 #   feed       bench/train_step.py --feed-steps: base steps fed from the grain latent pipeline vs from a
 #              device-resident batch (is the step waiting for data?)                           -> "GPU: step feed"
+#   scene      bench/predict_scene.py: the predict CLI on a 4096 x 4096 GeoTIFF scene, base at 4 steps and
+#              batch 32, and with the sampler replaced by an identity (the host pipeline's own tiles/s: is the
+#              device waiting for reading, blending or writing?)                                  -> "GPU: scene"
 #   compile    bench/train_step.py --sides torch_compile: diffusers under torch.compile, last, since its
 #              compile may not fit the time left                                            -> "GPU: torch.compile"
 # A section is written only by a step that finishes; the summary ("GPU: summary") says which did.
@@ -87,6 +90,8 @@ if [ "$dry" = 1 ]; then
   train_args=(--variants tiny --size 64 --steps 1 --batch 2)
   sampling_args=(--variant tiny --size 64 --steps 2,1 --batch 2,1 --sweep-steps 2 --repeats 1 --budget-s 120)
   feed_args=(--variants tiny --size 64 --steps 1 --batch 2 --feed-steps 2 --feed-workers 1)
+  scene_args=(--variants tiny --sizes 256 --steps 1 --batch 2)
+  t_scene=${GPU_SH_SCENE_S:-120}
   compile_args=(--variants tiny --size 64 --steps 1 --batch 2)
 else
   export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX and PyTorch share the GPU in the train step's process
@@ -97,6 +102,8 @@ else
   train_args=(--variants base,large --steps 5)
   sampling_args=(--variant base --steps 4,1,2,8 --batch 128,32,8 --sweep-steps 4 --repeats 3 --budget-s 100)
   feed_args=(--variants base --steps 3 --feed-steps 30 --feed-workers 4)
+  scene_args=(--variants base --sizes 4096 --steps 4 --batch 32)
+  t_scene=${GPU_SH_SCENE_S:-100}
   compile_args=(--variants base --steps 5)
 fi
 export PYTHONUNBUFFERED=1
@@ -168,6 +175,8 @@ run train "$t_train" "$PY" bench/train_step.py "${train_args[@]}" --sides jax,to
 run sampling "$t_sampling" "$PY" bench/sampling.py "${sampling_args[@]}" --section "$prefix: sampling" --write
 run feed "$t_feed" "$PY" bench/train_step.py "${feed_args[@]}" --sides none --section "$prefix: step feed" \
   --write
+run scene "$t_scene" "$PY" bench/predict_scene.py "${scene_args[@]}" --model identity,sampler --uncertainty \
+  --section "$prefix: scene" --write
 run compile "$t_compile" "$PY" bench/train_step.py "${compile_args[@]}" --sides torch_compile \
   --section "$prefix: torch.compile" --write
 
@@ -184,7 +193,7 @@ cp "${CRRF_BENCHMARKS:-BENCHMARKS.md}" "$out/BENCHMARKS.md" 2>/dev/null || true
 failed=0
 for s in "${statuses[@]}"; do [ "$s" = ok ] || failed=1; done
 if [ "$dry" = 1 ]; then
-  for section in "train step" "sampling" "step feed" "torch.compile" "summary"; do
+  for section in "train step" "sampling" "step feed" "scene" "torch.compile" "summary"; do
     grep -q "^## $prefix: $section\$" "$CRRF_BENCHMARKS" || { echo "dry run: section '$prefix: $section' missing"; failed=1; }
   done
   echo "dry run: sections written to $CRRF_BENCHMARKS (BENCHMARKS.md untouched); log $log"

@@ -1,7 +1,7 @@
 """Whole-scene prediction: seconds and peak memory of `python -m crrf_jax.predict` as the scene grows.
 
     python bench/predict_scene.py [--variants tiny,base] [--sizes 1024,2048,4096,4096x1024] [--steps 1]
-                                  [--batch 8] [--model sampler|identity] [--uncertainty]
+                                  [--batch 8] [--model sampler,identity] [--uncertainty]
                                   [--cloud-prob given|computed] [--cog] [--write] [--section NAME]
 
 A size is N (N x N) or HxW (H rows, W columns).
@@ -13,14 +13,17 @@ on the weights). Reported: wall seconds of the child, tiles/s, megapixels/s, and
 memory (ru_maxrss). The tiler holds a few rows of tiles, so the peak grows with the width and not with the
 height (a tall HxW scene shows it); a 10980 x 10980
 Sentinel-2 tile is extrapolated from the largest size at the measured pixel rate. --cloud-prob computed runs
-s2cloudless on the scene too (CPU, inside the child). Runs unchanged on CPU and GPU.
-`--write` puts the results into the "Scene prediction" section of BENCHMARKS.md.
+s2cloudless on the scene too (CPU, inside the child). --model identity runs the same CLI with the sampler
+replaced by an identity (IDENTITY_PATCH): the host pipeline's own tiles/s, what a device faster than the host
+would be held to. Runs unchanged on CPU and GPU.
+`--write` puts the results into the "Scene prediction" section of BENCHMARKS.md (or --section's).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import subprocess
 import sys
@@ -47,10 +50,10 @@ CHILD = (
     "sys.exit(code)\n"
 )
 
-# --model identity: the sampler replaced by one that returns its cloudy input (std 0) as it lies on the device,
-# so everything else runs as it does with a model (reading, normalising, batching, host<->device transfers,
-# blending, DN conversion, compression, writing): the tiles/s of the host pipeline, the ceiling that a device
-# faster than the host would see.
+# --model identity: the sampler replaced by one that returns its cloudy input (std 0) as it lies on the
+# device, so everything else runs as it does with a model (reading, normalising, batching, host<->device
+# transfers, blending, DN conversion, compression, writing): the tiles/s of the host pipeline, the ceiling
+# that a device faster than the host would see.
 IDENTITY_PATCH = (
     "import jax.numpy as jnp\n"
     "from crrf_jax import sampling\n"
@@ -89,8 +92,8 @@ def write_scene(directory: Path, height: int, width: int, seed: int = 0) -> dict
     return paths
 
 
-def run_one(bundle_dir: Path, scene: dict[str, Path], out: Path, args) -> dict[str, float]:
-    child = CHILD.replace("{patch}", IDENTITY_PATCH if args.model == "identity" else "")
+def run_one(bundle_dir: Path, scene: dict[str, Path], out: Path, model: str, args) -> dict[str, float]:
+    child = CHILD.replace("{patch}", IDENTITY_PATCH if model == "identity" else "")
     cmd = [sys.executable, "-c", child, f"--bundle={bundle_dir}", f"--s2={scene['s2']}",
            f"--s1={scene['s1']}",
            f"--out={out}", f"--steps={args.steps}", f"--batch-size={args.batch}", "--quiet"]
@@ -120,43 +123,46 @@ def main() -> None:
     parser.add_argument("--cloud-prob", choices=("given", "computed"), default="given")
     parser.add_argument("--cog", action="store_true", help="Cloud-Optimized outputs (default: plain tiled)")
     parser.add_argument("--uncertainty", action="store_true", help="also write the float32 std GeoTIFF")
-    parser.add_argument("--model", choices=("sampler", "identity"), default="sampler",
-                        help="identity: the host pipeline alone (see IDENTITY_PATCH)")
+    parser.add_argument("--model", default="sampler",
+                        help="sampler and/or identity, comma-separated (identity: the host pipeline alone, "
+                             "see IDENTITY_PATCH)")
     parser.add_argument("--section", default="Scene prediction")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     from crrf_jax import bundle
 
+    models = args.model.split(",")
+    if not set(models) <= {"sampler", "identity"}:
+        raise SystemExit(f"--model: sampler and/or identity, got {args.model!r}")
     rows, scenes = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for variant in args.variants.split(","):
             bundle_dir = tmp / f"bundle_{variant}"
             bundle.write_bundle(sampling_bench.random_parts(variant, "float32"), bundle_dir)
-            for size in args.sizes.split(","):
+            for size, model in itertools.product(args.sizes.split(","), models):
                 h, w = (int(v) for v in (size.split("x") if "x" in size else (size, size)))
                 if (h, w) not in scenes:
                     (tmp / f"scene_{h}x{w}").mkdir()
                     scenes[h, w] = write_scene(tmp / f"scene_{h}x{w}", h, w)
-                r = run_one(bundle_dir, scenes[h, w], tmp / "out.tif", args)
+                r = run_one(bundle_dir, scenes[h, w], tmp / "out.tif", model, args)
                 mpx = h * w / 1e6
-                rows.append((variant, f"{h}x{w}", r["tiles"], r["wall_s"], r["predict_s"],
+                sampler = "identity" if model == "identity" else f"{args.steps} step(s)"
+                rows.append((variant, sampler, f"{h}x{w}", r["tiles"], r["wall_s"], r["predict_s"],
                              r["tiles"] / r["wall_s"], mpx / r["wall_s"], r["maxrss_mb"],
                              TILE_10980 / 1e6 / (mpx / r["wall_s"]) / 60))
-                print(f"{variant} {h}x{w}: {r['tiles']} tiles in {r['wall_s']:.1f} s "
+                print(f"{variant} {sampler} {h}x{w}: {r['tiles']} tiles in {r['wall_s']:.1f} s "
                       f"({r['predict_s']:.1f} s in predict), peak {r['maxrss_mb']:.0f} MB", flush=True)
-    header = ("| variant | scene (HxW) | tiles | seconds | in predict (s) | tiles/s | Mpx/s | peak RSS (MB) "
-              "| 10980² estimate (min) |\n"
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+    header = ("| variant | sampler | scene (HxW) | tiles | seconds | in predict (s) | tiles/s | Mpx/s "
+              "| peak RSS (MB) | 10980² estimate (min) |\n"
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
     table = header + "".join(
-        f"| {v} | {s} | {t} | {w:.1f} | {p:.1f} | {tps:.2f} | {mps:.3f} | {rss:.0f} | {est:.0f} |\n"
-        for v, s, t, w, p, tps, mps, rss, est in rows)
-    model = ("the sampler replaced by an identity (the host pipeline alone)" if args.model == "identity"
-             else f"{args.steps} Euler step(s)")
+        f"| {v} | {m} | {s} | {t} | {w:.1f} | {p:.1f} | {tps:.2f} | {mps:.3f} | {rss:.0f} | {est:.0f} |\n"
+        for v, m, s, t, w, p, tps, mps, rss, est in rows)
     text = (f"## {args.section}\n\n`python bench/predict_scene.py {' '.join(sys.argv[1:])}` on "
-            f"{report.machine()}, "
-            f"{datetime.date.today()}; {model}, batch {args.batch}, cloud probability "
-            f"{args.cloud_prob}, {'COG' if args.cog else 'plain tiled'} output"
+            f"{report.machine()}, {datetime.date.today()}; {args.steps} Euler step(s) (identity: the sampler "
+            f"replaced by one returning its input, the host pipeline alone), batch {args.batch}, cloud "
+            f"probability {args.cloud_prob}, {'COG' if args.cog else 'plain tiled'} output"
             f"{' and float32 uncertainty' if args.uncertainty else ''}, S1 resampled from 20 m. "
             "Each run is a fresh process; seconds and tiles/s are the child's wall time (compiling "
             "included), 'in predict' the CLI's own count from opening the inputs to the published outputs."
