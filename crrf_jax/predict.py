@@ -30,8 +30,8 @@ transform, size and nodata; `--uncertainty` the per-band standard deviation over
 reflectance); `--quicklook` an RGB PNG; `--change-mask` uint8, 1 where the model changed a pixel by more than
 `CHANGE_DN` in some band. With `--keep-clear P`, pixels whose cloud probability is below P are written exactly
 as they came in (same DN, std 0). Outputs appear complete or not at all. The scene streams one row of tiles
-at a time (reading the next row while the device works on the current one), so memory stays bounded on a
-10980 x 10980 tile.
+at a time (reading the next row, and blending and writing finished rows, while the device works on the
+current batches: `crrf_jax.tiling.blend_tiles`), so memory stays bounded on a 10980 x 10980 tile.
 """
 
 from __future__ import annotations
