@@ -1,7 +1,7 @@
 """Whole-scene prediction: seconds and peak memory of `python -m crrf_jax.predict` as the scene grows.
 
     python bench/predict_scene.py [--variants tiny,base] [--sizes 1024,2048,4096,4096x1024] [--steps 1]
-                                  [--batch 8] [--model sampler,identity] [--uncertainty]
+                                  [--batch 8] [--model sampler,identity] [--uncertainty] [--in-flight N]
                                   [--cloud-prob given|computed] [--cog] [--write] [--section NAME]
 
 A size is N (N x N) or HxW (H rows, W columns).
@@ -93,7 +93,11 @@ def write_scene(directory: Path, height: int, width: int, seed: int = 0) -> dict
 
 
 def run_one(bundle_dir: Path, scene: dict[str, Path], out: Path, model: str, args) -> dict[str, float]:
-    child = CHILD.replace("{patch}", IDENTITY_PATCH if model == "identity" else "")
+    patch = IDENTITY_PATCH if model == "identity" else ""
+    if args.in_flight is not None:  # an ablation of the tiler's default, which the CLI does not expose
+        patch += ("from crrf_jax import tiling\n"
+                  f"tiling.blend_tiles.__kwdefaults__['in_flight'] = {int(args.in_flight)}\n")
+    child = CHILD.replace("{patch}", patch)
     cmd = [sys.executable, "-c", child, f"--bundle={bundle_dir}", f"--s2={scene['s2']}",
            f"--s1={scene['s1']}",
            f"--out={out}", f"--steps={args.steps}", f"--batch-size={args.batch}", "--quiet"]
@@ -126,6 +130,8 @@ def main() -> None:
     parser.add_argument("--model", default="sampler",
                         help="sampler and/or identity, comma-separated (identity: the host pipeline alone, "
                              "see IDENTITY_PATCH)")
+    parser.add_argument("--in-flight", type=int, default=None,
+                        help="batches the tiler submits ahead (default: tiling.IN_FLIGHT_BATCHES)")
     parser.add_argument("--section", default="Scene prediction")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
@@ -161,7 +167,8 @@ def main() -> None:
         for v, m, s, t, w, p, tps, mps, rss, est in rows)
     text = (f"## {args.section}\n\n`python bench/predict_scene.py {' '.join(sys.argv[1:])}` on "
             f"{report.machine()}, {datetime.date.today()}; {args.steps} Euler step(s) (identity: the sampler "
-            f"replaced by one returning its input, the host pipeline alone), batch {args.batch}, cloud "
+            f"replaced by one returning its input, the host pipeline alone), batch {args.batch}"
+            f"{'' if args.in_flight is None else f' with {args.in_flight} in flight'}, cloud "
             f"probability {args.cloud_prob}, {'COG' if args.cog else 'plain tiled'} output"
             f"{' and float32 uncertainty' if args.uncertainty else ''}, S1 resampled from 20 m. "
             "Each run is a fresh process; seconds and tiles/s are the child's wall time (compiling "
