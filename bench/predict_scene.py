@@ -2,6 +2,7 @@
 
     python bench/predict_scene.py [--variants tiny,base] [--sizes 1024,2048,4096,4096x1024] [--steps 1]
                                   [--batch 8] [--model sampler,identity] [--uncertainty] [--in-flight N]
+                                  [--device-rate R]
                                   [--cloud-prob given|computed] [--cog] [--write] [--section NAME]
 
 A size is N (N x N) or HxW (H rows, W columns).
@@ -60,6 +61,27 @@ IDENTITY_PATCH = (
     "sampling.sample_patches_jit = lambda nets, cloudy, *a, **k: (cloudy, jnp.zeros_like(cloudy))\n"
 )
 
+# --device-rate R (with --model identity): the identity's results arrive as from a device sampling R
+# tiles/s, one batch after another: a batch is ready (its padded size) / R seconds after the later of its
+# submission and the previous batch's readiness, and waiting for its mean (`parallel.to_host`) sleeps until
+# then, leaving the CPU to the host's threads as a GPU would. It shows how far the host's own work hides
+# behind the device's.
+DEVICE_PATCH = (
+    "import time\n"
+    "from crrf_jax import parallel\n"
+    "_ready, _free = {}, [0.0]\n"
+    "def _sampler(nets, cloudy, *a, **k):\n"
+    "    _free[0] = max(time.perf_counter(), _free[0]) + cloudy.shape[0] / {rate}\n"
+    "    _ready[id(cloudy)] = _free[0]\n"
+    "    return cloudy, jnp.zeros_like(cloudy)\n"
+    "def _to_host(x, _inner=parallel.to_host):\n"
+    "    ready = _ready.pop(id(x), None)\n"
+    "    if ready is not None:\n"
+    "        time.sleep(max(0.0, ready - time.perf_counter()))\n"
+    "    return _inner(x)\n"
+    "sampling.sample_patches_jit, parallel.to_host = _sampler, _to_host\n"
+)
+
 
 def write_scene(directory: Path, height: int, width: int, seed: int = 0) -> dict[str, Path]:
     """A height x width synthetic scene written in row blocks (memory stays small whatever the size)."""
@@ -94,6 +116,8 @@ def write_scene(directory: Path, height: int, width: int, seed: int = 0) -> dict
 
 def run_one(bundle_dir: Path, scene: dict[str, Path], out: Path, model: str, args) -> dict[str, float]:
     patch = IDENTITY_PATCH if model == "identity" else ""
+    if model == "identity" and args.device_rate:
+        patch += DEVICE_PATCH.replace("{rate}", repr(float(args.device_rate)))
     if args.in_flight is not None:  # an ablation of the tiler's default, which the CLI does not expose
         patch += ("from crrf_jax import tiling\n"
                   f"tiling.blend_tiles.__kwdefaults__['in_flight'] = {int(args.in_flight)}\n")
@@ -130,12 +154,22 @@ def main() -> None:
     parser.add_argument("--model", default="sampler",
                         help="sampler and/or identity, comma-separated (identity: the host pipeline alone, "
                              "see IDENTITY_PATCH)")
+    parser.add_argument("--dtype", default="auto", help="the bundle's compute dtype: auto (float32 on CPU, "
+                                                         "bfloat16 on GPU/TPU) | float32 | bfloat16")
+    parser.add_argument("--device-rate", type=float, default=None,
+                        help="with --model identity: results as from a device of this many tiles/s "
+                             "(DEVICE_PATCH)")
     parser.add_argument("--in-flight", type=int, default=None,
                         help="batches the tiler submits ahead (default: tiling.IN_FLIGHT_BATCHES)")
     parser.add_argument("--section", default="Scene prediction")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
+    import jax
+
     from crrf_jax import bundle
+
+    on_cpu = jax.default_backend() == "cpu"
+    dtype = args.dtype if args.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
 
     models = args.model.split(",")
     if not set(models) <= {"sampler", "identity"}:
@@ -145,7 +179,7 @@ def main() -> None:
         tmp = Path(tmp)
         for variant in args.variants.split(","):
             bundle_dir = tmp / f"bundle_{variant}"
-            bundle.write_bundle(sampling_bench.random_parts(variant, "float32"), bundle_dir)
+            bundle.write_bundle(sampling_bench.random_parts(variant, dtype), bundle_dir)
             for size, model in itertools.product(args.sizes.split(","), models):
                 h, w = (int(v) for v in (size.split("x") if "x" in size else (size, size)))
                 if (h, w) not in scenes:
@@ -166,9 +200,12 @@ def main() -> None:
         f"| {v} | {m} | {s} | {t} | {w:.1f} | {p:.1f} | {tps:.2f} | {mps:.3f} | {rss:.0f} | {est:.0f} |\n"
         for v, m, s, t, w, p, tps, mps, rss, est in rows)
     text = (f"## {args.section}\n\n`python bench/predict_scene.py {' '.join(sys.argv[1:])}` on "
-            f"{report.machine()}, {datetime.date.today()}; {args.steps} Euler step(s) (identity: the sampler "
+            f"{report.machine()}, {datetime.date.today()}; compute dtype {dtype}, {args.steps} Euler step(s) "
+            "(identity: the sampler "
             f"replaced by one returning its input, the host pipeline alone), batch {args.batch}"
-            f"{'' if args.in_flight is None else f' with {args.in_flight} in flight'}, cloud "
+            f"{'' if args.in_flight is None else f' with {args.in_flight} in flight'}"
+            f"{'' if not args.device_rate else f', identity as a device of {args.device_rate:g} tiles/s'}"
+            ", cloud "
             f"probability {args.cloud_prob}, {'COG' if args.cog else 'plain tiled'} output"
             f"{' and float32 uncertainty' if args.uncertainty else ''}, S1 resampled from 20 m. "
             "Each run is a fresh process; seconds and tiles/s are the child's wall time (compiling "
