@@ -16,11 +16,11 @@
 #              encode / transformer / decode split and compile times                            -> "GPU: sampling"
 #   feed       bench/train_step.py --feed-steps: base steps fed from the grain latent pipeline vs from a
 #              device-resident batch (is the step waiting for data?)                           -> "GPU: step feed"
+#   compile    bench/train_step.py --sides torch_compile: diffusers under torch.compile, near the end, since
+#              its compile may not fit the time left                                         -> "GPU: torch.compile"
 #   scene      bench/predict_scene.py: the predict CLI on a 4096 x 4096 GeoTIFF scene, base at 4 steps and
 #              batch 32, and with the sampler replaced by an identity (the host pipeline's own tiles/s: is the
-#              device waiting for reading, blending or writing?)                                  -> "GPU: scene"
-#   compile    bench/train_step.py --sides torch_compile: diffusers under torch.compile, last, since its
-#              compile may not fit the time left                                            -> "GPU: torch.compile"
+#              device waiting for reading, blending or writing?); last, on what time is left  -> "GPU: scene"
 # A section is written only by a step that finishes; the summary ("GPU: summary") says which did.
 #
 # What the GPU machine has and lacks (/work/.library/device/KINDS.md, 2026-11): Python 3.12 with torch 2.11
@@ -175,10 +175,11 @@ run train "$t_train" "$PY" bench/train_step.py "${train_args[@]}" --sides jax,to
 run sampling "$t_sampling" "$PY" bench/sampling.py "${sampling_args[@]}" --section "$prefix: sampling" --write
 run feed "$t_feed" "$PY" bench/train_step.py "${feed_args[@]}" --sides none --section "$prefix: step feed" \
   --write
-run scene "$t_scene" "$PY" bench/predict_scene.py "${scene_args[@]}" --model identity,sampler --uncertainty \
-  --section "$prefix: scene" --write
 run compile "$t_compile" "$PY" bench/train_step.py "${compile_args[@]}" --sides torch_compile \
   --section "$prefix: torch.compile" --write
+# Last: the issue's own figures come first; this one only asks whether the device waits for the host.
+run scene "$t_scene" "$PY" bench/predict_scene.py "${scene_args[@]}" --model identity,sampler --uncertainty \
+  --section "$prefix: scene" --write
 
 # Summary: a table of the steps, printed and written as a section.
 elapsed=$(($(date +%s) - start))
@@ -193,7 +194,7 @@ cp "${CRRF_BENCHMARKS:-BENCHMARKS.md}" "$out/BENCHMARKS.md" 2>/dev/null || true
 failed=0
 for s in "${statuses[@]}"; do [ "$s" = ok ] || failed=1; done
 if [ "$dry" = 1 ]; then
-  for section in "train step" "sampling" "step feed" "scene" "torch.compile" "summary"; do
+  for section in "train step" "sampling" "step feed" "torch.compile" "scene" "summary"; do
     grep -q "^## $prefix: $section\$" "$CRRF_BENCHMARKS" || { echo "dry run: section '$prefix: $section' missing"; failed=1; }
   done
   echo "dry run: sections written to $CRRF_BENCHMARKS (BENCHMARKS.md untouched); log $log"
