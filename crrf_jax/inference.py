@@ -157,6 +157,7 @@ class CloudRemover:
         keep_clear: float | None = None,
         samples_per_pass: int = 1,
         dates: int | None = None,
+        with_std: bool = True,
     ) -> PendingTiles:
         """Submits a batch of tiles to the mesh and returns at once (JAX dispatches asynchronously), so the host
         can prepare and finish other batches while the devices sample this one.
@@ -173,9 +174,10 @@ class CloudRemover:
         memory; the same result). dates: D cloudy dates of a multi-temporal scene, stacked date-major along
         the channel axis of every input (s2_cloudy (n, T, T, D * C), cloud_prob (n, T, T, D), s1
         (n, T, T, D * 2), as `remove_clouds` tiles them); keep_clear then keeps the least-cloudy date's pixel.
-        Returns a call that waits for the batch and returns host (mean clipped to [0, 1], std), each
-        (n, T, T, C) float32. With several processes the waits are collectives: every process waits for its
-        batches in the order it submitted them.
+        with_std=False: the std stays on the devices (the call returns None for it): less to copy and blend
+        where no uncertainty is wanted. Returns a call that waits for the batch and returns host (mean clipped
+        to [0, 1], std), each (n, T, T, C) float32. With several processes the waits are collectives: every
+        process waits for its batches in the order it submitted them.
         """
         if dates is not None:
             tiles = dict(tiles) | {k: unstack_dates(tiles[k], dates) for k in ("s2_cloudy", "cloud_prob", "s1")
@@ -209,7 +211,8 @@ class CloudRemover:
         )
 
         def wait() -> tuple[np.ndarray, np.ndarray]:
-            host_mean, host_std = np.clip(parallel.to_host(mean)[:n], 0.0, 1.0), parallel.to_host(std)[:n]
+            host_mean = np.clip(parallel.to_host(mean)[:n], 0.0, 1.0)
+            host_std = parallel.to_host(std)[:n] if with_std else None
             if keep_clear is not None:
                 cloudy, prob, _ = (np.asarray(a) for a in temporal.single_view(tiles["s2_cloudy"],
                                                                                 tiles["cloud_prob"]))
@@ -285,15 +288,17 @@ class CloudRemover:
         scene = {"s2_cloudy": s2, "cloud_prob": prob} | ({"s1": s1} if use_sar else {})
         scene = {k: pad_to(v, layout.padded_height, layout.padded_width) for k, v in scene.items()}
         clear = np.empty((h, w, self.num_bands), np.float32)
-        std = np.empty_like(clear)
+        std = np.zeros_like(clear)  # one sample: zeros, not brought back from the devices
 
-        def write(y0: int, y1: int, mean: np.ndarray, sd: np.ndarray) -> None:
-            clear[y0:y1], std[y0:y1] = mean, sd
+        def write(y0: int, y1: int, mean: np.ndarray, sd: np.ndarray | None) -> None:
+            clear[y0:y1] = mean
+            if sd is not None:
+                std[y0:y1] = sd
 
         self.process(layout, lambda y0, y1: {k: v[y0:y1] for k, v in scene.items()}, write,
                      steps=steps, num_samples=num_samples, guidance_scale=guidance_scale, seed=seed,
                      batch_size=batch_size, keep_clear=keep_clear, progress=progress,
-                     samples_per_pass=samples_per_pass, dates=dates)
+                     samples_per_pass=samples_per_pass, dates=dates, with_std=num_samples > 1)
         if keep_clear is not None:  # exact: blending identical tile values can differ from them in the last ulp
             s2, prob = (s2, prob) if dates is None else (unstack_dates(s2[None], dates)[0],
                                                          unstack_dates(prob[None], dates)[0])
@@ -316,9 +321,11 @@ class CloudRemover:
         progress: bool = False,
         samples_per_pass: int = 1,
         dates: int | None = None,
+        with_std: bool = True,
     ) -> None:
         """`blend_tiles` with this model: the streaming core of `remove_clouds` and of GeoTIFF prediction.
-        dates: the scene's rows hold that many dates stacked along the channels (`predict_tiles`)."""
+        dates: the scene's rows hold that many dates stacked along the channels (`predict_tiles`);
+        with_std=False: `write_rows` gets None for the std (`submit_tiles`)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         check_samples(num_samples, samples_per_pass)
@@ -327,7 +334,8 @@ class CloudRemover:
         def predict(tiles: Arrays, ids: np.ndarray) -> PendingTiles:
             return self.submit_tiles(tiles, ids, steps=steps, num_samples=num_samples,
                                       guidance_scale=guidance_scale, seed=seed, pad_batch_to=batch_size,
-                                      keep_clear=keep_clear, samples_per_pass=samples_per_pass, dates=dates)
+                                      keep_clear=keep_clear, samples_per_pass=samples_per_pass, dates=dates,
+                                      with_std=with_std)
 
         blend_tiles(layout, read_rows, predict, write_rows, batch_size=batch_size, progress=progress)
 
@@ -408,15 +416,17 @@ def check_keep_clear(threshold: float | None) -> None:
 
 
 def keep_clear_pixels(
-    mean: np.ndarray, std: np.ndarray, cloudy: np.ndarray, cloud_prob: np.ndarray, threshold: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) with the pixels whose cloud probability is below `threshold` taken from `cloudy` (std 0).
+    mean: np.ndarray, std: np.ndarray | None, cloudy: np.ndarray, cloud_prob: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(mean, std) with the pixels whose cloud probability is below `threshold` taken from `cloudy` (std 0;
+    a std of None stays None).
 
     mean, std, cloudy: (..., H, W, C); cloud_prob: (..., H, W, 1) in [0, 1].
     """
     check_keep_clear(threshold)
     keep = np.asarray(cloud_prob) < threshold
-    return np.where(keep, cloudy, mean).astype(np.float32), np.where(keep, 0.0, std).astype(np.float32)
+    std = None if std is None else np.where(keep, 0.0, std).astype(np.float32)
+    return np.where(keep, cloudy, mean).astype(np.float32), std
 
 
 def check_reflectance(name: str, x: np.ndarray, tolerance: float = 1e-3) -> None:

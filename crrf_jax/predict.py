@@ -139,7 +139,7 @@ def predict_scene(
             remover.process(layout, reader.read_rows, write, steps=steps, num_samples=num_samples,
                             guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
                             keep_clear=keep_clear, progress=progress and writer is not None,
-                            dates=None if len(readers) == 1 else len(readers))
+                            dates=len(readers) if len(readers) > 1 else None, with_std=bool(uncertainty_path))
             if writer is not None:
                 writer.tag(steps=steps or remover.config["sampling"]["steps"], samples=num_samples, seed=seed,
                            use_sar=s1 is not None, tile=tile, overlap=overlap, keep_clear=keep_clear,
@@ -210,7 +210,7 @@ def _rgb(band_names: Sequence[str]) -> tuple[int, int, int] | None:
         return None
 
 
-def _discard_rows(y0: int, y1: int, mean: np.ndarray, std: np.ndarray) -> None:
+def _discard_rows(y0: int, y1: int, mean: np.ndarray, std: np.ndarray | None) -> None:
     """The rows of a process that does not write (process 0 writes the outputs)."""
     del y0, y1, mean, std
 
@@ -333,9 +333,9 @@ class _Writes:
     def __init__(self, writer, reader: _SceneReader):
         self.writer, self.reader = writer, reader
 
-    def __call__(self, y0: int, y1: int, mean: np.ndarray, std: np.ndarray) -> None:
+    def __call__(self, y0: int, y1: int, mean: np.ndarray, std: np.ndarray | None) -> None:
         dn = contract.denormalize_s2(mean)
-        std = np.asarray(std, np.float32)  # the tiler's own rows: changed in place
+        std = None if std is None else np.asarray(std, np.float32)  # the tiler's own rows: changed in place
         before, valid = self.reader.came_in(y0, y1)
         changed = None
         if before is not None:
@@ -343,7 +343,8 @@ class _Writes:
             changed &= valid
         if self.reader.nodata is not None:
             dn[~valid] = self.reader.nodata
-            std[~valid] = np.nan
+            if std is not None:
+                std[~valid] = np.nan
         self.writer.write_rows(y0, y1, dn, std, changed)
 
 

@@ -102,45 +102,49 @@ class TileLayout:
 
 
 ReadRows = Callable[[int, int], Arrays]  # (y0, y1) on the padded grid -> name: (y1 - y0, padded_width, C)
-PendingTiles = Callable[[], tuple[np.ndarray, np.ndarray]]  # waits for a submitted batch: -> mean, std
+PendingTiles = Callable[[], tuple[np.ndarray, np.ndarray | None]]  # waits for a batch: -> mean, std or None
 PredictTiles = Callable[[Arrays, np.ndarray], PendingTiles]  # tiles, ids -> submitted batch
 IN_FLIGHT_BATCHES = 2  # blend_tiles: batches submitted ahead of the one waited for (and queued for writing)
-WriteRows = Callable[[int, int, np.ndarray, np.ndarray], None]  # y0, y1, mean/std (y1 - y0, width, C)
+WriteRows = Callable[[int, int, np.ndarray, np.ndarray | None], None]  # y0, y1, mean/std (y1 - y0, width, C)
 
 
 class _RowAccumulator:
-    """Weighted sums of blended tiles over a band of rows [start, start + len) of the padded grid."""
+    """Weighted sums of blended tiles over a band of rows [start, start + len) of the padded grid: of the
+    tiles' mean, and of their std unless the tiles come without one (std None: not asked for)."""
 
     def __init__(self, width: int):
         self.start, self.width = 0, width
-        self.mean = self.std = self.weight = None
+        self.sums: list[np.ndarray] | None = None  # [mean] or [mean, std] sums, each (rows, width, C)
+        self.weight = np.zeros((0, width), np.float32)
 
-    def add(self, y: int, x: int, mean: np.ndarray, std: np.ndarray, weight: np.ndarray) -> None:
+    def add(self, y: int, x: int, mean: np.ndarray, std: np.ndarray | None, weight: np.ndarray) -> None:
+        values = [mean] if std is None else [mean, std]
         t, c = mean.shape[0], mean.shape[-1]
-        if self.mean is None:
-            self.mean = np.zeros((0, self.width, c), np.float32)
-            self.std = np.zeros((0, self.width, c), np.float32)
-            self.weight = np.zeros((0, self.width), np.float32)
+        if self.sums is None:
+            self.sums = [np.zeros((0, self.width, c), np.float32) for _ in values]
+        if len(values) != len(self.sums):
+            raise ValueError("blend_tiles: every batch must come with a std, or none")
         grow = y + t - self.start - self.weight.shape[0]
         if grow > 0:
-            self.mean = np.concatenate([self.mean, np.zeros((grow, self.width, c), np.float32)])
-            self.std = np.concatenate([self.std, np.zeros((grow, self.width, c), np.float32)])
+            more = np.zeros((grow, self.width, c), np.float32)
+            self.sums = [np.concatenate([total, more]) for total in self.sums]
             self.weight = np.concatenate([self.weight, np.zeros((grow, self.width), np.float32)])
         rows = slice(y - self.start, y - self.start + t)
-        self.mean[rows, x : x + t] += weight[..., None] * mean
-        self.std[rows, x : x + t] += weight[..., None] * std
+        for total, value in zip(self.sums, values, strict=True):
+            total[rows, x : x + t] += weight[..., None] * value
         self.weight[rows, x : x + t] += weight
 
-    def pop(self, until: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows [start, until), finished: weighted means of the tiles' mean and std; they leave the band."""
+    def pop(self, until: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows [start, until), finished: weighted means of the tiles' mean and std (None without one); they
+        leave the band."""
         n = until - self.start
         w = self.weight[:n, :, None]
         if np.any(w <= 0):
             raise AssertionError("blend_tiles: a pixel was covered by no tile")
-        out = self.mean[:n] / w, self.std[:n] / w
-        self.mean, self.std, self.weight = self.mean[n:], self.std[n:], self.weight[n:]
+        out = [total[:n] / w for total in self.sums]
+        self.sums, self.weight = [total[n:] for total in self.sums], self.weight[n:]
         self.start = until
-        return out
+        return out[0], out[1] if len(out) > 1 else None
 
 
 def blend_tiles(
@@ -157,10 +161,10 @@ def blend_tiles(
 
     Tiles are read one row of tiles at a time (`read_rows(y, y + tile)`), predicted `batch_size` at a time
     (`predict(tiles, tile_ids)` with tiles name -> (n, tile, tile, C) and ids the row-major tile indices; it
-    returns a call that waits for the batch's (mean, std)), and blended with `layout.window`: every output
-    pixel is the weight-normalised mean of the tiles covering it. As soon as no later tile reaches a row, it
-    is written (`write_rows(y0, y1, mean, std)`, cropped to the scene), so memory holds a few rows of tiles
-    whatever the scene size.
+    returns a call that waits for the batch's (mean, std), std None in every batch where none is wanted),
+    and blended with `layout.window`: every output pixel is the weight-normalised mean of the tiles covering
+    it. As soon as no later tile reaches a row, it is written (`write_rows(y0, y1, mean, std)`, cropped to the
+    scene; std None without one), so memory holds a few rows of tiles whatever the scene size.
 
     Three threads share the work, so the device is not left waiting for the host: a reading thread reads the
     next row of tiles (`read_rows` runs only there); the caller's thread batches tiles and submits them,
@@ -237,7 +241,7 @@ class _Blend:
     def __call__(self, where: list[tuple[int, int]], mean: np.ndarray, std: np.ndarray) -> None:
         layout, acc = self.layout, self.acc
         for i, (r, c) in enumerate(where):
-            acc.add(layout.ys[r], layout.xs[c], mean[i], std[i], layout.window(r, c))
+            acc.add(layout.ys[r], layout.xs[c], mean[i], None if std is None else std[i], layout.window(r, c))
             self.remaining[r] -= 1
         while self.next_row < len(layout.ys) and self.remaining[self.next_row] == 0:
             self.next_row += 1
@@ -248,7 +252,7 @@ class _Blend:
             end = min(until, layout.height)
             if end > y0:
                 self.write_rows(y0, end, rows_mean[: end - y0, : layout.width],
-                                rows_std[: end - y0, : layout.width])
+                                None if rows_std is None else rows_std[: end - y0, : layout.width])
 
     def check_done(self) -> None:
         if self.acc.start != self.layout.padded_height:

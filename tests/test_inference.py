@@ -60,8 +60,10 @@ def _run(layout: TileLayout, scene: dict, predict, batch_size: int = 7,
         return {k: v[y0:y1] for k, v in padded.items()}
 
     def write(y0, y1, m, s):
-        events.append(("write", y0, y1))
-        mean[y0:y1], std[y0:y1] = m, s
+        events.append(("write", y0, y1) if s is not None else ("write without std", y0, y1))
+        mean[y0:y1] = m
+        if s is not None:
+            std[y0:y1] = s
 
     blend_tiles(layout, read, predict, write, batch_size=batch_size, in_flight=in_flight)
     return mean, std, events
@@ -112,6 +114,30 @@ def test_the_blend_does_not_depend_on_in_flight_or_batch_size(in_flight, batch_s
     mean, _, _ = _run(layout, scene, _constant_tiles(layout, values), batch_size=batch_size,
                       in_flight=in_flight)
     np.testing.assert_array_equal(mean, reference)
+
+
+def test_batches_without_a_std_blend_the_same_mean_and_write_none():
+    layout = TileLayout(300, 260, TILE, OVERLAP)
+    values = np.random.default_rng(3).uniform(0, 1, layout.num_tiles)
+    scene = {"s2_cloudy": np.zeros((300, 260, 1), np.float32)}
+    constant = _constant_tiles(layout, values)
+    reference, _, _ = _run(layout, scene, constant)
+
+    def without_std(tiles, ids):
+        wait = constant(tiles, ids)
+        return lambda: (wait()[0], None)
+
+    mean, std, events = _run(layout, scene, without_std)
+    np.testing.assert_array_equal(mean, reference)
+    writes = {kind for kind, *_ in events if kind.startswith("write")}
+    assert np.isnan(std).all() and writes == {"write without std"}
+
+    def some_without(tiles, ids):  # a std in some batches and not in others is a caller's bug
+        wait = constant(tiles, ids)
+        return lambda: (wait()[0], None if ids[0] % 2 else wait()[1])
+
+    with pytest.raises(ValueError, match="every batch must come with a std, or none"):
+        _run(layout, scene, some_without, batch_size=1)
 
 
 def _logged(layout: TileLayout, log: list):
@@ -258,6 +284,20 @@ def test_any_scene_size(remover, height, width):
     assert std.min() >= 0 and std.max() > 0
     again, _ = _remove(remover, scene)
     np.testing.assert_array_equal(clear, again)
+
+
+def test_one_sample_leaves_the_std_on_the_device_and_returns_zeros(remover):
+    scene = random_scene(100, 100)
+    tiles = {k: v[None, :TILE, :TILE] for k, v in scene.items()}
+    ids = np.zeros(1, np.int32)
+    mean, std = remover.predict_tiles(tiles, ids, steps=STEPS)
+    alone, none = remover.predict_tiles(tiles, ids, steps=STEPS, with_std=False)
+    assert none is None and not std.any()
+    np.testing.assert_array_equal(alone, mean)
+    kept, none = remover.predict_tiles(tiles, ids, steps=STEPS, with_std=False, keep_clear=0.3)
+    assert none is None and kept.shape == mean.shape
+    clear, std = _remove(remover, scene, num_samples=1)  # the scene path asks for no std with one sample
+    assert std.shape == clear.shape and not std.any()
 
 
 def test_cloud_probability_is_computed_when_absent(remover):
