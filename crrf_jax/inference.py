@@ -137,9 +137,10 @@ class CloudRemover:
 
     # ---- tiles
 
-    def predict_tiles(self, tiles: Arrays, tile_ids: np.ndarray, **options) -> tuple[np.ndarray, np.ndarray]:
+    def predict_tiles(self, tiles: Arrays, tile_ids: np.ndarray, **options
+                      ) -> tuple[np.ndarray, np.ndarray | None]:
         """Samples a batch of tiles on the mesh and waits for it: `submit_tiles(tiles, tile_ids, **options)()`,
-        host (mean clipped to [0, 1], std), each (n, T, T, C) float32."""
+        host (mean clipped to [0, 1], std: None with with_std=False), each (n, T, T, C) float32."""
         return self.submit_tiles(tiles, tile_ids, **options)()
 
     def submit_tiles(
@@ -210,7 +211,7 @@ class CloudRemover:
             samples_per_pass=min(int(samples_per_pass), int(num_samples)),
         )
 
-        def wait() -> tuple[np.ndarray, np.ndarray]:
+        def wait() -> tuple[np.ndarray, np.ndarray | None]:
             host_mean = np.clip(parallel.to_host(mean)[:n], 0.0, 1.0)
             host_std = parallel.to_host(std)[:n] if with_std else None
             if keep_clear is not None:

@@ -238,7 +238,7 @@ class _Blend:
         self.remaining = [len(layout.xs)] * len(layout.ys)  # tiles of each tile row not yet blended
         self.next_row = 0  # first tile row not yet complete
 
-    def __call__(self, where: list[tuple[int, int]], mean: np.ndarray, std: np.ndarray) -> None:
+    def __call__(self, where: list[tuple[int, int]], mean: np.ndarray, std: np.ndarray | None) -> None:
         layout, acc = self.layout, self.acc
         for i, (r, c) in enumerate(where):
             acc.add(layout.ys[r], layout.xs[c], mean[i], None if std is None else std[i], layout.window(r, c))
