@@ -41,14 +41,40 @@ import sampling as sampling_bench  # noqa: E402 (bench/sampling.py: random-weigh
 
 TILE_10980 = 10980 * 10980
 
-# The child: the predict CLI, then its own peak memory on stdout's last line.
+# The child: the predict CLI, then on stdout's last line its peak memory, its CPU time and how that time fell
+# on its threads (THREADS_PATCH).
 CHILD = (
     "import json, resource, sys\n"
     "from crrf_jax import predict\n"
+    "{threads}"
     "{patch}"
     "code = predict.main(sys.argv[1:])\n"
-    "print(json.dumps({'maxrss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+    "usage = resource.getrusage(resource.RUSAGE_SELF)\n"
+    "print(json.dumps({'maxrss_mb': usage.ru_maxrss / 1024, 'cpu_s': usage.ru_utime + usage.ru_stime,\n"
+    "                  'threads': _thread_cpu}))\n"
     "sys.exit(code)\n"
+)
+
+# Where the host's CPU time goes: each Python thread's own CPU seconds when it ends (named by its pool's
+# prefix: read_rows, write_rows, ...), and the caller's thread over `CloudRemover.process` ("caller"). Native
+# threads (GDAL's compression and decoding, XLA's) are in the total and in no thread's figure. On a host with
+# a core for each thread, the busiest thread bounds the pipeline: tiles / its seconds is the host's ceiling.
+THREADS_PATCH = (
+    "import collections, threading, time\n"
+    "from crrf_jax.inference import CloudRemover\n"
+    "_thread_cpu = collections.defaultdict(float)\n"
+    "def _run(self, _inner=threading.Thread.run):\n"
+    "    try:\n"
+    "        _inner(self)\n"
+    "    finally:\n"
+    "        _thread_cpu[self.name.rsplit('_', 1)[0]] += time.thread_time()\n"
+    "def _process(self, *a, _inner=CloudRemover.process, **k):\n"
+    "    start = time.thread_time()\n"
+    "    try:\n"
+    "        return _inner(self, *a, **k)\n"
+    "    finally:\n"
+    "        _thread_cpu['caller'] += time.thread_time() - start\n"
+    "threading.Thread.run, CloudRemover.process = _run, _process\n"
 )
 
 # --model identity: the sampler replaced by one that returns its cloudy input (std 0) as it lies on the
@@ -121,7 +147,7 @@ def run_one(bundle_dir: Path, scene: dict[str, Path], out: Path, model: str, arg
     if args.in_flight is not None:  # an ablation of the tiler's default, which the CLI does not expose
         patch += ("from crrf_jax import tiling\n"
                   f"tiling.blend_tiles.__kwdefaults__['in_flight'] = {int(args.in_flight)}\n")
-    child = CHILD.replace("{patch}", patch)
+    child = CHILD.replace("{threads}", THREADS_PATCH).replace("{patch}", patch)
     cmd = [sys.executable, "-c", child, f"--bundle={bundle_dir}", f"--s2={scene['s2']}",
            f"--s1={scene['s1']}",
            f"--out={out}", f"--steps={args.steps}", f"--batch-size={args.batch}", "--quiet"]
@@ -140,6 +166,29 @@ def run_one(bundle_dir: Path, scene: dict[str, Path], out: Path, model: str, arg
     fields = lines[-2].rsplit("(", 1)[1].split(", ")  # "wrote ... (HxW, N tiles, S s)"
     tiles, seconds = int(fields[1].split()[0]), float(fields[2].split()[0])
     return {"wall_s": wall, "predict_s": seconds, "tiles": tiles, **json.loads(lines[-1])}
+
+
+def result_row(variant: str, sampler: str, h: int, w: int, r: dict) -> tuple:
+    """One table row from a child's results, printed as it comes."""
+    mpx, threads = h * w / 1e6, r["threads"]
+    busiest = max(threads, key=threads.get)
+    print(f"{variant} {sampler} {h}x{w}: {r['tiles']} tiles in {r['wall_s']:.1f} s ({r['predict_s']:.1f} s "
+          f"in predict), peak {r['maxrss_mb']:.0f} MB, CPU {r['cpu_s']:.1f} s, threads "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in threads.items()), flush=True)
+    return (variant, sampler, f"{h}x{w}", r["tiles"], r["wall_s"], r["predict_s"], r["tiles"] / r["wall_s"],
+            mpx / r["wall_s"], r["maxrss_mb"], TILE_10980 / 1e6 / (mpx / r["wall_s"]) / 60, r["cpu_s"],
+            f"{busiest} {threads[busiest]:.1f}", r["tiles"] / threads[busiest])
+
+
+def format_table(rows: list[tuple]) -> str:
+    header = ("| variant | sampler | scene (HxW) | tiles | seconds | in predict (s) | tiles/s | Mpx/s "
+              "| peak RSS (MB) | 10980² estimate (min) | CPU (s) | busiest thread (CPU s) "
+              "| its ceiling (tiles/s) |\n"
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+    return header + "".join(
+        f"| {v} | {m} | {s} | {t} | {w:.1f} | {p:.1f} | {tps:.2f} | {mps:.3f} | {rss:.0f} | {est:.0f} "
+        f"| {cpu:.1f} | {busy} | {ceiling:.0f} |\n"
+        for v, m, s, t, w, p, tps, mps, rss, est, cpu, busy, ceiling in rows)
 
 
 def main() -> None:
@@ -186,19 +235,9 @@ def main() -> None:
                     (tmp / f"scene_{h}x{w}").mkdir()
                     scenes[h, w] = write_scene(tmp / f"scene_{h}x{w}", h, w)
                 r = run_one(bundle_dir, scenes[h, w], tmp / "out.tif", model, args)
-                mpx = h * w / 1e6
                 sampler = "identity" if model == "identity" else f"{args.steps} step(s)"
-                rows.append((variant, sampler, f"{h}x{w}", r["tiles"], r["wall_s"], r["predict_s"],
-                             r["tiles"] / r["wall_s"], mpx / r["wall_s"], r["maxrss_mb"],
-                             TILE_10980 / 1e6 / (mpx / r["wall_s"]) / 60))
-                print(f"{variant} {sampler} {h}x{w}: {r['tiles']} tiles in {r['wall_s']:.1f} s "
-                      f"({r['predict_s']:.1f} s in predict), peak {r['maxrss_mb']:.0f} MB", flush=True)
-    header = ("| variant | sampler | scene (HxW) | tiles | seconds | in predict (s) | tiles/s | Mpx/s "
-              "| peak RSS (MB) | 10980² estimate (min) |\n"
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
-    table = header + "".join(
-        f"| {v} | {m} | {s} | {t} | {w:.1f} | {p:.1f} | {tps:.2f} | {mps:.3f} | {rss:.0f} | {est:.0f} |\n"
-        for v, m, s, t, w, p, tps, mps, rss, est in rows)
+                rows.append(result_row(variant, sampler, h, w, r))
+    table = format_table(rows)
     text = (f"## {args.section}\n\n`python bench/predict_scene.py {' '.join(sys.argv[1:])}` on "
             f"{report.machine()}, {datetime.date.today()}; compute dtype {dtype}, {args.steps} Euler step(s) "
             "(identity: the sampler "
@@ -209,8 +248,10 @@ def main() -> None:
             f"probability {args.cloud_prob}, {'COG' if args.cog else 'plain tiled'} output"
             f"{' and float32 uncertainty' if args.uncertainty else ''}, S1 resampled from 20 m. "
             "Each run is a fresh process; seconds and tiles/s are the child's wall time (compiling "
-            "included), 'in predict' the CLI's own count from opening the inputs to the published outputs."
-            "\n\n"
+            "included), 'in predict' the CLI's own count from opening the inputs to the published outputs. "
+            "CPU: the child's user + system seconds; the busiest thread's own CPU seconds (THREADS_PATCH: "
+            "read_rows, write_rows, the caller's over the tile loop, ...) bound the host on a machine with a "
+            "core for each thread, at tiles / those seconds.\n\n"
             f"{table}")
     print(text)
     if args.write:

@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,9 @@ log = logging.getLogger(__name__)
 
 CHANGE_DN = 100  # --change-mask: changed = some band moved by more than this many DN (0.01 reflectance)
 TRAINED_LEVEL = "L1C"  # SEN12MS-CR's processing level, what every bundle so far was trained on
+# GDAL decodes a read's blocks (GeoTIFF, JPEG 2000) and warps the SAR onto the S2 grid on all cores, not in the
+# reading threads alone (BENCHMARKS.md, Scene prediction). The values are the same.
+READ_ENV = {**contract.GDAL_ENV, "GDAL_NUM_THREADS": "ALL_CPUS"}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -116,7 +120,7 @@ def predict_scene(
     tile, overlap = remover.check_tiling(tile_size, overlap)
     start = time.perf_counter()
     writer = None
-    with rasterio.Env(**contract.GDAL_ENV), contextlib.ExitStack() as stack:
+    with rasterio.Env(**READ_ENV), contextlib.ExitStack() as stack:
         opened = []
         for d, path in enumerate(s2_paths):  # every later date on the first date's grid
             opened.append(_open_inputs(stack, remover, path, s1_paths[d] if s1_paths else None,
@@ -127,6 +131,8 @@ def predict_scene(
         layout = TileLayout(s2.height, s2.width, tile, overlap)
         readers = [_SceneReader(remover, layout, *inputs, prob_paths[d] if prob_paths else None,
                                 changes=change_mask_path is not None) for d, inputs in enumerate(opened)]
+        for r in readers:
+            stack.callback(r.close)
         reader = readers[0] if len(readers) == 1 else _DatesReader(readers)
         if parallel.is_writer():
             writer = scene_outputs.SceneOutputs(
@@ -240,6 +246,12 @@ class _SceneReader:
         if missing and s2cloudless and missing == ["B10"] and "B10" not in remover.band_names:
             raise DataError(s2.path, "has no B10, which s2cloudless needs to compute the cloud probability: "
                                      "give --cloud-prob, or --fill-b10")
+        # The SAR rows (a warp, most often) are read in a thread of their own beside the S2 rows: `close`.
+        self._sar = None if s1 is None else ThreadPoolExecutor(1, thread_name_prefix="read_s1")
+
+    def close(self) -> None:
+        if self._sar is not None:
+            self._sar.shutdown(cancel_futures=True)
 
     def came_in(self, y0: int, y1: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         """What came in at rows [y0, y1) of the scene, taken from the kept reads (each row once): (uint16 DN
@@ -250,9 +262,11 @@ class _SceneReader:
 
     def read_rows(self, y0: int, y1: int) -> dict[str, np.ndarray]:
         """Rows [y0, y1) of the padded grid: "s2_cloudy" (model bands), "cloud_prob", and with SAR "s1" and
-        "s1_coverage". Only the tiler's reading thread reads the datasets (a GDAL dataset is not to be
-        read from two threads at once); the writing thread takes what it needs from `came_in`."""
+        "s1_coverage". The S2 and cloud-probability datasets are read in the tiler's reading thread alone, and
+        the S1 one in the reader's own SAR thread (a GDAL dataset is not to be read from two threads at once);
+        the writing thread takes what it needs from `came_in`."""
         end = min(y1, self.layout.height)
+        sar = None if self._sar is None else self._sar.submit(self._read_s1, y0, end)
         raw = self.s2.read(y0, end, self.bands)
         if not np.all(np.isfinite(raw)):
             raise DataError(self.s2.path, f"NaN or Inf values in rows {y0}..{end}")
@@ -274,10 +288,13 @@ class _SceneReader:
             self.kept_valid.keep(y0, valid)
         if self.kept_dn is not None:  # exactly the DN the output holds for an unchanged valid pixel
             self.kept_dn.keep(y0, contract.denormalize_s2(rows["s2_cloudy"]))
-        if self.s1 is not None:
-            rows["s1"] = contract.normalize_s1_filled(self.s1.read(y0, end))
-            rows["s1_coverage"] = self.s1.coverage(y0, end)
+        if sar is not None:
+            rows.update(sar.result())
         return {k: pad_to(v, y1 - y0, self.layout.padded_width) for k, v in rows.items()}
+
+    def _read_s1(self, y0: int, y1: int) -> dict[str, np.ndarray]:
+        return {"s1": contract.normalize_s1_filled(self.s1.read(y0, y1)),
+                "s1_coverage": self.s1.coverage(y0, y1)}
 
 
 class _DatesReader:
