@@ -249,3 +249,38 @@ def test_abort_leaves_no_files_and_bad_rows_are_refused(tmp_path):
         outputs.write_rows(600, 700, dn[600:700].astype(np.float32), std[600:700], changed[600:700])
     outputs.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("failing", ["std", "mask", "out"])
+def test_a_raster_failing_in_its_thread_fails_write_rows_and_commit(tmp_path, monkeypatch, failing):
+    """The rasters are written side by side, in threads; an error in any of them reaches the caller of
+    write_rows once all have ended, the others keep their rows, and commit (the COGs, side by side too)
+    raises what a conversion raises, leaving no file behind."""
+    dn, std, changed = _prediction(np.random.default_rng(10))
+    outputs = _outputs(tmp_path, uncertainty_path=tmp_path / "std.tif", change_mask_path=tmp_path / "changed.tif")
+    raster = getattr(outputs, failing)
+    written = []
+
+    def fail(y0, block):
+        raise OSError(f"disk full writing {failing}")
+
+    for other in {"out", "std", "mask"} - {failing}:
+        inner = getattr(outputs, other).write
+        monkeypatch.setattr(getattr(outputs, other), "write",
+                            lambda y0, block, inner=inner, name=other: (inner(y0, block), written.append(name)))
+    monkeypatch.setattr(raster, "write", fail)
+    with pytest.raises(OSError, match=f"disk full writing {failing}"):
+        outputs.write_rows(0, 300, dn[:300], std[:300], changed[:300])
+    assert sorted(written) == sorted({"out", "std", "mask"} - {failing})
+    monkeypatch.undo()
+    _write_all(outputs, dn, std, changed)
+
+    def broken_cog(src, dst, dtype):
+        if dtype == {"out": "uint16", "std": "float32", "mask": "uint8"}[failing]:
+            raise RuntimeError("COG conversion failed")
+        SceneOutputs._to_cog(outputs, src, dst, dtype)
+
+    monkeypatch.setattr(outputs, "_to_cog", broken_cog)
+    with pytest.raises(RuntimeError, match="COG conversion failed"):
+        outputs.commit()
+    assert list(tmp_path.iterdir()) == []

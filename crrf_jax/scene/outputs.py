@@ -16,13 +16,19 @@ GeoTIFF (`<name>.partial`, in row stripes aligned to its 512-pixel tiles so no t
 `commit` converts it (`<name>.cog.partial`) before renaming. `cog=False` writes plain DEFLATE/ZSTD GeoTIFFs
 straight into `<name>.partial`. Either way `commit` publishes each output by an atomic rename and `abort`
 removes every partial file; an existing output is replaced only by a complete one.
+
+The rasters are written side by side, each in a thread of its own (`write_rows` returns once all are
+written; each dataset is only ever used by one thread at a time), and converted to COGs side by side too;
+GDAL compresses each one's blocks on all cores.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
 
@@ -115,6 +121,7 @@ class SceneOutputs:
         if cog:
             self._base.update(tiled=True, blockxsize=BLOCK, blockysize=BLOCK, **_FAST_LEVEL[compress])
         self.out = self.std = self.mask = None
+        self._pool: ThreadPoolExecutor | None = None  # write_rows' threads beside the caller's, made when needed
         try:
             self.out = self._create(out_path, "uint16", nodata, list(band_names))
             if uncertainty_path:
@@ -146,19 +153,46 @@ class SceneOutputs:
         if not 0 <= y0 < y1 <= self.height:
             raise ValueError(f"rows [{y0}, {y1}) outside the output's 0..{self.height}")
         _check(dn, "dn", (rows, self.width, self.bands), np.uint16)
-        self.out.write(y0, dn)
+        writes = [lambda: self.out.write(y0, dn)]
         if self.std is not None:
             _check(std, "std", (rows, self.width, self.bands), np.floating)
-            std = std.astype(np.float32)
-            if self.nodata is not None:
-                std = np.where(self._empty(dn)[..., None], np.float32(np.nan), std)
-            self.std.write(y0, std)
+            writes.append(lambda: self.std.write(y0, self._std_rows(dn, std)))
         if self.mask is not None:
             _check(changed, "changed", (rows, self.width), np.bool_)
-            mask = changed.astype(np.uint8)
-            if self.nodata is not None:
-                mask[self._empty(dn)] = MASK_NODATA
-            self.mask.write(y0, mask[..., None])
+            writes.append(lambda: self.mask.write(y0, self._mask_rows(dn, changed)))
+        self._side_by_side(writes)
+
+    def _std_rows(self, dn: np.ndarray, std: np.ndarray) -> np.ndarray:
+        std = std.astype(np.float32)
+        if self.nodata is not None:
+            std = np.where(self._empty(dn)[..., None], np.float32(np.nan), std)
+        return std
+
+    def _mask_rows(self, dn: np.ndarray, changed: np.ndarray) -> np.ndarray:
+        mask = changed.astype(np.uint8)
+        if self.nodata is not None:
+            mask[self._empty(dn)] = MASK_NODATA
+        return mask[..., None]
+
+    def _side_by_side(self, calls: list[Callable[[], None]]) -> None:
+        """Runs `calls` (one for each raster) at once, one in this thread; raises the first error once all
+        have ended."""
+        if self._pool is None and len(calls) > 1:
+            self._pool = ThreadPoolExecutor(len(self._rasters) - 1, thread_name_prefix="write_raster")
+
+        def in_env(call: Callable[[], None]) -> None:
+            with rasterio.Env(**contract.GDAL_ENV):
+                call()
+
+        others = [self._pool.submit(in_env, call) for call in calls[1:]]
+        errors = []
+        for wait in [calls[0], *(f.result for f in others)]:
+            try:
+                wait()
+            except BaseException as e:  # every call ends before the first error is raised
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     def _empty(self, dn: np.ndarray) -> np.ndarray:
         """(rows, width) bool: nodata in every band."""
@@ -175,14 +209,9 @@ class SceneOutputs:
         file is removed (`abort`) and the error raised."""
         try:
             with rasterio.Env(**contract.GDAL_ENV):
-                for raster in self._rasters:
-                    raster.flush()
-                    raster.close()
-                    finished = partial(raster.path)
-                    if self.cog:
-                        finished = _cog_partial(raster.path)
-                        self._to_cog(partial(raster.path), finished, raster.dtype)
-                    self._published.append((finished, raster.path))
+                self._side_by_side([functools.partial(self._finish, raster) for raster in self._rasters])
+                self._published = [(_cog_partial(r.path) if self.cog else partial(r.path), r.path)
+                                   for r in self._rasters]
                 if self.quicklook_path is not None:
                     self._write_quicklook(self._published[0][0], partial(self.quicklook_path))
                     self._published.append((partial(self.quicklook_path), self.quicklook_path))
@@ -191,8 +220,21 @@ class SceneOutputs:
         except BaseException:
             self.abort()
             raise
+        self._close_pool()
         for raster in self._rasters:
             partial(raster.path).unlink(missing_ok=True)
+
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _finish(self, raster: _Raster) -> None:
+        """Flushes and closes `raster`'s partial file, and converts it to a COG (cog=True)."""
+        raster.flush()
+        raster.close()
+        if self.cog:
+            self._to_cog(partial(raster.path), _cog_partial(raster.path), raster.dtype)
 
     def _to_cog(self, src: Path, dst: Path, dtype: str) -> None:
         resampling = "NEAREST" if dtype == "uint8" else "AVERAGE"  # the mask is categorical
@@ -215,6 +257,7 @@ class SceneOutputs:
 
     def abort(self) -> None:
         """Closes and removes every partial file (the final paths are left as they were)."""
+        self._close_pool()
         for raster in self._rasters:
             raster.close()
         paths = [p for r in self._rasters for p in (partial(r.path), _cog_partial(r.path))]
