@@ -17,6 +17,7 @@ layout but not on the batch size or the number of devices.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -34,6 +35,13 @@ log = logging.getLogger(__name__)
 # A tile whose SAR footprint covers less than this share of its pixels runs the SAR-absent mode (a SAR image
 # reprojected from another grid, or partly outside the scene: crrf_jax/scene/s1.py).
 SAR_COVERAGE = 0.99
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _tile_keys(seed: int, ids: jax.Array) -> jax.Array:
+    """The noise key of each tile: fold_in(key(seed), tile id). Jitted (once per seed), so a batch costs one
+    dispatch, not a vmap traced and run op by op at every call."""
+    return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(ids)
 
 
 class CloudRemover:
@@ -199,7 +207,7 @@ class CloudRemover:
 
         device = {k: put(np.asarray(tiles[k], np.float32)) for k in names}
         ids = put(np.asarray(tile_ids, np.uint32))
-        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(ids)
+        keys = _tile_keys(int(seed), ids)
         drop_sar = None
         if "s1" in names and tiles.get("s1_coverage") is not None:
             covered = np.asarray(tiles["s1_coverage"], bool).reshape(n, -1).mean(axis=1)
