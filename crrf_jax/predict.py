@@ -66,8 +66,8 @@ log = logging.getLogger(__name__)
 
 CHANGE_DN = 100  # --change-mask: changed = some band moved by more than this many DN (0.01 reflectance)
 TRAINED_LEVEL = "L1C"  # SEN12MS-CR's processing level, what every bundle so far was trained on
-# GDAL decodes a read's blocks (GeoTIFF, JPEG 2000) and warps the SAR onto the S2 grid on all cores, not in the
-# reading threads alone (BENCHMARKS.md, Scene prediction). The values are the same.
+# GDAL decodes a read's blocks (GeoTIFF, JPEG 2000) and warps the SAR onto the S2 grid on all cores, not in
+# the reading threads alone (BENCHMARKS.md, Scene prediction). The values are the same.
 READ_ENV = {**contract.GDAL_ENV, "GDAL_NUM_THREADS": "ALL_CPUS"}
 
 
@@ -129,11 +129,7 @@ def predict_scene(
                                        grid=opened[0][0] if opened else None))
         s2, s1, prob = opened[0]
         layout = TileLayout(s2.height, s2.width, tile, overlap)
-        readers = [_SceneReader(remover, layout, *inputs, prob_paths[d] if prob_paths else None,
-                                changes=change_mask_path is not None) for d, inputs in enumerate(opened)]
-        for r in readers:
-            stack.callback(r.close)
-        reader = readers[0] if len(readers) == 1 else _DatesReader(readers)
+        reader, readers = _readers(stack, remover, layout, opened, prob_paths, change_mask_path is not None)
         if parallel.is_writer():
             writer = scene_outputs.SceneOutputs(
                 out_path, crs=s2.crs, transform=s2.transform, width=s2.width, height=s2.height,
@@ -192,6 +188,14 @@ def _open_inputs(stack, remover, s2_path, s1_path, prob_path, s2_options: dict, 
     return s2, s1, prob
 
 
+def _readers(stack, remover, layout, opened, prob_paths, changes: bool):
+    """(the scene's reader: one date's `_SceneReader` or several dates' `_DatesReader`, the per-date readers),
+    each closed with `stack`."""
+    readers = [stack.enter_context(_SceneReader(remover, layout, *inputs, path, changes=changes))
+               for inputs, path in zip(opened, prob_paths or [None] * len(opened), strict=True)]
+    return (readers[0] if len(readers) == 1 else _DatesReader(readers)), readers
+
+
 def _check_distinct(inputs: list[Path], outputs: list[Path]) -> None:
     resolved = {p.resolve() for p in inputs}
     for out in outputs:
@@ -246,10 +250,13 @@ class _SceneReader:
         if missing and s2cloudless and missing == ["B10"] and "B10" not in remover.band_names:
             raise DataError(s2.path, "has no B10, which s2cloudless needs to compute the cloud probability: "
                                      "give --cloud-prob, or --fill-b10")
-        # The SAR rows (a warp, most often) are read in a thread of their own beside the S2 rows: `close`.
+        # The SAR rows (a warp, most often) are read in a thread of their own beside the S2 rows, until exit.
         self._sar = None if s1 is None else ThreadPoolExecutor(1, thread_name_prefix="read_s1")
 
-    def close(self) -> None:
+    def __enter__(self) -> _SceneReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self._sar is not None:
             self._sar.shutdown(cancel_futures=True)
 

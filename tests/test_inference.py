@@ -117,6 +117,35 @@ def test_the_blend_does_not_depend_on_in_flight_or_batch_size(in_flight, batch_s
     np.testing.assert_array_equal(mean, reference)
 
 
+
+@pytest.mark.parametrize("height,width,batch_size", [
+    (1000, 40, 8),  # one tile a row: a batch spans 8 rows of tiles, the band buffers grow
+    (1500, 300, 4),  # many rows of tiles: the held rows move up many times
+    (90, 700, 5),  # wide and short
+])
+def test_the_blend_is_the_dense_weighted_mean_bit_for_bit(height, width, batch_size):
+    """The streaming blend, with its reused band buffers, equals the whole-scene computation: every tile's
+    window times its values summed in tile order, over the summed windows (the same float32 sums)."""
+    layout = TileLayout(height, width, TILE, OVERLAP)
+    rng = np.random.default_rng(4)
+    noise = rng.uniform(0, 1, (layout.num_tiles, TILE, TILE, 2)).astype(np.float32)
+
+    def predict(tiles, ids):
+        return lambda: (noise[ids], 0.25 * noise[ids])
+
+    scene = {"s2_cloudy": np.zeros((height, width, 2), np.float32)}
+    mean, std, _ = _run(layout, scene, predict, batch_size=batch_size)
+    sums = np.zeros((2, layout.padded_height, layout.padded_width, 2), np.float32)
+    weight = np.zeros((layout.padded_height, layout.padded_width), np.float32)
+    for k, (r, c) in enumerate((r, c) for r in range(len(layout.ys)) for c in range(len(layout.xs))):
+        y, x, w = layout.ys[r], layout.xs[c], layout.window(r, c)
+        sums[0, y : y + TILE, x : x + TILE] += w[..., None] * noise[k]
+        sums[1, y : y + TILE, x : x + TILE] += w[..., None] * (0.25 * noise[k])
+        weight[y : y + TILE, x : x + TILE] += w
+    expected = (sums / weight[..., None])[:, :height, :width]
+    np.testing.assert_array_equal(mean, expected[0])
+    np.testing.assert_array_equal(std, expected[1])
+
 def test_batches_without_a_std_blend_the_same_mean_and_write_none():
     layout = TileLayout(300, 260, TILE, OVERLAP)
     values = np.random.default_rng(3).uniform(0, 1, layout.num_tiles)
