@@ -10,8 +10,9 @@ A size is N (N x N) or HxW (H rows, W columns).
 For each size a synthetic scene (13-band uint16 S2, 2-band float32 S1 in dB at 20 m, so the resampling onto
 the S2 grid runs too, and a uint8 cloud-probability file) is written window by window, and the predict
 CLI runs on it in a fresh process with a random-weight bundle of the variant (speed and memory do not depend
-on the weights). Reported: wall seconds of the child, tiles/s, megapixels/s, and the child's peak resident
-memory (ru_maxrss). The tiler holds a few rows of tiles, so the peak grows with the width and not with the
+on the weights). Reported: wall seconds of the child, tiles/s, megapixels/s, the child's peak resident
+memory (ru_maxrss), its CPU seconds and its busiest Python thread's (THREADS_PATCH: the host's ceiling where
+every thread has a core). The tiler holds a few rows of tiles, so the peak grows with the width and not with the
 height (a tall HxW scene shows it); a 10980 x 10980
 Sentinel-2 tile is extrapolated from the largest size at the measured pixel rate. --cloud-prob computed runs
 s2cloudless on the scene too (CPU, inside the child). --model identity runs the same CLI with the sampler
