@@ -193,7 +193,7 @@ def _readers(stack, remover, layout, opened, prob_paths, changes: bool):
     each closed with `stack`."""
     readers = [stack.enter_context(_SceneReader(remover, layout, *inputs, path, changes=changes))
                for inputs, path in zip(opened, prob_paths or [None] * len(opened), strict=True)]
-    return (readers[0] if len(readers) == 1 else _DatesReader(readers)), readers
+    return (readers[0] if len(readers) == 1 else stack.enter_context(_DatesReader(readers))), readers
 
 
 def _check_distinct(inputs: list[Path], outputs: list[Path]) -> None:
@@ -312,9 +312,19 @@ class _DatesReader:
     def __init__(self, readers: list[_SceneReader]):
         self.readers, self.nodata = readers, readers[0].nodata
         self.kept_prob = _KeptRows() if readers[0].changes else None  # (W, D) per row, for the composite
+        # The later dates are read in threads beside the first date's, until exit (each date's rows are read
+        # whole before the next rows are asked for, so no dataset is read from two threads at once).
+        self._later = ThreadPoolExecutor(len(readers) - 1, thread_name_prefix="read_date")
+
+    def __enter__(self) -> _DatesReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._later.shutdown(cancel_futures=True)
 
     def read_rows(self, y0: int, y1: int) -> dict[str, np.ndarray]:
-        dates = [r.read_rows(y0, y1) for r in self.readers]
+        later = [self._later.submit(r.read_rows, y0, y1) for r in self.readers[1:]]
+        dates = [self.readers[0].read_rows(y0, y1), *(f.result() for f in later)]
         rows = {k: np.concatenate([d[k] for d in dates], axis=-1) for k in ("s2_cloudy", "cloud_prob", "s1")
                 if k in dates[0]}
         if "s1_coverage" in dates[0]:
