@@ -48,6 +48,7 @@ import os
 import re
 import zipfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -148,6 +149,8 @@ class S2Scene:
         self.offset: float = max(set(values), key=values.count) if values else 0.0  # the common offset
         self.nodata: float | None = None if nodata is None else float(nodata) * scale
         self._cache: tuple[tuple[int, int], dict[str, np.ndarray]] = ((0, 0), {})
+        # A product's band files are read side by side, each dataset by one thread at a time (`_raw`).
+        self._pool: ThreadPoolExecutor | None = None
         self._reported: set[str] = set()
 
     def __enter__(self) -> Self:
@@ -240,7 +243,8 @@ class S2Scene:
             if name not in cached:
                 by_reader.setdefault(id(self._sources[name].reader), []).append(name)
         window = Window(0, y0, self.width, y1 - y0)
-        for group in by_reader.values():
+
+        def read(group: list[str]) -> list[tuple[str, np.ndarray]]:
             source = self._sources[group[0]]
             try:
                 data = source.reader.read([self._sources[b].index for b in group], window=window,
@@ -248,7 +252,15 @@ class S2Scene:
             except rasterio.errors.RasterioError as e:
                 raise DataError(source.path, f"cannot read rows {y0}..{y1} (truncated or corrupt file?) "
                                              f"({e})") from e
-            cached.update(zip(group, data))
+            return list(zip(group, data))
+
+        groups = list(by_reader.values())
+        if len(groups) > 1 and self._pool is None:
+            self._pool = ThreadPoolExecutor(min(len(self._sources), os.cpu_count() or 1),
+                                            thread_name_prefix="read_s2_files")
+            self._stack.callback(self._pool.shutdown, cancel_futures=True)
+        for pairs in (self._pool.map(read, groups) if len(groups) > 1 else map(read, groups)):
+            cached.update(pairs)
         return {b: cached[b] for b in names}
 
     def _report_range(self, name: str, dn: np.ndarray, y0: int, y1: int) -> None:
