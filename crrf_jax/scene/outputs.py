@@ -177,14 +177,9 @@ class SceneOutputs:
     def _side_by_side(self, calls: list[Callable[[], None]]) -> None:
         """Runs `calls` (one for each raster) at once, one in this thread; raises the first error once all
         have ended."""
-        if self._pool is None and len(calls) > 1:
+        if self._pool is None and len(calls) > 1:  # GDAL's settings are the process's: threads share them
             self._pool = ThreadPoolExecutor(len(self._rasters) - 1, thread_name_prefix="write_raster")
-
-        def in_env(call: Callable[[], None]) -> None:
-            with rasterio.Env(**contract.GDAL_ENV):
-                call()
-
-        others = [self._pool.submit(in_env, call) for call in calls[1:]]
+        others = [self._pool.submit(call) for call in calls[1:]]
         errors = []
         for wait in [calls[0], *(f.result for f in others)]:
             try:
