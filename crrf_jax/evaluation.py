@@ -57,6 +57,8 @@ import os
 import time
 import zlib
 from collections.abc import Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import Any
 
 import jax
@@ -148,13 +150,15 @@ def score_methods(
 
 
 def reference_fills(
-    batch: Mapping[str, Any], valid: np.ndarray, threshold: float, wall_s: dict[str, float] | None = None
+    batch: Mapping[str, Any], valid: np.ndarray, threshold: float, wall_s: dict[str, float] | None = None,
+    pool: Executor | None = None,
 ) -> dict[str, np.ndarray]:
     """Every reference of `references.REFERENCES` on the valid images of a batch -> {name: (B, H, W, C)}.
 
     batch: "s2_cloudy" (B, H, W, C) and "cloud_prob" (B, H, W, 1) on [0, 1]; valid: bool (B,). Padding images
     (valid False) keep the cloudy input, so the batch shape (and the compiled scorer) stays the same. Each
-    reference's host seconds are added to `wall_s[name]` when given.
+    reference's host seconds are added to `wall_s[name]` when given; `pool` fills the images side by side
+    (`references.fill_batch`).
     """
     cloudy = np.asarray(batch["s2_cloudy"], np.float32)
     cloud_prob = np.asarray(batch["cloud_prob"])
@@ -162,7 +166,7 @@ def reference_fills(
     for name in R.REFERENCES:
         t0 = time.perf_counter()
         fill = cloudy.copy()
-        fill[valid] = R.fill_batch(name, cloudy[valid], cloud_prob[valid], threshold)
+        fill[valid] = R.fill_batch(name, cloudy[valid], cloud_prob[valid], threshold, pool=pool)
         fills[name] = fill
         if wall_s is not None:
             wall_s[name] = wall_s.get(name, 0.0) + time.perf_counter() - t0
@@ -183,20 +187,12 @@ def evaluate(
     out: str,
     split: str = "test", protocol: str = "exact", source: str = "geotiff", data_dir: str | None = None,
     steps: int | None = None, num_samples: int = 1, guidance_scale: float | None = None, batch_size: int = 8,
-    cloud_threshold: float = 0.5,
-    max_images: int = 0,
-    write_geotiff: bool = False,
-    use_sar: bool = True,
-    seed: int = 0,
-    worker_count: int = 0,
-    on_error: str = "raise",
-    references: bool = True,
-    zero_cloud_prob: bool = False,
-    write_examples: bool = True,
-    dataset: str = "sen12mscr",
-    dates: int = 1,
-    downsample: int = 1,
+    cloud_threshold: float = 0.5, max_images: int = 0, write_geotiff: bool = False, use_sar: bool = True,
+    seed: int = 0, worker_count: int = 0, on_error: str = "raise", references: bool = True,
+    zero_cloud_prob: bool = False, write_examples: bool = True,
+    dataset: str = "sen12mscr", dates: int = 1, downsample: int = 1,
     metric_set: str = "sen12mscr", lpips_weights: str | None = None,
+    reference_threads: int | None = None, overlap: bool | None = None,
     **predict_options: Any,
 ) -> dict[str, Any]:
     """Scores `remover` (an inference.CloudRemover) on a split; returns what it writes to metrics.json.
@@ -206,7 +202,11 @@ def evaluate(
     the real map still decides which pixels are cloudy); `write_examples` draws the example grids (a second
     pass); `dataset`, `dates`, `downsample` pick the benchmark (`sources.dataset_options(config.data)`);
     `metric_set`, `lpips_weights`: `metric_scorer`; `**predict_options` go to `remover.predict_tiles`
-    (`output=`, `drop_cloudy=`, `keep_clear=`) and into metrics.json.
+    (`output=`, `drop_cloudy=`, `keep_clear=`) and into metrics.json. Host work: `reference_threads` fill a
+    batch's images side by side (default: this process's cores); `overlap` computes the references while the
+    devices sample the batch (default: unless the devices are this host's CPU, whose cores both would share).
+    Neither changes a figure, only `wall_s`: the model's seconds run from submitting each batch to its
+    prediction on the host (with compiling), each reference's are its own wall seconds.
     """
     steps = int(steps or remover.config["sampling"]["steps"])
     guidance = float(remover.config["sampling"]["guidance_scale"] if guidance_scale is None else guidance_scale)
@@ -225,8 +225,8 @@ def evaluate(
             to_float32=True, **data_options,  # metrics, references and the remover's checks: floats, on the host
         ))
 
-    predict = functools.partial(
-        _predict, remover, use_sar=use_sar, zero_cloud_prob=zero_cloud_prob, steps=steps, num_samples=num_samples,
+    submit = functools.partial(
+        _submit, remover, use_sar=use_sar, zero_cloud_prob=zero_cloud_prob, steps=steps, num_samples=num_samples,
         guidance_scale=guidance, seed=seed, pad_batch_to=batch_size, **predict_options,
     )
 
@@ -234,11 +234,13 @@ def evaluate(
                *(("least_cloudy_composite",) if references and temporal else ())]
     geotiff = write_geotiff and _GeoTiffWriter(root, out, remover.band_indices, split, protocol, data_options)
     running = {group: M.RunningMean() for method in methods for group in method_groups(method)}
-    wall_s = {name: 0.0 for name in methods if name != "cloudy_input"}  # host seconds (model: with compiling)
+    wall_s = {name: 0.0 for name in methods if name != "cloudy_input"}
     data = batches()
-    score = functools.partial(_predict_and_score, predict=predict, references=references, threshold=cloud_threshold,
-                              wall_s=wall_s, extra=extra)
-    rows = _score_batches(data, score, running, geotiff, max_images, f"eval {split}")
+    with ExitStack() as stack:
+        threads = _HostThreads(stack, remover, references, reference_threads, overlap)
+        score = functools.partial(_predict_and_score, submit=submit, references=references,
+                                  threshold=cloud_threshold, wall_s=wall_s, extra=extra, threads=threads)
+        rows = _score_batches(data, score, running, geotiff, max_images, f"eval {split}")
     if not rows:
         raise ValueError(f"{root}: no images in split {split!r} (protocol {protocol!r})")
 
@@ -251,10 +253,10 @@ def evaluate(
         "dataset": dataset, "dates": dates if temporal else 1,
         **({"scored_against": "least cloudy date"} if temporal else {}),
         "mean_cloud_fraction": float(np.mean([r["cloud_fraction"] for r in rows])), "methods": methods,
-        "wall_s": wall_s, "metric_set": metric_set, **metric_set_info(extra), **summarize(running),
+        "wall_s": wall_s, **threads.info(), "metric_set": metric_set, **metric_set_info(extra), **summarize(running),
     }
     result = _write_tables(out, result, rows)
-    result["examples"] = _write_examples(remover, out, rows, batches, predict) if write_examples else {}
+    result["examples"] = _write_examples(remover, out, rows, batches, submit) if write_examples else {}
     return result
 
 
@@ -292,32 +294,67 @@ def _write_tables(out: str, result: dict[str, Any], rows: list[dict[str, Any]]) 
     return result
 
 
-def _predict(remover, batch, *, use_sar: bool, zero_cloud_prob: bool, **options):
-    """The model's (mean, std) of an eval batch; each image's noise is seeded by its id (`image_seed`)."""
+def _submit(remover, batch, *, use_sar: bool, zero_cloud_prob: bool, **options):
+    """Submits an eval batch to the model; the call it returns waits for its (mean, std). Each image's noise is
+    seeded by its id (`image_seed`)."""
     ids = np.array([image_seed(str(i)) for i in batch["id"]], np.uint32)
     cloud_prob = np.asarray(batch["cloud_prob"], np.float32)
     tiles = {"s2_cloudy": batch["s2_cloudy"],
              "cloud_prob": np.zeros_like(cloud_prob) if zero_cloud_prob else cloud_prob}
     if use_sar and "s1" in batch:
         tiles["s1"] = batch["s1"]
-    return remover.predict_tiles(tiles, ids, **options)
+    return remover.submit_tiles(tiles, ids, **options)
 
 
-def _predict_and_score(batch, valid, predict, references: bool, threshold: float, wall_s: dict, extra=None):
-    """The model's prediction of a batch (host seconds into wall_s) and the per-image scores of every method."""
+class _HostThreads:
+    """The evaluation's host threads, ended with `stack`: `fill`, a pool that fills a batch's images side by
+    side (None with one thread or no references), and `waiter`, one thread that waits for the model's batch
+    while the caller computes the references (None without overlap)."""
+
+    def __init__(self, stack: ExitStack, remover, references: bool, threads: int | None, overlap: bool | None):
+        self.threads = max(1, int(threads or pipeline.host_cores())) if references else 0
+        if overlap is None:
+            overlap = references and remover.platform != "cpu"
+        self.fill = (stack.enter_context(ThreadPoolExecutor(self.threads, thread_name_prefix="reference"))
+                     if self.threads > 1 else None)
+        self.waiter = (stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="model_wait"))
+                       if overlap else None)
+
+    def info(self) -> dict[str, Any]:
+        """What metrics.json records of them."""
+        return {"reference_threads": self.threads, "model_overlapped": self.waiter is not None}
+
+    def wait(self, pending) -> Future:
+        """A future of (pending's (mean, std), the time it came): waited for in `waiter`, or here and now."""
+        if self.waiter is not None:
+            return self.waiter.submit(_timed, pending)
+        done: Future = Future()
+        done.set_result(_timed(pending))
+        return done
+
+
+def _timed(pending) -> tuple[Any, float]:
+    return pending(), time.perf_counter()
+
+
+def _predict_and_score(batch, valid, submit, references: bool, threshold: float, wall_s: dict, threads: _HostThreads,
+                       extra=None):
+    """The model's prediction of a batch and the per-image scores of every method; each method's seconds
+    into wall_s. The references are computed while the model's batch runs when `threads` overlap them."""
     t0 = time.perf_counter()
-    mean, _ = predict(batch)  # the whole batch, dates included
-    wall_s["model"] += time.perf_counter() - t0
+    ready = threads.wait(submit(batch))  # the whole batch, dates included
     single = least_cloudy_date(batch)
-    preds = {"model": mean, "cloudy_input": single["s2_cloudy"]}
+    preds = {"cloudy_input": single["s2_cloudy"]}
     if references:
-        preds |= reference_fills(single, valid, threshold, wall_s)
+        preds |= reference_fills(single, valid, threshold, wall_s, pool=threads.fill)
         if single is not batch:
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             preds["least_cloudy_composite"] = np.stack([
                 R.least_cloudy_composite(x, p) for x, p in zip(batch["s2_cloudy"], batch["cloud_prob"])])
-            wall_s["least_cloudy_composite"] += time.perf_counter() - t0
-    return mean, score_methods(preds, batch["s2"], single["cloud_prob"], threshold, extra)
+            wall_s["least_cloudy_composite"] += time.perf_counter() - t1
+    (mean, _), came = ready.result()
+    wall_s["model"] += came - t0
+    return mean, score_methods({"model": mean, **preds}, batch["s2"], single["cloud_prob"], threshold, extra)
 
 
 TEMPORAL_DATASETS = ("sen2_mtc_new", "sen12mscr_ts")  # batches with a date axis: (B, T, H, W, C)
@@ -356,7 +393,7 @@ def _write_csv(path, rows: list[dict[str, Any]]) -> None:
     paths.write_text(path, text.getvalue())
 
 
-def _write_examples(remover, out: str, rows, batches, predict) -> dict[str, str]:
+def _write_examples(remover, out: str, rows, batches, submit) -> dict[str, str]:
     """Grids of the worst, median and best images by PSNR (a second pass predicts just those batches; every
     process predicts, process 0 writes)."""
     order = sorted(range(len(rows)), key=lambda i: (np.nan_to_num(rows[i]["psnr"], nan=-np.inf), rows[i]["id"]))
@@ -371,7 +408,7 @@ def _write_examples(remover, out: str, rows, batches, predict) -> dict[str, str]
         hit = [i for i, image_id in enumerate(batch["id"]) if batch["mask"][i] and str(image_id) in wanted]
         if not hit:
             continue
-        mean, std = predict(batch)
+        mean, std = submit(batch)()
         single = least_cloudy_date(batch)
         for i in hit:
             # SAR where the dataset has it, else the (least cloudy date's) cloud probability

@@ -143,6 +143,11 @@ class CloudRemover:
     def num_devices(self) -> int:
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
+    @property
+    def platform(self) -> str:
+        """What the mesh's devices are: "cpu", "gpu", "tpu"."""
+        return self.mesh.devices.flat[0].platform
+
     # ---- tiles
 
     def predict_tiles(self, tiles: Arrays, tile_ids: np.ndarray, **options

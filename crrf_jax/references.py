@@ -17,6 +17,7 @@ reports them on held-out scenes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Executor
 
 import numpy as np
 
@@ -95,7 +96,7 @@ REFERENCES: dict[str, Reference] = {"mean_fill": mean_fill, "biharmonic": biharm
 
 
 def fill_batch(
-    name: str, cloudy: np.ndarray, cloud_prob: np.ndarray, threshold: float = 0.5
+    name: str, cloudy: np.ndarray, cloud_prob: np.ndarray, threshold: float = 0.5, *, pool: Executor | None = None
 ) -> np.ndarray:
     """Reference `name` of `REFERENCES` on every image of a batch.
 
@@ -103,6 +104,8 @@ def fill_batch(
       name: a key of REFERENCES.
       cloudy: (B, H, W, C) float reflectance on [0, 1].
       cloud_prob: (B, H, W, 1) or (B, H, W) on [0, 1]; pixels above `threshold` are filled.
+      pool: fills the images side by side when given (a thread pool: scikit-image's inpainting spends most of
+        its time in SciPy's sparse solver, which lets go of the GIL); each image is filled alike either way.
     Returns:
       (B, H, W, C) float32.
     """
@@ -116,7 +119,9 @@ def fill_batch(
     fill = REFERENCES[name]
     if not len(cloudy):
         return cloudy.copy()
-    return np.stack([fill(image, cloud_mask(prob, threshold)) for image, prob in zip(cloudy, cloud_prob)])
+    images = (pool.map if pool is not None else map)(lambda image, prob: fill(image, cloud_mask(prob, threshold)),
+                                                      cloudy, cloud_prob)
+    return np.stack(list(images))
 
 
 def least_cloudy_composite(s2_cloudy: np.ndarray, cloud_prob: np.ndarray) -> np.ndarray:

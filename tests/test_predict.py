@@ -343,3 +343,34 @@ def test_predict_cli_gives_evals_final_image(bundle, tmp_path):
                          f"--steps={STEPS}", "--seed=11", "--quiet"]) == 0
     with rasterio.open(out) as cli, rasterio.open(tmp_path / "eval" / "predictions" / f"{triplet.id}.tif") as ev:
         np.testing.assert_array_equal(cli.read(), ev.read())
+
+
+def test_evaluation_overlapping_the_model_and_threaded_references_changes_no_figure(remover, tmp_path):
+    """The references filled side by side while the devices sample the batch: metrics.json and per_image.csv
+    are those of the one-thread, one-after-the-other evaluation, except for its seconds and how it ran."""
+    import json
+
+    from crrf_jax import evaluation
+
+    root = tmp_path / "data"
+    synthetic.write_synthetic_dataset(root, n_scenes=5, size=TILE, seed=8)
+    cloudprob.compute_cloud_probs(root, workers=0, progress=False)
+    results = {}
+    for name, threads, overlap in (("serial", 1, False), ("overlapped", 3, True)):
+        out = tmp_path / name
+        result = evaluation.evaluate(remover, root=str(root), out=str(out), split="all", steps=STEPS,
+                                     num_samples=2, batch_size=2, write_examples=False,
+                                     reference_threads=threads, overlap=overlap)
+        assert (result["reference_threads"], result["model_overlapped"]) == (threads, overlap)
+        assert set(result["wall_s"]) == {"model", "mean_fill", "biharmonic"}
+        assert result["wall_s"]["model"] > 0
+        saved = json.loads((out / "metrics.json").read_text())
+        results[name] = ({k: v for k, v in saved.items() if k not in ("wall_s", "reference_threads",
+                                                                         "model_overlapped")},
+                         (out / "per_image.csv").read_text())
+    assert results["serial"][1].count("\n") == 6  # a header and every image
+    assert results["overlapped"] == results["serial"]
+    assert remover.platform == "cpu"
+    default = evaluation.evaluate(remover, root=str(root), out=str(tmp_path / "default"), split="all",
+                                  steps=STEPS, batch_size=4, max_images=1, write_examples=False)
+    assert default["model_overlapped"] is False  # on the CPU the model and the references share the cores

@@ -9,6 +9,7 @@ the cloud-free target, on a few small synthetic scenes: it must beat every refer
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -85,6 +86,10 @@ def test_fill_batch_fills_each_image_with_its_own_mask():
     out = R.fill_batch("biharmonic", cloudy, prob, threshold=0.5)
     assert out.shape == cloudy.shape and out.dtype == np.float32
     np.testing.assert_array_equal(out[1], R.biharmonic_fill(image[::-1], mask[::-1]))
+    with ThreadPoolExecutor(2) as pool:  # images side by side: each filled alike, in the batch's order
+        for name in R.REFERENCES:
+            np.testing.assert_array_equal(R.fill_batch(name, cloudy, prob, threshold=0.5, pool=pool),
+                                          R.fill_batch(name, cloudy, prob, threshold=0.5))
     with pytest.raises(ValueError, match="unknown reference 'nope'"):
         R.fill_batch("nope", cloudy, prob)
     with pytest.raises(ValueError, match=r"must be \(H, W, C\)"):
@@ -117,11 +122,13 @@ class OracleRemover:
     def use_sar(self, has_s1):
         return has_s1
 
-    def predict_tiles(self, tiles, tile_ids, **options):
+    platform = "cpu"
+
+    def submit_tiles(self, tiles, tile_ids, **options):
         self.calls.append({k: v for k, v in options.items() if k in ("steps", "output")}
                           | {"cloud_prob_max": float(np.max(tiles["cloud_prob"]))})
         mean = np.stack([self.targets.get(int(i), np.zeros((SIZE, SIZE, 13), np.float32)) for i in tile_ids])
-        return mean, np.zeros_like(mean)
+        return lambda: (mean, np.zeros_like(mean))
 
 
 @pytest.fixture(scope="module")

@@ -475,6 +475,11 @@ def make_dataset(
 MAX_DEFAULT_READ_THREADS = 4
 
 
+def host_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one, else every core)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_read_threads(source, worker_count: int, cores: int | None = None) -> int:
     """Threads reading ahead in each reading process when `make_dataset` is not told.
 
@@ -488,7 +493,7 @@ def default_read_threads(source, worker_count: int, cores: int | None = None) ->
     if not getattr(source, "reads_release_gil", False):
         return 1
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = host_cores()
     return max(1, min(MAX_DEFAULT_READ_THREADS, cores // max(1, worker_count)))
 
 

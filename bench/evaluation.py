@@ -1,0 +1,141 @@
+"""Evaluation's host work: seconds of `evaluation.evaluate` with the references in one thread or side by side,
+and with the model's batch waited for before or after them.
+
+    python bench/evaluation.py [--n 32] [--size 256] [--batch 8] [--model tiny,device] [--device-rate 100]
+                               [--rounds 2] [--write] [--section NAME]
+
+The data: `--n` synthetic SEN12MS-CR scenes of `--size` pixels (13-band S2, S1, s2cloudless cloud maps), all
+scored (split "all") in batches of `--batch`, with both references (mean fill, biharmonic inpainting).
+The models: "tiny", the tiny variant with random weights sampling 1 Euler step on JAX's devices here (on a
+CPU, the same cores the references use); "device", the sampler replaced by an identity whose results arrive
+as from a device sampling `--device-rate` tiles/s (it sleeps until then, leaving the CPU to the host, as a
+GPU would: bench/predict_scene.py's DEVICE_PATCH, in this process).
+The host settings, each run in turn in this process, `--rounds` times, after a warm-up run of each model:
+"serial" one reference thread, the model's batch waited for before the references (what a CPU run does by
+default, and every run before the reference threads); "threads" the references on all cores
+(`reference_threads`, the default); "overlap" that and the references computed while the batch samples
+(`overlap=True`, the default on an accelerator). Each run's per_image.csv must equal the serial one's:
+the settings change seconds, never a figure.
+`--write` puts the table into the "Evaluation: host work" section of BENCHMARKS.md (or --section's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import jax.numpy as jnp  # noqa: E402
+import report  # noqa: E402 (bench/report.py, beside this script)
+import sampling as sampling_bench  # noqa: E402 (bench/sampling.py: random-weight removers)
+
+from crrf_jax import evaluation, parallel, sampling  # noqa: E402
+from crrf_jax.data import cloudprob, pipeline, synthetic  # noqa: E402
+
+SETTINGS = {"serial": {"reference_threads": 1, "overlap": False},
+            "threads": {"reference_threads": None, "overlap": False},
+            "overlap": {"reference_threads": None, "overlap": True}}
+
+
+@contextlib.contextmanager
+def device_at(rate: float):
+    """The sampler as a device of `rate` tiles/s: an identity whose batch is ready (its padded size) / rate
+    seconds after the later of its submission and the previous batch's readiness; waiting for it sleeps."""
+    ready, free = {}, [0.0]
+    inner_sampler, inner_to_host = sampling.sample_patches_jit, parallel.to_host
+
+    def sampler(nets, cloudy, *args, **kwargs):
+        free[0] = max(time.perf_counter(), free[0]) + cloudy.shape[0] / rate
+        ready[id(cloudy)] = free[0]
+        return cloudy, jnp.zeros_like(cloudy)
+
+    def to_host(x):
+        due = ready.pop(id(x), None)
+        if due is not None:
+            time.sleep(max(0.0, due - time.perf_counter()))
+        return inner_to_host(x)
+
+    sampling.sample_patches_jit, parallel.to_host = sampler, to_host
+    try:
+        yield
+    finally:
+        sampling.sample_patches_jit, parallel.to_host = inner_sampler, inner_to_host
+
+
+def run(remover, root: Path, out: Path, batch: int, setting: str) -> dict:
+    t0 = time.perf_counter()
+    result = evaluation.evaluate(remover, root=str(root), out=str(out), split="all", steps=1, batch_size=batch,
+                                 write_examples=False, **SETTINGS[setting])
+    return {"wall": time.perf_counter() - t0, "images": result["num_images"], "wall_s": result["wall_s"],
+            "threads": result["reference_threads"], "csv": (out / "per_image.csv").read_text()}
+
+
+def measure(model: str, remover, root: Path, scratch: Path, args) -> list[dict]:
+    """Every setting `--rounds` times, interleaved, after a warm-up (compiling) run."""
+    context = device_at(args.device_rate) if model == "device" else contextlib.nullcontext()
+    rows = []
+    with context:
+        run(remover, root, scratch / "warm", args.batch, "serial")
+        for r in range(args.rounds):
+            for setting in SETTINGS:
+                rows.append({"model": model, "setting": setting, "round": r + 1,
+                             **run(remover, root, scratch / f"{model}_{setting}_{r}", args.batch, setting)})
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "csv"}), flush=True)
+    serial = rows[0]["csv"]
+    for row in rows:
+        row["same"] = row["csv"] == serial
+    return rows
+
+
+def format_table(rows: list[dict], args) -> str:
+    head = ("| model | host setting | round | reference threads | wall s | images/s | model s | mean_fill s | "
+            "biharmonic s | per_image.csv as serial |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+            "| --- |\n")
+    model_names = {"tiny": "tiny, 1 step (this host's devices)", "device": f"device at {args.device_rate:g} tiles/s"}
+    return head + "\n".join(
+        f"| {model_names[r['model']]} | {r['setting']} | {r['round']} | {r['threads']} | {r['wall']:.2f} | "
+        f"{r['images'] / r['wall']:.1f} | {r['wall_s']['model']:.2f} | {r['wall_s']['mean_fill']:.2f} | "
+        f"{r['wall_s']['biharmonic']:.2f} | {'yes' if r['same'] else 'NO'} |" for r in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--model", default="tiny,device")
+    parser.add_argument("--device-rate", type=float, default=100.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--write", action="store_true")
+    parser.add_argument("--section", default="Evaluation: host work")
+    args = parser.parse_args()
+    models = args.model.split(",")
+    if not set(models) <= {"tiny", "device"}:
+        raise SystemExit(f"--model: tiny and/or device, got {args.model!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "data"
+        synthetic.write_synthetic_dataset(root, n_scenes=args.n, size=args.size, seed=0)
+        cloudprob.compute_cloud_probs(root, workers=0, progress=False)
+        remover = sampling_bench.random_remover("tiny", "float32")
+        rows = [row for model in models for row in measure(model, remover, root, Path(tmp), args)]
+    command = "python bench/evaluation.py " + " ".join(sys.argv[1:])
+    text = (f"## {args.section}\n\nCommand: `{command.strip()}`\nMachine: {report.machine()}, "
+            f"{pipeline.host_cores()} cores for this process\nDate: {datetime.date.today().isoformat()}\n"
+            f"Data: {args.n} synthetic {args.size}x{args.size} scenes, batches of {args.batch}, both references."
+            f"\n\n{format_table(rows, args)}\n")
+    print(text)
+    if args.write:
+        report.write_section(args.section, text)
+    if not all(row["same"] for row in rows):
+        raise SystemExit("a host setting changed per_image.csv")
+
+
+if __name__ == "__main__":
+    main()
