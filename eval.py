@@ -7,9 +7,10 @@ Writes metrics.json, per_image.csv and example grids into --out (default <workdi
 and prints the model against the cloudy input and the learning-free references (mean fill, biharmonic
 inpainting; `crrf_jax.references`, filled on all the host's cores, or --reference_threads) over all, cloudy
 and clear pixels. The split protocol is "exact" unless --protocol=legacy (which reproduces the published
-split leak, for comparison only); metrics.json records which one was used. With --workdir, every setting a flag leaves unset comes from the run's config (config.eval:
-split, batch size, samples, cloud threshold, max images, GeoTIFFs, metric set and LPIPS weights; config.data:
-protocol and source; config.flow: sampling steps and guidance).
+split leak, for comparison only); metrics.json records which one was used. With --workdir, every setting a
+flag leaves unset comes from the run's config (config.eval: split, batch size, samples, cloud threshold, max
+images, GeoTIFFs, metric set and LPIPS weights; config.data: protocol and source; config.flow: sampling steps
+and guidance).
 
 --metric_set=rgb255 adds EMRDM's CUHK-CR metrics (crrf_jax/rgb_metrics.py: PSNR and SSIM of 8-bit images on
 R, G, B and NIR, and LPIPS with --lpips_weights=lpips_alex.safetensors, made once by
@@ -45,8 +46,9 @@ _MAX_IMAGES = flags.DEFINE_integer("max_images", None, "Stop after this many ima
 _GEOTIFF = flags.DEFINE_bool("geotiff", None, "Also write each prediction as a GeoTIFF.")
 _NO_SAR = flags.DEFINE_bool("no_sar", False, "Evaluate the degraded SAR-absent mode.")
 _NO_REFERENCES = flags.DEFINE_bool("no_references", False, "Skip the learning-free references (faster).")
-_REFERENCE_THREADS = flags.DEFINE_integer("reference_threads", None, "Threads filling a batch's images with the "
-                                          "references (default: this process's cores).", lower_bound=1)
+_REFERENCE_THREADS = flags.DEFINE_integer(
+    "reference_threads", None, "Threads filling a batch's images with the references (default: this "
+    "process's cores).", lower_bound=1)
 _METRIC_SET = flags.DEFINE_enum(
     "metric_set", None, ["sen12mscr", "rgb255", "sen2mtc"],
     "sen12mscr: the SEN12MS-CR metrics; rgb255: also EMRDM's CUHK-CR metrics (8-bit PSNR / SSIM, LPIPS); "

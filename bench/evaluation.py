@@ -71,8 +71,8 @@ def device_at(rate: float):
 
 def run(remover, root: Path, out: Path, batch: int, setting: str) -> dict:
     t0 = time.perf_counter()
-    result = evaluation.evaluate(remover, root=str(root), out=str(out), split="all", steps=1, batch_size=batch,
-                                 write_examples=False, **SETTINGS[setting])
+    result = evaluation.evaluate(remover, root=str(root), out=str(out), split="all", steps=1,
+                                 batch_size=batch, write_examples=False, **SETTINGS[setting])
     return {"wall": time.perf_counter() - t0, "images": result["num_images"], "wall_s": result["wall_s"],
             "threads": result["reference_threads"], "csv": (out / "per_image.csv").read_text()}
 
@@ -95,10 +95,11 @@ def measure(model: str, remover, root: Path, scratch: Path, args) -> list[dict]:
 
 
 def format_table(rows: list[dict], args) -> str:
-    head = ("| model | host setting | round | reference threads | wall s | images/s | model s | mean_fill s | "
-            "biharmonic s | per_image.csv as serial |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-            "| --- |\n")
-    model_names = {"tiny": "tiny, 1 step (this host's devices)", "device": f"device at {args.device_rate:g} tiles/s"}
+    head = ("| model | host setting | round | reference threads | wall s | images/s | model s | mean_fill s "
+            "| biharmonic s | per_image.csv as serial |\n"
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n")
+    model_names = {"tiny": "tiny, 1 step (this host's devices)",
+                   "device": f"device at {args.device_rate:g} tiles/s"}
     return head + "\n".join(
         f"| {model_names[r['model']]} | {r['setting']} | {r['round']} | {r['threads']} | {r['wall']:.2f} | "
         f"{r['images'] / r['wall']:.1f} | {r['wall_s']['model']:.2f} | {r['wall_s']['mean_fill']:.2f} | "
@@ -128,8 +129,8 @@ def main() -> None:
     command = "python bench/evaluation.py " + " ".join(sys.argv[1:])
     text = (f"## {args.section}\n\nCommand: `{command.strip()}`\nMachine: {report.machine()}, "
             f"{pipeline.host_cores()} cores for this process\nDate: {datetime.date.today().isoformat()}\n"
-            f"Data: {args.n} synthetic {args.size}x{args.size} scenes, batches of {args.batch}, both references."
-            f"\n\n{format_table(rows, args)}\n")
+            f"Data: {args.n} synthetic {args.size}x{args.size} scenes, batches of {args.batch}, both "
+            f"references.\n\n{format_table(rows, args)}\n")
     print(text)
     if args.write:
         report.write_section(args.section, text)

@@ -226,8 +226,9 @@ def evaluate(
         ))
 
     submit = functools.partial(
-        _submit, remover, use_sar=use_sar, zero_cloud_prob=zero_cloud_prob, steps=steps, num_samples=num_samples,
-        guidance_scale=guidance, seed=seed, pad_batch_to=batch_size, **predict_options,
+        _submit, remover, use_sar=use_sar, zero_cloud_prob=zero_cloud_prob, steps=steps,
+        num_samples=num_samples, guidance_scale=guidance, seed=seed, pad_batch_to=batch_size,
+        **predict_options,
     )
 
     methods = ["model", "cloudy_input", *(R.REFERENCES if references else ()),
@@ -253,7 +254,8 @@ def evaluate(
         "dataset": dataset, "dates": dates if temporal else 1,
         **({"scored_against": "least cloudy date"} if temporal else {}),
         "mean_cloud_fraction": float(np.mean([r["cloud_fraction"] for r in rows])), "methods": methods,
-        "wall_s": wall_s, **threads.info(), "metric_set": metric_set, **metric_set_info(extra), **summarize(running),
+        "wall_s": wall_s, **threads.info(), "metric_set": metric_set, **metric_set_info(extra),
+        **summarize(running),
     }
     result = _write_tables(out, result, rows)
     result["examples"] = _write_examples(remover, out, rows, batches, submit) if write_examples else {}
@@ -295,8 +297,8 @@ def _write_tables(out: str, result: dict[str, Any], rows: list[dict[str, Any]]) 
 
 
 def _submit(remover, batch, *, use_sar: bool, zero_cloud_prob: bool, **options):
-    """Submits an eval batch to the model; the call it returns waits for its (mean, std). Each image's noise is
-    seeded by its id (`image_seed`)."""
+    """Submits an eval batch to the model; the call it returns waits for its (mean, std). Each image's noise
+    is seeded by its id (`image_seed`)."""
     ids = np.array([image_seed(str(i)) for i in batch["id"]], np.uint32)
     cloud_prob = np.asarray(batch["cloud_prob"], np.float32)
     tiles = {"s2_cloudy": batch["s2_cloudy"],
@@ -311,7 +313,8 @@ class _HostThreads:
     side (None with one thread or no references), and `waiter`, one thread that waits for the model's batch
     while the caller computes the references (None without overlap)."""
 
-    def __init__(self, stack: ExitStack, remover, references: bool, threads: int | None, overlap: bool | None):
+    def __init__(self, stack: ExitStack, remover, references: bool, threads: int | None,
+                 overlap: bool | None):
         self.threads = max(1, int(threads or pipeline.host_cores())) if references else 0
         if overlap is None:
             overlap = references and remover.platform != "cpu"
@@ -337,8 +340,8 @@ def _timed(pending) -> tuple[Any, float]:
     return pending(), time.perf_counter()
 
 
-def _predict_and_score(batch, valid, submit, references: bool, threshold: float, wall_s: dict, threads: _HostThreads,
-                       extra=None):
+def _predict_and_score(batch, valid, submit, references: bool, threshold: float, wall_s: dict,
+                       threads: _HostThreads, extra=None):
     """The model's prediction of a batch and the per-image scores of every method; each method's seconds
     into wall_s. The references are computed while the model's batch runs when `threads` overlap them."""
     t0 = time.perf_counter()

@@ -96,7 +96,8 @@ REFERENCES: dict[str, Reference] = {"mean_fill": mean_fill, "biharmonic": biharm
 
 
 def fill_batch(
-    name: str, cloudy: np.ndarray, cloud_prob: np.ndarray, threshold: float = 0.5, *, pool: Executor | None = None
+    name: str, cloudy: np.ndarray, cloud_prob: np.ndarray, threshold: float = 0.5, *,
+    pool: Executor | None = None,
 ) -> np.ndarray:
     """Reference `name` of `REFERENCES` on every image of a batch.
 
@@ -119,9 +120,10 @@ def fill_batch(
     fill = REFERENCES[name]
     if not len(cloudy):
         return cloudy.copy()
-    images = (pool.map if pool is not None else map)(lambda image, prob: fill(image, cloud_mask(prob, threshold)),
-                                                      cloudy, cloud_prob)
-    return np.stack(list(images))
+    def one(image: np.ndarray, prob: np.ndarray) -> np.ndarray:
+        return fill(image, cloud_mask(prob, threshold))
+
+    return np.stack(list((pool.map if pool is not None else map)(one, cloudy, cloud_prob)))
 
 
 def least_cloudy_composite(s2_cloudy: np.ndarray, cloud_prob: np.ndarray) -> np.ndarray:
