@@ -17,6 +17,8 @@ default, and every run before the reference threads); "threads" the references o
 (`overlap=True`, the default on an accelerator). Each run's per_image.csv must equal the serial one's:
 the settings change seconds, never a figure.
 `--write` puts the table into the "Evaluation: host work" section of BENCHMARKS.md (or --section's).
+Older code, whose `evaluate` has neither keyword, runs "serial" alone (its only way); `--csv DIR` keeps each
+model's serial per_image.csv there, to compare codes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import inspect
 import json
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -33,11 +38,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import report  # noqa: E402 (bench/report.py, beside this script)
 import sampling as sampling_bench  # noqa: E402 (bench/sampling.py: random-weight removers)
 
 from crrf_jax import evaluation, parallel, sampling  # noqa: E402
-from crrf_jax.data import cloudprob, pipeline, synthetic  # noqa: E402
+from crrf_jax.data import cloudprob, synthetic  # noqa: E402
 
 SETTINGS = {"serial": {"reference_threads": 1, "overlap": False},
             "threads": {"reference_threads": None, "overlap": False},
@@ -70,21 +76,28 @@ def device_at(rate: float):
 
 
 def run(remover, root: Path, out: Path, batch: int, setting: str) -> dict:
+    keywords = inspect.signature(evaluation.evaluate).parameters
+    options = {k: v for k, v in SETTINGS[setting].items() if k in keywords}  # older code: "serial", as it was
     t0 = time.perf_counter()
     result = evaluation.evaluate(remover, root=str(root), out=str(out), split="all", steps=1,
-                                 batch_size=batch, write_examples=False, **SETTINGS[setting])
+                                 batch_size=batch, write_examples=False, **options)
     return {"wall": time.perf_counter() - t0, "images": result["num_images"], "wall_s": result["wall_s"],
-            "threads": result["reference_threads"], "csv": (out / "per_image.csv").read_text()}
+            "threads": result.get("reference_threads", 1), "csv": (out / "per_image.csv").read_text()}
 
 
 def measure(model: str, remover, root: Path, scratch: Path, args) -> list[dict]:
     """Every setting `--rounds` times, interleaved, after a warm-up (compiling) run."""
     context = device_at(args.device_rate) if model == "device" else contextlib.nullcontext()
+    keywords = inspect.signature(evaluation.evaluate).parameters
+    settings = [name for name, kw in SETTINGS.items() if set(kw) <= set(keywords) or name == "serial"]
     rows = []
     with context:
         run(remover, root, scratch / "warm", args.batch, "serial")
+        if args.csv:
+            Path(args.csv).mkdir(parents=True, exist_ok=True)
+            shutil.copy(scratch / "warm" / "per_image.csv", Path(args.csv) / f"{model}.csv")
         for r in range(args.rounds):
-            for setting in SETTINGS:
+            for setting in settings:
                 rows.append({"model": model, "setting": setting, "round": r + 1,
                              **run(remover, root, scratch / f"{model}_{setting}_{r}", args.batch, setting)})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "csv"}), flush=True)
@@ -92,6 +105,22 @@ def measure(model: str, remover, root: Path, scratch: Path, args) -> list[dict]:
     for row in rows:
         row["same"] = row["csv"] == serial
     return rows
+
+
+def score_seconds(batch: int, size: int, repeats: int = 3) -> float:
+    """Best seconds of `evaluation.score_methods` on a batch of four methods' random 13-band images (every
+    metric over all, cloudy and clear pixels: what each eval batch costs beyond the model and references)."""
+    rng = np.random.default_rng(0)
+    target = rng.random((batch, size, size, 13), dtype=np.float32)
+    methods = {name: np.clip(target + 0.05 * rng.standard_normal(target.shape, np.float32), 0, 1)
+               for name in ("model", "cloudy_input", "mean_fill", "biharmonic")}
+    prob = rng.random((batch, size, size, 1), dtype=np.float32)
+    times = []
+    for _ in range(repeats + 1):  # the first compiles
+        t0 = time.perf_counter()
+        evaluation.score_methods(methods, target, prob)
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
 
 
 def format_table(rows: list[dict], args) -> str:
@@ -116,6 +145,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--section", default="Evaluation: host work")
+    parser.add_argument("--csv", default="")
     args = parser.parse_args()
     models = args.model.split(",")
     if not set(models) <= {"tiny", "device"}:
@@ -126,11 +156,13 @@ def main() -> None:
         cloudprob.compute_cloud_probs(root, workers=0, progress=False)
         remover = sampling_bench.random_remover("tiny", "float32")
         rows = [row for model in models for row in measure(model, remover, root, Path(tmp), args)]
+    scoring = score_seconds(args.batch, args.size)
     command = "python bench/evaluation.py " + " ".join(sys.argv[1:])
     text = (f"## {args.section}\n\nCommand: `{command.strip()}`\nMachine: {report.machine()}, "
-            f"{pipeline.host_cores()} cores for this process\nDate: {datetime.date.today().isoformat()}\n"
+            f"{len(os.sched_getaffinity(0))} cores for this process\nDate: {datetime.date.today().isoformat()}\n"
             f"Data: {args.n} synthetic {args.size}x{args.size} scenes, batches of {args.batch}, both "
-            f"references.\n\n{format_table(rows, args)}\n")
+            f"references. Scoring a batch of four methods (`evaluation.score_methods`, best of 3): "
+            f"{scoring:.2f} s.\n\n{format_table(rows, args)}\n")
     print(text)
     if args.write:
         report.write_section(args.section, text)

@@ -201,7 +201,7 @@ def evaluate(
     `use_sar=False` runs the SAR-absent mode and `zero_cloud_prob` feeds the model a zero cloud map (ablations;
     the real map still decides which pixels are cloudy); `write_examples` draws the example grids (a second
     pass); `dataset`, `dates`, `downsample` pick the benchmark (`sources.dataset_options(config.data)`);
-    `metric_set`, `lpips_weights`: `metric_scorer`; `**predict_options` go to `remover.predict_tiles`
+    `metric_set`, `lpips_weights`: `metric_scorer`; `**predict_options` go to `remover.submit_tiles`
     (`output=`, `drop_cloudy=`, `keep_clear=`) and into metrics.json. Host work: `reference_threads` fill a
     batch's images side by side (default: this process's cores); `overlap` computes the references while the
     devices sample the batch (default: unless the devices are this host's CPU, whose cores both would share).

@@ -63,7 +63,7 @@ def _gaussian_blur(x: jax.Array) -> jax.Array:
     """Zero-padded 11x11 Gaussian filter of each channel of x (H, W, K) -> (H, W, K), as two 1-D passes.
 
     Each pass sums the window's 11 taps over shifted views of the zero-padded image, in tap order: elementwise
-    work that XLA fuses. On CPUs it is 15-20x faster than XLA's grouped (depthwise) convolution of the same
+    work that XLA fuses. On CPUs it is 14-19x faster than XLA's grouped (depthwise) convolution of the same
     window, and as close to a float64 filter (BENCHMARKS.md "Evaluation: host work").
     """
     g = gaussian_window_1d()
