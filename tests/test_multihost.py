@@ -73,10 +73,13 @@ def inference_runs(two_process_run, tmp_path_factory):
     one = tr.test_env()
     one["XLA_FLAGS"] = with_devices(one["XLA_FLAGS"], 2)
     runs = {}
+    # The two-process eval waits for each batch in a thread of its own (--overlap, an accelerator's default):
+    # its gathers run there, in the order both processes submit.
+    overlap = {"eval": ["--overlap"], "predict": []}
     for command, args in commands.items():  # each two-process job has its own coordinator
         runs[(command, "one", 0)] = (args("one"), one)
         for i, env in enumerate(tr.distributed_env(2)):
-            runs[(command, "two", i)] = (args("two"), env)
+            runs[(command, "two", i)] = (args("two") + overlap[command], env)
     return out, tr.run_concurrently(runs, timeout=400, start=tr.start_python)
 
 
@@ -184,6 +187,7 @@ def test_eval_over_two_processes_is_the_one_process_eval(inference_runs):
     assert "model" in runs[("eval", "two", 0)].stdout and "model" not in runs[("eval", "two", 1)].stdout
     one, two = (json.loads((out / name / "metrics.json").read_text()) for name in ("one", "two"))
     assert one["num_images"] == two["num_images"] > 0
+    assert (one["model_overlapped"], two["model_overlapped"]) == (False, True)
     for group in ("model", "model_cloudy_pixels", "cloudy_input"):
         assert two[group] == one[group], group
     rows = [(out / name / "per_image.csv").read_text() for name in ("one", "two")]
