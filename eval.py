@@ -49,8 +49,9 @@ _NO_REFERENCES = flags.DEFINE_bool("no_references", False, "Skip the learning-fr
 _REFERENCE_THREADS = flags.DEFINE_integer(
     "reference_threads", None, "Threads filling a batch's images with the references (default: this "
     "process's cores).", lower_bound=1)
-_OVERLAP = flags.DEFINE_bool("overlap", None, "Compute the references while the devices sample each batch "
-                             "(default: unless the devices are this host's CPU, whose cores both would share).")
+_OVERLAP = flags.DEFINE_bool(
+    "overlap", None, "Compute the references while the devices sample each batch (default: unless the devices "
+    "are this host's CPU, whose cores both would share).")
 _METRIC_SET = flags.DEFINE_enum(
     "metric_set", None, ["sen12mscr", "rgb255", "sen2mtc"],
     "sen12mscr: the SEN12MS-CR metrics; rgb255: also EMRDM's CUHK-CR metrics (8-bit PSNR / SSIM, LPIPS); "
