@@ -9,7 +9,7 @@ scored (split "all") in batches of `--batch`, with both references (mean fill, b
 The models: "tiny", the tiny variant with random weights sampling 1 Euler step on JAX's devices here (on a
 CPU, the same cores the references use); "device", the sampler replaced by an identity whose results arrive
 as from a device sampling `--device-rate` tiles/s (it sleeps until then, leaving the CPU to the host, as a
-GPU would: bench/predict_scene.py's DEVICE_PATCH, in this process).
+GPU would: bench/simulated_device.py, in this process).
 The host settings, each run in turn in this process, `--rounds` times, after a warm-up run of each model:
 "serial" one reference thread, the model's batch waited for before the references (what a CPU run does by
 default, and every run before the reference threads); "threads" the references on all cores
@@ -37,42 +37,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import report  # noqa: E402 (bench/report.py, beside this script)
 import sampling as sampling_bench  # noqa: E402 (bench/sampling.py: random-weight removers)
+import simulated_device  # noqa: E402 (bench/simulated_device.py)
 
-from crrf_jax import evaluation, parallel, sampling  # noqa: E402
+from crrf_jax import evaluation  # noqa: E402
 from crrf_jax.data import cloudprob, synthetic  # noqa: E402
 
 SETTINGS = {"serial": {"reference_threads": 1, "overlap": False},
             "threads": {"reference_threads": None, "overlap": False},
             "overlap": {"reference_threads": None, "overlap": True}}
-
-
-@contextlib.contextmanager
-def device_at(rate: float):
-    """The sampler as a device of `rate` tiles/s: an identity whose batch is ready (its padded size) / rate
-    seconds after the later of its submission and the previous batch's readiness; waiting for it sleeps."""
-    ready, free = {}, [0.0]
-    inner_sampler, inner_to_host = sampling.sample_patches_jit, parallel.to_host
-
-    def sampler(nets, cloudy, *args, **kwargs):
-        free[0] = max(time.perf_counter(), free[0]) + cloudy.shape[0] / rate
-        ready[id(cloudy)] = free[0]
-        return cloudy, jnp.zeros_like(cloudy)
-
-    def to_host(x):
-        due = ready.pop(id(x), None)
-        if due is not None:
-            time.sleep(max(0.0, due - time.perf_counter()))
-        return inner_to_host(x)
-
-    sampling.sample_patches_jit, parallel.to_host = sampler, to_host
-    try:
-        yield
-    finally:
-        sampling.sample_patches_jit, parallel.to_host = inner_sampler, inner_to_host
 
 
 def run(remover, root: Path, out: Path, batch: int, setting: str) -> dict:
@@ -87,7 +62,8 @@ def run(remover, root: Path, out: Path, batch: int, setting: str) -> dict:
 
 def measure(model: str, remover, root: Path, scratch: Path, args) -> list[dict]:
     """Every setting `--rounds` times, interleaved, after a warm-up (compiling) run."""
-    context = device_at(args.device_rate) if model == "device" else contextlib.nullcontext()
+    device = model == "device"
+    context = simulated_device.device_at(args.device_rate) if device else contextlib.nullcontext()
     keywords = inspect.signature(evaluation.evaluate).parameters
     settings = [name for name, kw in SETTINGS.items() if set(kw) <= set(keywords) or name == "serial"]
     rows = []
@@ -159,7 +135,8 @@ def main() -> None:
     scoring = score_seconds(args.batch, args.size)
     command = "python bench/evaluation.py " + " ".join(sys.argv[1:])
     text = (f"## {args.section}\n\nCommand: `{command.strip()}`\nMachine: {report.machine()}, "
-            f"{len(os.sched_getaffinity(0))} cores for this process\nDate: {datetime.date.today().isoformat()}\n"
+            f"{len(os.sched_getaffinity(0))} cores for this process\n"
+            f"Date: {datetime.date.today().isoformat()}\n"
             f"Data: {args.n} synthetic {args.size}x{args.size} scenes, batches of {args.batch}, both "
             f"references. Scoring a batch of four methods (`evaluation.score_methods`, best of 3): "
             f"{scoring:.2f} s.\n\n{format_table(rows, args)}\n")

@@ -89,24 +89,11 @@ IDENTITY_PATCH = (
 )
 
 # --device-rate R (with --model identity): the identity's results arrive as from a device sampling R
-# tiles/s, one batch after another: a batch is ready (its padded size) / R seconds after the later of its
-# submission and the previous batch's readiness, and waiting for its mean (`parallel.to_host`) sleeps until
-# then, leaving the CPU to the host's threads as a GPU would. It shows how far the host's own work hides
-# behind the device's.
+# tiles/s (bench/simulated_device.py): how far the host's own work hides behind the device's.
 DEVICE_PATCH = (
-    "import time\n"
-    "from crrf_jax import parallel\n"
-    "_ready, _free = {}, [0.0]\n"
-    "def _sampler(nets, cloudy, *a, **k):\n"
-    "    _free[0] = max(time.perf_counter(), _free[0]) + cloudy.shape[0] / {rate}\n"
-    "    _ready[id(cloudy)] = _free[0]\n"
-    "    return cloudy, jnp.zeros_like(cloudy)\n"
-    "def _to_host(x, _inner=parallel.to_host):\n"
-    "    ready = _ready.pop(id(x), None)\n"
-    "    if ready is not None:\n"
-    "        time.sleep(max(0.0, ready - time.perf_counter()))\n"
-    "    return _inner(x)\n"
-    "sampling.sample_patches_jit, parallel.to_host = _sampler, _to_host\n"
+    "sys.path.insert(0, 'bench')\n"
+    "import simulated_device\n"
+    "simulated_device.install({rate})\n"
 )
 
 
