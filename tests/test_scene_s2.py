@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.transform import Affine
+from rasterio.vrt import WarpedVRT
 
 from crrf_jax.data import contract
 from crrf_jax.data.contract import DataError
@@ -170,6 +171,47 @@ def test_band_folder_reads_the_same_and_warns_about_the_unknown_offset(l1c, stac
     with open_s2(folder, offset=OFFSET) as scene:
         assert scene.valid(0, SIZE).all()  # band files without nodata: every pixel counts
         check_same_as_stacked(scene, stacked)
+
+
+class _Counting:
+    """A WarpedVRT that counts its reads."""
+
+    def __init__(self, vrt):
+        self.vrt, self.reads = vrt, 0
+
+    def read(self, *args, **kwargs):
+        self.reads += 1
+        return self.vrt.read(*args, **kwargs)
+
+
+@pytest.mark.parametrize("resampling", ["bilinear", "cubic"])
+def test_coarse_band_with_an_empty_area_reads_as_the_nodata_aware_warp(tmp_path, resampling):
+    """Rows of a 20 m band far from its empty (0) area are warped by the plain kernel, the rest by the
+    nodata-aware one; every window must read what the nodata-aware warp of the whole band reads."""
+    safe = make_product(tmp_path, ext=".tif")
+    b05 = next(safe.rglob("*_B05.tif"))
+    rng = np.random.default_rng(0)
+    dn = rng.integers(1500, 9000, (SIZE // 2, SIZE // 2)).astype(np.uint16)  # noisy: kernels differ
+    dn[12:15, 4:20] = 0  # 20 m rows 12..14: 10 m rows 24..29
+    write(b05, dn, 2)
+    grid = next(safe.rglob("*_B02.tif"))
+    with rasterio.open(grid) as g, rasterio.open(b05) as ds, WarpedVRT(
+            ds, crs=g.crs, transform=g.transform, width=g.width, height=g.height, src_nodata=0, nodata=0,
+            resampling=s2.RESAMPLING[resampling], dtype="float32") as reference:
+        whole = reference.read(1)
+        with WarpedVRT(ds, crs=g.crs, transform=g.transform, width=g.width, height=g.height,
+                       resampling=s2.RESAMPLING[resampling], dtype="float32") as plain:
+            plain_whole = plain.read(1)
+    assert not np.array_equal(whole[20:34], plain_whole[20:34])  # the plain kernel is wrong near the hole
+    with open_s2(safe, resampling=resampling) as scene:
+        reader = scene._sources["B05"].reader
+        reader._plain, reader._masked = _Counting(reader._plain), _Counting(reader._masked)
+        for y0, y1 in [(0, 6), (6, 14), (14, 22), (22, 30), (30, 38), (38, 44), (44, 60), (0, 60)]:
+            got = scene.read(y0, y1, ["B05"])[..., 0]
+            expected = np.where(whole[y0:y1] == 0, 0, np.maximum(whole[y0:y1] - OFFSET, 0))
+            np.testing.assert_array_equal(got, expected, err_msg=f"rows {y0}..{y1}")
+        # Windows in rows 0..14 and 38..60 stay over MARGIN source rows from the hole; the others reach it.
+        assert (reader._plain.reads, reader._masked.reads) == (4, 4)
 
 
 def test_l2a_product_has_no_b10_unless_filled(tmp_path, caplog):
