@@ -125,7 +125,7 @@ def band_in_filename(path: str | os.PathLike) -> str | None:
 
 @dataclass
 class _Source:
-    """Where one band is read: `reader` (the open dataset or a `_Resampled` onto the grid), its band `index`."""
+    """Where one band is read: `reader` (the open dataset or a `_Resampled` onto the grid), band `index`."""
 
     path: str  # the file, for messages (a /vsizip/ path inside a zip)
     reader: Any  # .read(indexes, window=, out_dtype=) like a rasterio dataset
