@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -21,15 +22,16 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def machine(with_devices: bool = True) -> str:
-    """Accelerators (when JAX is used), CPU model and cores, load average, software versions."""
+def machine(with_devices: bool = True, with_load: bool = True) -> str:
+    """Accelerators (when JAX is used), CPU model and cores, load average (now), software versions."""
     parts = []
     if with_devices:
         import jax
 
         devices = jax.devices()
         parts.append(f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})")
-    load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
+    with_load = with_load and hasattr(os, "getloadavg")
+    load = f", load average {os.getloadavg()[0]:.1f} at the end" if with_load else ""
     parts.append(f"{cpu_model()}, {os.cpu_count()} CPU cores{load}")
     versions = f"Python {platform.python_version()}"
     if with_devices:
@@ -51,3 +53,15 @@ def write_section(title: str, text: str, path: Path | None = None) -> None:
         current.rstrip() + "\n\n" + section
     )
     path.write_text(updated.rstrip() + "\n")
+
+
+def write_json(path: str | os.PathLike, run: dict) -> None:
+    """A benchmark's figures as JSON (for scripts that combine several benchmarks: bench/headline.py); values
+    JSON cannot hold (numpy scalars, ...) as floats or strings."""
+    def plain(v):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return str(v)
+
+    Path(path).write_text(json.dumps(run, indent=2, default=plain))

@@ -3,6 +3,7 @@
     python bench/sampling.py [--variant base] [--size 256] [--steps 1,2,4,8] [--batch 0] [--repeats 3]
                              [--dtype auto] [--samples 1] [--samples-per-pass 1] [--guidance 1.0]
                              [--sweep-steps ""] [--no-split] [--budget-s 0] [--section Sampling] [--write]
+                             [--json FILE]
 
 Random weights of the chosen variant (the speed does not depend on them), the whole inference path of one tile
 batch: both VAE encoders, `steps` transformer evaluations (two per step with --guidance != 1, as one call of
@@ -198,6 +199,7 @@ def main() -> None:
                         help="start no new setting after this many seconds (0: no limit)")
     parser.add_argument("--section", default="Sampling", help="BENCHMARKS.md section to write")
     parser.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -238,6 +240,9 @@ def main() -> None:
                       f"best ({r['s_per_tile']:.3f} s/tile), {r['median_tiles_per_s']:.3f} median, compile + "
                       f"first batch {r['compile_s']:.1f} s{parts}", flush=True)
 
+    if args.json:
+        report.write_json(args.json, {"rows": rows, "failed": failed, "skipped": skipped, "dtype": dtype,
+                                      "setup_s": setup_s})
     command = shlex.join(["python", "bench/sampling.py", *sys.argv[1:]])
     lines = [
         f"## {args.section}",

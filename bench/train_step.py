@@ -3,7 +3,7 @@
     python bench/train_step.py [--variants tiny,base] [--size 256] [--batch 0] [--steps 3] [--dtype auto]
                                [--remat none] [--sides jax,torch] [--no-torch] [--feed-steps 0]
                                [--feed-workers 0] [--profile] [--peak-tflops 0] [--section "Train step"]
-                               [--write]
+                               [--write] [--json FILE]
 
 The step is the rectified-flow training step of the transformer on latents (no VAE): a 256x256 patch is a
 32x32 latent, i.e. 256 noisy-target tokens + 256 cloudy tokens in the image stream and 256 SAR tokens in the
@@ -420,6 +420,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak per device (0: look up)")
     parser.add_argument("--section", default="Train step", help="BENCHMARKS.md section to write")
     parser.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
+    parser.add_argument("--json", default=None, help="also write the rows (and the peak) to this JSON file")
     args = parser.parse_args()
     sides = ["jax"] if args.no_torch else [] if args.sides == "none" else args.sides.split(",")
     if unknown := set(sides) - set(SIDES):
@@ -465,6 +466,10 @@ def main() -> None:
                   f"the pipeline ({f['host_s'] * 1e3:.1f} ms/step of host work), pipeline alone "
                   f"{f['pipeline_s'] * 1e3:.1f} ms/batch", flush=True)
 
+    if args.json:
+        report.write_json(args.json, {"rows": [{k: v for k, v in r.items() if k != "profile"} for r in rows],
+                                      "feeds": feeds, "peak_tflops": peak, "peak_note": peak_note,
+                                      "dtype": dtype, "batch": batch})
     torch_note = ""
     torch_rows = [r for r in rows if r["side"] != "jax"]
     if torch_rows:
