@@ -54,8 +54,8 @@ BENCHES = {
 }
 
 
-# How fast this machine is at the moment, before and after the benches: a shared VM's speed moves from day to
-# day (its cores' share, its memory bandwidth), and the figures beside it move with it.
+# How fast this machine is at the moment, before and after the benches: a VM's speed moves from one VM to the
+# next (vector width, memory bandwidth) and from day to day (its cores' share), and the figures move with it.
 PROBE = """
 import json, time
 import jax, jax.numpy as jnp, numpy as np
@@ -186,8 +186,9 @@ def section(runs: list[dict]) -> str:
         "",
         *[_run_line(i, r) for i, r in enumerate(runs)],
         "",
-        "The machine's speed is probed because it moves on this shared VM: the Train step notes of "
-        "2026-12-02 measured 208-215 GFLOP/s for the same matmuls on this VM type.",
+        "The machine's speed is probed because it moves from one VM to the next and from day to day: the "
+        "Train step notes of 2026-12-02 measured 208-215 GFLOP/s for the same matmuls on an AVX-512 VM (the "
+        "MFU row names this one's vector width).",
         "",
         *table(runs),
         "",
