@@ -1,6 +1,7 @@
 """Issue 13's headline figures, re-measured side by side in one run, beside the figures it was filed with.
 
     python bench/headline.py [--write] [--keep DIR]
+    python bench/headline.py --report DIR,DIR,... [--write]
 
 Runs, one after another, each in its own process (so one cannot warm or starve the next):
 - `bench/data_pipeline.py --n 64 --size 256 --batch 8 --passes 2 --rounds 3 --min_seconds 2`: the GeoTIFF and
@@ -9,11 +10,12 @@ Runs, one after another, each in its own process (so one cannot warm or starve t
   FluxTransformer2DModel, and its MFU against the machine's peak (on CPU: from the processor's vector width);
 - `bench/sampling.py --variant base --size 256 --steps 4 --batch 1 --repeats 2 --no-split`: base sampling at 4
   Euler steps, tiles/s;
-each writing its figures with --json (about 10 minutes in all on 2 cores), with a probe of the machine's
+each writing its figures with --json (10-13 minutes in all on 2 cores), with a probe of the machine's
 speed (a matmul, a memory copy) before and after, and composes one table: figure, as filed (2026-12-01, the
-issue's own table), now, the goal, and whether it holds. The GPU goals (the train step against diffusers in
-bf16 on one H100/H200, sampling tiles/s there) cannot be judged on a CPU: their rows say what the CPU measured
-and that `bench/gpu.sh` is where they are decided. `--write` puts the table into the "Headline figures (issue
+issue's own table), this run, the goal, and whether it holds. A run kept with --keep DIR leaves its whole
+record in DIR/headline.json; --report measures nothing and puts kept runs side by side, a column each.
+The GPU goals (the train step against diffusers in bf16 on one H100/H200, sampling tiles/s there) cannot be
+judged on a CPU: their rows say what the CPU measured and that `bench/gpu.sh` is where they are decided. `--write` puts the table into the "Headline figures (issue
 13)" section of BENCHMARKS.md (or of $CRRF_BENCHMARKS).
 """
 
