@@ -15,8 +15,9 @@ speed (a matmul, a memory copy) before and after, and composes one table: figure
 issue's own table), this run, the goal, and whether it holds. A run kept with --keep DIR leaves its whole
 record in DIR/headline.json; --report measures nothing and puts kept runs side by side, a column each.
 The GPU goals (the train step against diffusers in bf16 on one H100/H200, sampling tiles/s there) cannot be
-judged on a CPU: their rows say what the CPU measured and that `bench/gpu.sh` is where they are decided. `--write` puts the table into the "Headline figures (issue
-13)" section of BENCHMARKS.md (or of $CRRF_BENCHMARKS).
+judged on a CPU: their rows say what the CPU measured and that `bench/gpu.sh` is where they are decided.
+`--write` puts the table into the "Headline figures (issue 13)" section of BENCHMARKS.md (or of
+$CRRF_BENCHMARKS).
 """
 
 from __future__ import annotations
